@@ -1,0 +1,38 @@
+"""dropsplit: the explicit and implicit regularization effects of dropout, separated.
+
+Wei, Kakade & Ma, "The Implicit and Explicit Regularization Effects of Dropout", ICML 2020.
+"""
+
+from dropsplit import oracles
+from dropsplit.losses import CrossEntropy, SquaredError
+from dropsplit.measure import GapEstimate, explicit_gap, explicit_regularizer, gradient_noise
+from dropsplit.methods import Analytic, DropoutK, Method, NoDropout, StepResult
+from dropsplit.noise import explicit_coefficient, noise_variance, sample_multiplier
+from dropsplit.sites import DropConnect, Dropout, Site, convert, named_sites, site_context, sites
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Analytic",
+    "CrossEntropy",
+    "DropConnect",
+    "Dropout",
+    "DropoutK",
+    "GapEstimate",
+    "Method",
+    "NoDropout",
+    "Site",
+    "SquaredError",
+    "StepResult",
+    "convert",
+    "explicit_coefficient",
+    "explicit_gap",
+    "explicit_regularizer",
+    "gradient_noise",
+    "named_sites",
+    "noise_variance",
+    "oracles",
+    "sample_multiplier",
+    "site_context",
+    "sites",
+]

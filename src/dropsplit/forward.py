@@ -1,0 +1,70 @@
+"""The user's side of the contract: ``forward_fn(model, batch) -> (logits, targets[, aux])``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dropsplit.losses import Loss
+
+ForwardFn = Callable[[nn.Module, Any], tuple]
+
+
+@dataclass
+class ForwardOutput:
+    """Validated output of one forward pass.
+
+    Attributes:
+        logits: ``[N, C]`` model outputs.
+        targets: ``[N]`` labels (or ``[N, D]`` regression targets).
+        aux: Anything the caller wants back (e.g. an RNN state), passed through untouched.
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    aux: Any = None
+
+    @property
+    def n(self) -> int:
+        """Number of targets ``N`` (the loss is a mean over them)."""
+        return self.logits.shape[0]
+
+
+def call_forward(forward_fn: ForwardFn, model: nn.Module, batch: Any, loss: Loss) -> ForwardOutput:
+    """Run ``forward_fn`` and check what it returns.
+
+    Args:
+        forward_fn: ``(model, batch) -> (logits, targets)`` or ``(logits, targets, aux)``.
+        model: The model.
+        batch: The user's batch, passed through.
+        loss: The loss family, which checks shapes and dtypes.
+
+    Returns:
+        The validated :class:`ForwardOutput`.
+
+    Raises:
+        TypeError: If ``forward_fn`` is not callable or returns something else.
+        ValueError: If logits and targets do not match.
+    """
+    if not callable(forward_fn):
+        raise TypeError(f"forward_fn must be callable, got {type(forward_fn).__name__}")
+    out = forward_fn(model, batch)
+    if not isinstance(out, tuple) or len(out) not in (2, 3):
+        raise TypeError(
+            "forward_fn must return (logits, targets) or (logits, targets, aux), "
+            f"got {type(out).__name__}"
+        )
+    result = ForwardOutput(*out)
+    loss.check(result.logits, result.targets)
+    if result.n == 0:
+        raise ValueError("forward_fn returned zero targets")
+    return result
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that require gradients, in ``model.parameters()`` order."""
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,242 @@
+"""Measurements of both effects on any model with sites (no gradient step is taken).
+
+* :func:`explicit_gap`: Monte-Carlo ``E_eta[loss_drop] - loss`` with a control variate.
+* :func:`explicit_regularizer`: the prediction ``lambda * R_approx`` in the same units.
+* :func:`gradient_noise`: draws of the dropout, difference or analytic gradient noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from dropsplit.explicit import CURVATURES, explicit_terms, site_gradients
+from dropsplit.forward import ForwardFn, call_forward, trainable_parameters
+from dropsplit.losses import Loss, get_loss
+from dropsplit.methods import add_implicit_noise, gated_forward, mean_loss
+from dropsplit.sites import GROUPINGS, SiteContext, named_sites, require_sites, site_context
+
+NOISE_KINDS = ("dropout", "difference", "analytic")
+
+
+class GapEstimate(NamedTuple):
+    """A Monte-Carlo estimate with its standard error."""
+
+    mean: float
+    stderr: float
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by ``seed`` (or from the global RNG when ``None``)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def select_sites(model: nn.Module, names: Iterable[str] | None) -> frozenset | None:
+    """The sites named in ``names`` (``None``: all).
+
+    Raises:
+        ValueError: For a name that is not a site of the model.
+    """
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    by_name = dict(named_sites(model))
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown site(s) {unknown}; the model's sites are {sorted(by_name)}")
+    return frozenset(by_name[n] for n in names)
+
+
+def _positive_int(value: Any, argument: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{argument} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{argument} must be >= {minimum}, got {value}")
+    return value
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def explicit_gap(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    samples: int = 64,
+    *,
+    sites: Iterable[str] | None = None,
+    control_variate: bool = True,
+    seed: int | None = None,
+    loss: str | Loss = "cross_entropy",
+) -> GapEstimate:
+    """Monte-Carlo estimate of the explicit effect ``E_eta[loss(F(x, eta))] - loss(F(x))``.
+
+    With ``control_variate`` each draw subtracts the first-order term
+    :math:`\\sum_m \\eta_m \\partial L / \\partial g_m`, which has mean exactly zero, so the
+    estimate is unbiased and its variance comes only from second and higher orders.
+
+    Args:
+        model: A model with sites.
+        forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
+        batch: Passed to ``forward_fn``.
+        samples: Number of mask draws (``>= 2``).
+        sites: Names of the sites that drop (default: all); the others are off.
+        control_variate: Subtract the zero-mean first-order term.
+        seed: Seed of the mask draws.
+        loss: Loss family.
+
+    Returns:
+        ``(mean, stderr)`` of the gap.
+    """
+    samples = _positive_int(samples, "samples", 2)
+    loss = get_loss(loss)
+    require_sites(model, "explicit_gap")
+    active = select_sites(model, sites)
+    out, ctx = gated_forward(model, forward_fn, batch, loss, "mask", active)
+    clean = mean_loss(out, loss)
+    firsts = site_gradients(clean, ctx.gates, create_graph=False)
+    clean = clean.detach()
+    gen = make_generator(seed, _device(model))
+    draws = []
+    with torch.no_grad():
+        for _ in range(samples):
+            with site_context(model, SiteContext("sample", [gen], active=active)) as sctx:
+                dropped = mean_loss(call_forward(forward_fn, model, batch, loss), loss)
+            draw = dropped - clean
+            if control_variate:
+                draw = draw - sum(
+                    ((m - 1) * g).sum() for m, g in zip(sctx.gates, firsts, strict=True)
+                )
+            draws.append(draw)
+    values = torch.stack(draws).double()
+    return GapEstimate(float(values.mean()), float(values.std() / math.sqrt(samples)))
+
+
+def explicit_regularizer(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    curvature: str = "exact",
+    *,
+    grouping: str = "mask",
+    samples: int = 1,
+    sites: Iterable[str] | None = None,
+    per_site: bool = False,
+    seed: int | None = None,
+    loss: str | Loss = "cross_entropy",
+) -> float | dict[str, float]:
+    """The predicted explicit effect ``sum_sites lambda * R`` in the units of the gap.
+
+    Args:
+        model: A model with sites.
+        forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
+        batch: Passed to ``forward_fn``.
+        curvature: ``"exact"`` (full ``H_out``), ``"sampled"`` (mean of ``samples`` one-label
+            estimates), ``"label"`` (R-tilde) or ``"identity"`` (``H_out = I / C``).
+        grouping: ``"mask"`` (the site's real mask groups) or ``"element"``.
+        samples: Draws averaged for the random curvatures.
+        sites: Names of the sites to include (default: all).
+        per_site: Return ``{site name: value}`` instead of the total.
+        seed: Seed of the label or probe draws.
+        loss: Loss family.
+
+    Returns:
+        The total, or the value per site.
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+    samples = _positive_int(samples, "samples")
+    loss = get_loss(loss)
+    require_sites(model, "explicit_regularizer")
+    active = select_sites(model, sites)
+    names = {s: n for n, s in named_sites(model)}
+    out, ctx = gated_forward(model, forward_fn, batch, loss, grouping, active)
+    gen = make_generator(seed, _device(model))
+    draws = 1 if curvature in ("exact", "label") else samples
+    totals: dict[str, float] = {}
+    for _ in range(draws):
+        terms = explicit_terms(out, ctx.record, loss, curvature, gen, create_graph=False)
+        for (site, _), term in zip(ctx.record, terms, strict=True):
+            totals[names[site]] = totals.get(names[site], 0.0) + float(term) / draws
+    if per_site:
+        return totals
+    return sum(totals.values())
+
+
+def gradient_noise(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    kind: str = "dropout",
+    samples: int = 32,
+    *,
+    grouping: str = "mask",
+    seed: int | None = None,
+    loss: str | Loss = "cross_entropy",
+) -> torch.Tensor:
+    """Draws of the gradient noise of one batch, flattened over the trainable parameters.
+
+    * ``"dropout"``: dropout gradients centred on their sample mean and scaled by
+      ``sqrt(S / (S - 1))``, so that ``X^T X / S`` is unbiased for the covariance.
+    * ``"difference"``: ``(grad loss(a) - grad loss(b)) / sqrt(2)`` (Sec. 3.1, zero mean).
+    * ``"analytic"``: xi_approx ``= grad_W S`` with fresh signs per draw (Sec. 3.2).
+
+    Args:
+        model: A model with sites.
+        forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
+        batch: Passed to ``forward_fn``.
+        kind: ``"dropout"``, ``"difference"`` or ``"analytic"``.
+        samples: Number of draws.
+        grouping: Mask grouping of the analytic noise.
+        seed: Seed of the draws.
+        loss: Loss family.
+
+    Returns:
+        ``Tensor[samples, n_params]`` of mean-zero noise draws.
+    """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"kind must be one of {NOISE_KINDS}, got {kind!r}")
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+    samples = _positive_int(samples, "samples", 2 if kind == "dropout" else 1)
+    loss = get_loss(loss)
+    require_sites(model, "gradient_noise")
+    params = trainable_parameters(model)
+    gen = make_generator(seed, _device(model))
+
+    def flat_grad(scalar: torch.Tensor, retain: bool = False) -> torch.Tensor:
+        grads = torch.autograd.grad(scalar, params, retain_graph=retain, allow_unused=True)
+        return torch.cat(
+            [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]
+        )
+
+    def dropout_grad() -> torch.Tensor:
+        with site_context(model, SiteContext("sample", [gen])):
+            out = call_forward(forward_fn, model, batch, loss)
+        return flat_grad(mean_loss(out, loss))
+
+    if kind == "dropout":
+        draws = torch.stack([dropout_grad() for _ in range(samples)])
+        return (draws - draws.mean(0)) * math.sqrt(samples / (samples - 1))
+    if kind == "difference":
+        return torch.stack(
+            [(dropout_grad() - dropout_grad()) / math.sqrt(2.0) for _ in range(samples)]
+        )
+    out, ctx = gated_forward(model, forward_fn, batch, loss, grouping)
+    grads = site_gradients(loss.summed(out.logits, out.targets), ctx.gates, create_graph=True)
+    return torch.stack(
+        [
+            flat_grad(add_implicit_noise(out, ctx.record, grads, gen, 1.0), retain=True)
+            for _ in range(samples)
+        ]
+    )

@@ -1,0 +1,379 @@
+"""Gradient makers: the paper's training methods (Alg. 1-4) behind one ``step`` interface.
+
+``method.step(model, forward_fn, batch)`` overwrites ``p.grad`` of every trainable parameter
+with the gradient of the method's objective and returns a :class:`StepResult`. The optimizer,
+clipping and schedule stay with the caller. ``method.objective(...)`` returns the objective
+without the backward pass; with the generator state restored (``load_state_dict``) it is a
+deterministic function of the weights, which is how the tests check every gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dropsplit.explicit import CURVATURES, explicit_terms, site_gradients
+from dropsplit.forward import ForwardFn, ForwardOutput, call_forward, trainable_parameters
+from dropsplit.implicit import implicit_scalar
+from dropsplit.losses import Loss, get_loss
+from dropsplit.sites import GROUPINGS, SiteContext, require_sites, site_context, site_names
+
+NONFINITE = ("error", "warn")
+
+
+@dataclass
+class StepResult:
+    """What one ``step`` returns.
+
+    Attributes:
+        loss: The data loss of the step (dropout loss for Dropout_k, clean loss for Analytic).
+        aux: The ``aux`` returned by ``forward_fn`` (for Dropout_k: the last replica's).
+        stats: Scalars to log: ``loss``, ``objective`` and each regularizer's value
+            (``explicit``, ``explicit/<site>``, ``implicit``, ``noise``).
+        finite: ``False`` when the objective was not finite and no gradient was written.
+    """
+
+    loss: float
+    aux: Any = None
+    stats: dict[str, float] = field(default_factory=dict)
+    finite: bool = True
+
+
+@dataclass
+class Objective:
+    """A method's objective before the backward pass."""
+
+    value: torch.Tensor
+    loss: torch.Tensor
+    aux: Any
+    stats: dict[str, torch.Tensor]
+
+
+def _choice(value: Any, options: tuple, argument: str) -> Any:
+    if value not in options:
+        raise ValueError(f"{argument} must be one of {options}, got {value!r}")
+    return value
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def mean_loss(out: ForwardOutput, loss: Loss) -> torch.Tensor:
+    """Token-mean loss of a forward output."""
+    return loss.summed(out.logits, out.targets) / out.n
+
+
+def tile_batch(batch: Any, k: int, dim: int) -> Any:
+    """Repeat every tensor of a (nested) batch ``k`` times along ``dim``."""
+    if isinstance(batch, torch.Tensor):
+        return torch.cat([batch] * k, dim=dim)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(tile_batch(b, k, dim) for b in batch)
+    if isinstance(batch, dict):
+        return {key: tile_batch(v, k, dim) for key, v in batch.items()}
+    return batch
+
+
+def untile_aux(aux: Any, k: int, dim: int) -> Any:
+    """Keep the last replica's slice of every tensor of a (nested) aux along ``dim``."""
+    if isinstance(aux, torch.Tensor):
+        return aux.chunk(k, dim=dim)[-1]
+    if isinstance(aux, (tuple, list)):
+        return type(aux)(untile_aux(a, k, dim) for a in aux)
+    if isinstance(aux, dict):
+        return {key: untile_aux(v, k, dim) for key, v in aux.items()}
+    return aux
+
+
+def gated_forward(
+    model: nn.Module, forward_fn: ForwardFn, batch: Any, loss: Loss, grouping: str, active=None
+) -> tuple[ForwardOutput, SiteContext]:
+    """A clean forward with a gate on every (active) site call (see :mod:`dropsplit.sites`).
+
+    Raises:
+        ValueError: If the forward used none of the sites.
+    """
+    with site_context(model, SiteContext("gate", grouping=grouping, active=active)) as ctx:
+        out = call_forward(forward_fn, model, batch, loss)
+    if not ctx.record:
+        raise ValueError("the forward pass used none of the model's dropout sites")
+    return out, ctx
+
+
+def add_implicit_noise(
+    out: ForwardOutput,
+    record: list,
+    label_gradients: list[torch.Tensor],
+    generator: torch.Generator,
+    variance_scale: float,
+) -> torch.Tensor:
+    """The scalar ``S`` of xi_approx summed over the recorded site calls (Sec. 3.2)."""
+    terms = [
+        implicit_scalar(g, site.p, out.n, generator, variance_scale)
+        for (site, _), g in zip(record, label_gradients, strict=True)
+    ]
+    return torch.stack(terms).sum()
+
+
+class Method:
+    """Base class of the gradient makers.
+
+    Args:
+        loss: ``"cross_entropy"`` (token-mean, the default) or ``"squared_error"``.
+        seed: Seed of the method's generator (masks, labels, signs); drawn from the global
+            RNG when ``None``.
+        nonfinite: ``"error"`` raises ``FloatingPointError`` on a non-finite objective;
+            ``"warn"`` warns, writes no gradient (``p.grad = None``) and returns
+            ``finite=False``.
+    """
+
+    needs_sites = True
+
+    def __init__(
+        self, *, loss: str | Loss = "cross_entropy", seed: int | None = None, nonfinite: str = "error"
+    ) -> None:
+        self.loss = get_loss(loss)
+        self.nonfinite = _choice(nonfinite, NONFINITE, "nonfinite")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The generator state, so a step can be replayed and a run resumed."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the generator state saved by :meth:`state_dict`."""
+        self.generator.set_state(state["generator"])
+
+    def spawn(self, n: int, device: torch.device) -> list[torch.Generator]:
+        """``n`` fresh generators on ``device``, seeded from the method's generator."""
+        seeds = torch.randint(0, 2**62, (n,), generator=self.generator).tolist()
+        return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def objective(self, model: nn.Module, forward_fn: ForwardFn, batch: Any) -> Objective:
+        """The method's objective on one batch (draws from the method's generator)."""
+        raise NotImplementedError
+
+    def step(self, model: nn.Module, forward_fn: ForwardFn, batch: Any) -> StepResult:
+        """Write the gradient of the objective into ``p.grad`` (overwriting).
+
+        Args:
+            model: The model (its sites are driven by the method).
+            forward_fn: ``(model, batch) -> (logits[N, C], targets[N][, aux])``.
+            batch: Passed to ``forward_fn``.
+
+        Returns:
+            Loss, aux and stats of the step.
+
+        Raises:
+            FloatingPointError: On a non-finite objective when ``nonfinite="error"``.
+        """
+        obj = self.objective(model, forward_fn, batch)
+        params = trainable_parameters(model)
+        for p in params:
+            p.grad = None
+        stats = {key: float(v) for key, v in obj.stats.items()}
+        stats["objective"] = float(obj.value.detach())
+        if not math.isfinite(stats["objective"]):
+            message = (
+                f"{type(self).__name__}: non-finite objective (loss {stats['loss']:.4g}, "
+                f"objective {stats['objective']}); no gradient was written"
+            )
+            if self.nonfinite == "error":
+                raise FloatingPointError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            stats["nonfinite"] = 1.0
+            return StepResult(stats["loss"], obj.aux, stats, finite=False)
+        obj.value.backward()
+        return StepResult(stats["loss"], obj.aux, stats)
+
+    def _require(self, model: nn.Module) -> None:
+        if self.needs_sites:
+            require_sites(model, type(self).__name__)
+
+
+class NoDropout(Method):
+    """Plain training: every site is off and the objective is the clean loss."""
+
+    needs_sites = False
+
+    def objective(self, model, forward_fn, batch):
+        """Clean token-mean loss."""
+        with site_context(model, SiteContext("off")):
+            out = call_forward(forward_fn, model, batch, self.loss)
+        value = mean_loss(out, self.loss)
+        return Objective(value, value, out.aux, {"loss": value.detach()})
+
+
+class DropoutK(Method):
+    """Dropout_k (Alg. 1): the mean of ``k`` dropout losses with independent masks.
+
+    The objective's expectation is that of dropout; the gradient-noise covariance is divided
+    by ``k``. ``noise`` adds back ``sqrt(1 - 1/k)`` times a noise with dropout's covariance:
+    ``"difference"`` (Alg. 3: ``(loss(a) - loss(b)) / sqrt(2)`` with two more masks) or
+    ``"analytic"`` (Alg. 4: xi_approx with variance ``(1 - 1/k) q / (1 - q)``).
+
+    Args:
+        k: Number of masks per step, ``k >= 1`` (``k = 1`` is standard dropout).
+        noise: ``None``, ``"difference"`` or ``"analytic"``.
+        implementation: ``"loop"`` (``k`` forwards from the same batch; aux of the last) or
+            ``"batch"`` (one forward on the batch tiled ``k`` times). Identical masks give
+            identical gradients.
+        batch_dim: Dimension along which the default ``tile`` repeats batch tensors and the
+            default ``untile`` slices aux tensors.
+        tile: ``tile(batch, k)`` for batch duplication (default: :func:`tile_batch`).
+        untile: ``untile(aux, k)`` mapping the tiled aux back (default: last replica).
+        grouping: Mask grouping of the analytic noise.
+        **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`.
+    """
+
+    def __init__(
+        self,
+        k: int = 1,
+        noise: str | None = None,
+        *,
+        implementation: str = "loop",
+        batch_dim: int = 0,
+        tile=None,
+        untile=None,
+        grouping: str = "mask",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+        self.noise = _choice(noise, (None, "difference", "analytic"), "noise")
+        self.implementation = _choice(implementation, ("loop", "batch"), "implementation")
+        self.grouping = _choice(grouping, GROUPINGS, "grouping")
+        self.batch_dim = batch_dim
+        self.tile = tile or (lambda b, k: tile_batch(b, k, batch_dim))
+        self.untile = untile or (lambda a, k: untile_aux(a, k, batch_dim))
+
+    def __repr__(self) -> str:
+        return f"DropoutK(k={self.k}, noise={self.noise!r}, implementation={self.implementation!r})"
+
+    def dropout_loss(
+        self, model: nn.Module, forward_fn: ForwardFn, batch: Any, generators: list
+    ) -> tuple[torch.Tensor, Any]:
+        """Mean dropout loss over ``len(generators)`` replicas, one mask set per generator."""
+        k = len(generators)
+        if self.implementation == "loop" or k == 1:
+            losses = []
+            for g in generators:
+                with site_context(model, SiteContext("sample", [g])):
+                    out = call_forward(forward_fn, model, batch, self.loss)
+                losses.append(mean_loss(out, self.loss))
+            return torch.stack(losses).mean(), out.aux
+        with site_context(model, SiteContext("sample", generators)):
+            out = call_forward(forward_fn, model, self.tile(batch, k), self.loss)
+        return mean_loss(out, self.loss), self.untile(out.aux, k)
+
+    def objective(self, model, forward_fn, batch):
+        """Mean of ``k`` dropout losses plus the optional ``sqrt(1 - 1/k)``-scaled noise."""
+        self._require(model)
+        device = _model_device(model)
+        value, aux = self.dropout_loss(model, forward_fn, batch, self.spawn(self.k, device))
+        stats = {"loss": value.detach()}
+        scale = 1.0 - 1.0 / self.k
+        if self.noise == "difference" and scale > 0:
+            ga, gb = self.spawn(2, device)
+            loss_a, _ = self.dropout_loss(model, forward_fn, batch, [ga])
+            loss_b, _ = self.dropout_loss(model, forward_fn, batch, [gb])
+            noise = math.sqrt(scale) * (loss_a - loss_b) / math.sqrt(2.0)
+            stats["noise"] = noise.detach()
+            value = value + noise
+        elif self.noise == "analytic" and scale > 0:
+            out, ctx = gated_forward(model, forward_fn, batch, self.loss, self.grouping)
+            grads = site_gradients(self.loss.summed(out.logits, out.targets), ctx.gates, True)
+            (gen,) = self.spawn(1, device)
+            noise = add_implicit_noise(out, ctx.record, grads, gen, scale)
+            stats["implicit"] = noise.detach()
+            value = value + noise
+        return Objective(value, stats["loss"], aux, stats)
+
+
+class Analytic(Method):
+    """The analytic replacement of dropout (Alg. 2): clean loss + lambda R_approx + xi_approx.
+
+    Args:
+        explicit: Curvature of the explicit term: ``"sampled"`` (labels drawn from the
+            softmax, unbiased for ``H_out``), ``"exact"`` (full ``H_out``, small ``C``),
+            ``"label"`` (true label: R-tilde), ``"identity"`` (``H_out = I / C``) or ``None``.
+        implicit: Add the analytic gradient noise xi_approx.
+        explicit_scale: Multiplies each site's ``lambda = q / (2(1-q))``.
+        implicit_scale: Multiplies each site's noise variance ``v = q / (1-q)``.
+        grouping: ``"mask"`` (exact for the mask the site really uses) or ``"element"`` (the
+            original code's per-element squares).
+        gradient: ``"double-backward"`` (exact gradients).
+        **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`.
+    """
+
+    def __init__(
+        self,
+        explicit: str | None = "sampled",
+        implicit: bool = True,
+        *,
+        explicit_scale: float = 1.0,
+        implicit_scale: float = 1.0,
+        grouping: str = "mask",
+        gradient: str = "double-backward",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.explicit = _choice(explicit, (*CURVATURES, None), "explicit")
+        if not isinstance(implicit, bool):
+            raise TypeError(f"implicit must be a bool, got {type(implicit).__name__}")
+        self.implicit = implicit
+        for name, value in (("explicit_scale", explicit_scale), ("implicit_scale", implicit_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        self.explicit_scale = float(explicit_scale)
+        self.implicit_scale = float(implicit_scale)
+        self.grouping = _choice(grouping, GROUPINGS, "grouping")
+        self.gradient = _choice(gradient, ("double-backward",), "gradient")
+
+    def __repr__(self) -> str:
+        return (
+            f"Analytic(explicit={self.explicit!r}, implicit={self.implicit}, "
+            f"grouping={self.grouping!r})"
+        )
+
+    def objective(self, model, forward_fn, batch):
+        """Clean loss plus the scaled explicit terms plus the implicit scalar ``S``."""
+        self._require(model)
+        names = site_names(model)
+        out, ctx = gated_forward(model, forward_fn, batch, self.loss, self.grouping)
+        summed = self.loss.summed(out.logits, out.targets)
+        value = summed / out.n
+        stats = {"loss": value.detach()}
+        (gen,) = self.spawn(1, _model_device(model))
+        label_grads = None
+        if self.implicit or self.explicit == "label":
+            label_grads = site_gradients(summed, ctx.gates, create_graph=True)
+        if self.explicit is not None:
+            terms = explicit_terms(out, ctx.record, self.loss, self.explicit, gen, True, label_grads)
+            explicit = self.explicit_scale * torch.stack(terms).sum()
+            for (site, _), term in zip(ctx.record, terms, strict=True):
+                key = f"explicit/{names[site]}"
+                stats[key] = stats.get(key, 0.0) + self.explicit_scale * term.detach()
+            stats["explicit"] = explicit.detach()
+            value = value + explicit
+        if self.implicit:
+            noise = add_implicit_noise(out, ctx.record, label_grads, gen, self.implicit_scale)
+            stats["implicit"] = noise.detach()
+            value = value + noise
+        return Objective(value, stats["loss"], out.aux, stats)

@@ -1,0 +1,368 @@
+"""Dropout sites: the places where dropout noise acts, and how a method drives them.
+
+A site multiplies a tensor by ``1 + eta`` (see :mod:`dropsplit.noise`). Outside of a method a
+site behaves like ``nn.Dropout``: it samples a mask in training mode and is the identity in
+eval mode. A method (or a measurement) takes over all sites of a model for one forward pass with
+:func:`site_context`, choosing one of the modes:
+
+* ``"off"``: identity (the clean forward).
+* ``"sample"``: fresh masks from explicit generators, one generator per replica, so that a
+  Dropout_k step draws the same masks whether it loops over replicas or duplicates the batch.
+* ``"gate"``: multiply by a leaf tensor of ones (a *gate*) with one entry per mask group.
+  The gradient of a loss with respect to a gate is ``sum_{e in m} G_e h_e`` for each group ``m``:
+  exactly the quantity the mask grouping rule (design.md) squares or signs.
+* ``"fixed"``: multiply by given multipliers, in call order (replays, enumeration, oracles).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from dropsplit.noise import check_probability, mask_shape, sample_multiplier
+
+MODES = ("off", "sample", "gate", "fixed")
+GROUPINGS = ("mask", "element")
+
+
+@dataclass
+class SiteContext:
+    """How the sites of a model act during one forward pass.
+
+    Attributes:
+        mode: One of ``"off"``, ``"sample"``, ``"gate"``, ``"fixed"``.
+        generators: For ``"sample"``: one generator per replica.
+        grouping: For ``"gate"``: ``"mask"`` (one gate entry per mask value) or ``"element"``
+            (one per element of the tensor, the original code's per-element form).
+        multipliers: For ``"fixed"``: one multiplier per site call, in call order.
+        active: Sites that act; the others are the identity (``None``: all).
+        record: Filled during the forward with ``(site, tensor)`` per site call: the gate in
+            ``"gate"`` mode, the multiplier in ``"sample"`` and ``"fixed"`` modes.
+    """
+
+    mode: str = "off"
+    generators: Sequence[torch.Generator] | None = None
+    grouping: str = "mask"
+    multipliers: Sequence[torch.Tensor] | None = None
+    active: frozenset[Site] | None = None
+    record: list[tuple[Site, torch.Tensor]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"site mode must be one of {MODES}, got {self.mode!r}")
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"grouping must be one of {GROUPINGS}, got {self.grouping!r}")
+        if self.mode == "sample" and not self.generators:
+            raise ValueError("mode 'sample' needs at least one generator")
+        if self.mode == "fixed" and self.multipliers is None:
+            raise ValueError("mode 'fixed' needs multipliers")
+
+    @property
+    def replicas(self) -> int:
+        """Number of batch replicas the sampled masks are drawn for."""
+        return len(self.generators) if self.generators else 1
+
+    @property
+    def gates(self) -> list[torch.Tensor]:
+        """The recorded gates or multipliers, in call order."""
+        return [t for _, t in self.record]
+
+
+class Site(nn.Module):
+    """Base class of a dropout site.
+
+    Args:
+        p: Drop probability ``q`` in ``[0, 1)``.
+        shared_dims: Dimensions along which one mask value is shared.
+        label: Name shown in stats and logs (default: the module path in the model).
+        generator: Generator used outside of a :func:`site_context` (default: global RNG).
+    """
+
+    is_weight_site = False
+
+    def __init__(
+        self,
+        p: float,
+        shared_dims: Sequence[int] = (),
+        *,
+        label: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.p = check_probability(p)
+        if isinstance(shared_dims, int):
+            shared_dims = (shared_dims,)
+        if not all(isinstance(d, int) and not isinstance(d, bool) for d in shared_dims):
+            raise TypeError(f"shared_dims must be a tuple of ints, got {shared_dims!r}")
+        self.shared_dims = tuple(shared_dims)
+        self.label = label
+        self.generator = generator
+        self._context: SiteContext | None = None
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, shared_dims={self.shared_dims}"
+
+    def mask_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of the mask for a tensor of ``shape``."""
+        return mask_shape(shape, self.shared_dims)
+
+    def apply_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply this site's noise to ``x`` according to the current context.
+
+        Args:
+            x: The tensor ``h`` the site acts on.
+
+        Returns:
+            ``(1 + eta) * h`` in the current mode (``h`` itself when inactive).
+        """
+        ctx = self._context
+        if ctx is None:
+            if not self.training or self.p == 0.0:
+                return x
+            mult = sample_multiplier(
+                self.mask_shape(x.shape), self.p, self.generator, x.dtype, x.device
+            )
+            return x * mult
+        if ctx.mode == "off" or (ctx.active is not None and self not in ctx.active):
+            return x
+        if ctx.mode == "gate":
+            shape = self.mask_shape(x.shape) if ctx.grouping == "mask" else tuple(x.shape)
+            mult = torch.ones(shape, dtype=x.dtype, device=x.device, requires_grad=True)
+        elif ctx.mode == "fixed":
+            index = len(ctx.record)
+            if index >= len(ctx.multipliers):
+                raise RuntimeError("the forward called more sites than multipliers were given")
+            mult = ctx.multipliers[index]
+        else:
+            mult = self._sample_replicas(x, ctx.generators)
+        ctx.record.append((self, mult))
+        return self._multiply(x, mult, ctx.replicas if ctx.mode == "sample" else 1)
+
+    def _sample_replicas(self, x: torch.Tensor, generators: Sequence[torch.Generator]):
+        raise NotImplementedError
+
+    def _multiply(self, x: torch.Tensor, mult: torch.Tensor, replicas: int) -> torch.Tensor:
+        return x * mult
+
+
+class Dropout(Site):
+    """Activation dropout site, a drop-in for ``nn.Dropout``.
+
+    In training mode outside a method the output has the distribution of ``nn.Dropout(p)``
+    (with the mask shared along ``shared_dims``); in eval mode it is the identity.
+
+    Args:
+        p: Drop probability ``q`` in ``[0, 1)``.
+        shared_dims: ``()`` elementwise, ``(0,)`` locked over time for ``(T, B, H)``,
+            ``(2, 3)`` channel dropout for ``(N, C, H, W)``.
+        batch_dim: The batch dimension of the input; Dropout_k by batch duplication draws an
+            independent mask for each replica along it.
+        label: Name shown in stats and logs.
+        generator: Generator used outside of a method (default: global RNG).
+    """
+
+    def __init__(
+        self,
+        p: float = 0.5,
+        shared_dims: Sequence[int] = (),
+        *,
+        batch_dim: int = 0,
+        label: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(p, shared_dims, label=label, generator=generator)
+        if batch_dim in self.shared_dims:
+            raise ValueError(f"batch_dim {batch_dim} cannot be one of shared_dims")
+        self.batch_dim = batch_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply dropout to ``x``."""
+        return self.apply_noise(x)
+
+    def _sample_replicas(self, x, generators):
+        r = len(generators)
+        size = x.shape[self.batch_dim]
+        if size % r:
+            raise ValueError(
+                f"batch dimension {self.batch_dim} of size {size} is not a multiple of the "
+                f"{r} replicas of batch duplication"
+            )
+        shape = list(self.mask_shape(x.shape))
+        if shape[self.batch_dim] != 1:
+            shape[self.batch_dim] = size // r
+        parts = [sample_multiplier(shape, self.p, g, x.dtype, x.device) for g in generators]
+        return torch.cat(parts, dim=self.batch_dim) if r > 1 else parts[0]
+
+
+class DropConnect(Site):
+    """Weight site (DropConnect): noise on parameter ``name`` of ``module``, shared by the batch.
+
+    The wrapped module is called with the noisy weight through ``torch.func.functional_call``,
+    so the parameter stays a plain registered parameter (no ``WeightDrop`` re-registration
+    hack). Embedding-row dropout is ``DropConnect(embedding, "weight", p, shared_dims=(1,))``.
+
+    Args:
+        module: The module that owns the parameter.
+        name: Name of the parameter of ``module``.
+        p: Drop probability ``q`` in ``[0, 1)``.
+        shared_dims: Dimensions of the parameter along which one mask value is shared.
+        batched_weights: Whether ``module`` accepts a weight with a leading replica dimension
+            (needed by Dropout_k with batch duplication: one weight mask per replica).
+        label: Name shown in stats and logs.
+        generator: Generator used outside of a method (default: global RNG).
+    """
+
+    is_weight_site = True
+
+    def __init__(
+        self,
+        module: nn.Module,
+        name: str,
+        p: float,
+        shared_dims: Sequence[int] = (),
+        *,
+        batched_weights: bool = False,
+        label: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(p, shared_dims, label=label, generator=generator)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        param = dict(module.named_parameters(recurse=False)).get(name)
+        if param is None:
+            raise ValueError(f"{type(module).__name__} has no parameter named {name!r}")
+        self.mask_shape(param.shape)  # validates shared_dims
+        self.module = module
+        self.name = name
+        self.batched_weights = batched_weights
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, " + super().extra_repr()
+
+    def noisy_weight(self) -> torch.Tensor:
+        """The parameter with this site's noise applied in the current mode."""
+        return self.apply_noise(getattr(self.module, self.name))
+
+    def forward(self, *args, **kwargs):
+        """Call the wrapped module with the noisy parameter."""
+        weight = getattr(self.module, self.name)
+        noisy = self.apply_noise(weight)
+        if noisy is weight:
+            return self.module(*args, **kwargs)
+        return functional_call(self.module, {self.name: noisy}, args, kwargs)
+
+    def _sample_replicas(self, x, generators):
+        shape = self.mask_shape(x.shape)
+        if len(generators) == 1:
+            return sample_multiplier(shape, self.p, generators[0], x.dtype, x.device)
+        if not self.batched_weights:
+            raise ValueError(
+                f"DropConnect on {type(self.module).__name__}.{self.name} cannot draw one weight "
+                "mask per replica for batch duplication; pass batched_weights=True if the module "
+                "accepts a [replicas, *weight.shape] weight, or use DropoutK(implementation='loop')"
+            )
+        return torch.stack([sample_multiplier(shape, self.p, g, x.dtype, x.device) for g in generators])
+
+    def _multiply(self, x, mult, replicas):
+        return x * mult  # a [replicas, *shape] multiplier broadcasts to stacked weights
+
+
+def named_sites(model: nn.Module) -> list[tuple[str, Site]]:
+    """The sites of ``model`` with their names, in module registration order.
+
+    A site's name is its ``label`` when given, otherwise its module path.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        ``[(name, site), ...]``.
+
+    Raises:
+        ValueError: If two sites share a name.
+    """
+    out = []
+    for path, module in model.named_modules():
+        if isinstance(module, Site):
+            out.append((module.label or path or type(module).__name__, module))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"site names must be unique, got {names}")
+    return out
+
+
+def sites(model: nn.Module) -> list[Site]:
+    """The sites of ``model`` in a stable order (module registration order)."""
+    return [s for _, s in named_sites(model)]
+
+
+def site_names(model: nn.Module) -> dict[Site, str]:
+    """Map each site of ``model`` to its name."""
+    return {s: n for n, s in named_sites(model)}
+
+
+def require_sites(model: nn.Module, method: str) -> list[Site]:
+    """Return the sites of ``model`` or raise a clear error naming ``method``.
+
+    Raises:
+        ValueError: If the model has no sites.
+    """
+    found = sites(model)
+    if not found:
+        raise ValueError(
+            f"{method} needs dropout sites, but the model has none: build it with "
+            "ds.Dropout / ds.DropConnect or call ds.convert(model) first"
+        )
+    return found
+
+
+@contextlib.contextmanager
+def site_context(model: nn.Module, context: SiteContext) -> Iterator[SiteContext]:
+    """Drive every site of ``model`` by ``context`` for the duration of the block.
+
+    Args:
+        model: The model whose sites take part.
+        context: The mode and its inputs; its ``record`` is filled by the forward.
+
+    Yields:
+        ``context``.
+    """
+    found = sites(model)
+    previous = [s._context for s in found]
+    for s in found:
+        s._context = context
+    try:
+        yield context
+    finally:
+        for s, prev in zip(found, previous, strict=True):
+            s._context = prev
+
+
+_CONVERSIONS = {nn.Dropout: (), nn.Dropout1d: (-1,), nn.Dropout2d: (-2, -1), nn.Dropout3d: (-3, -2, -1)}
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace ``nn.Dropout`` / ``Dropout1d`` / ``Dropout2d`` / ``Dropout3d`` by ``ds.Dropout``.
+
+    Channel dropout becomes a site whose mask is shared over the trailing spatial dims.
+    The replacement happens in place; the (possibly new) root module is returned.
+
+    Args:
+        model: The model to convert.
+
+    Returns:
+        The converted model.
+    """
+    kind = type(model)
+    if kind in _CONVERSIONS:
+        return Dropout(model.p, _CONVERSIONS[kind])
+    for name, child in model.named_children():
+        new = convert(child)
+        if new is not child:
+            setattr(model, name, new)
+    return model
