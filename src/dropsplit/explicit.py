@@ -1,12 +1,12 @@
-"""The explicit regularizer R_approx under the mask grouping rule (paper Sec. 3.1, design.md).
+r"""The explicit regularizer R_approx under the mask grouping rule (paper Sec. 3.1, design.md).
 
-For a site with drop probability ``q``, coefficient :math:`\\lambda = q/(2(1-q))` and mask
+For a site with drop probability ``q``, coefficient :math:`\lambda = q/(2(1-q))` and mask
 groups ``m`` (elements of the site tensor ``h`` that share one mask value),
 
 .. math::
-    \\lambda R = \\lambda \\frac{1}{N} \\sum_m \\mathbb{E}_{\\hat y}
-        \\Big(\\sum_{e \\in m} G_e h_e\\Big)^2
-    = \\lambda \\frac{1}{N} \\sum_n \\sum_m J_{n,m}^\\top H_{out,n} J_{n,m},
+    \lambda R = \lambda \frac{1}{N} \sum_m \mathbb{E}_{\hat y}
+        \Big(\sum_{e \in m} G_e h_e\Big)^2
+    = \lambda \frac{1}{N} \sum_n \sum_m J_{n,m}^\top H_{out,n} J_{n,m},
 
 where ``G`` is the gradient of the *summed* loss at labels drawn from the model and
 ``J_{n,m}`` is the Jacobian of the logits of target ``n`` with respect to the gate of group
@@ -50,7 +50,7 @@ def site_gradients(
 def curvature_probe(
     curvature: str, out: ForwardOutput, loss: Loss, generator: torch.Generator
 ) -> torch.Tensor:
-    """A scalar whose gate gradient ``G`` has :math:`\\mathbb{E}[G G^\\top] = J^\\top H J`.
+    r"""A scalar whose gate gradient ``G`` has :math:`\mathbb{E}[G G^\top] = J^\top H J`.
 
     * ``"sampled"``: the summed loss at labels drawn from the model, ``H = H_out``.
     * ``"label"``: the summed loss at the true labels, ``H = g g^T`` (R-tilde, Sec. 5.2).
@@ -77,7 +77,7 @@ def curvature_probe(
 
 
 def explicit_penalty(site_gradient: torch.Tensor, q: float, n: int) -> torch.Tensor:
-    """One site's explicit term :math:`\\lambda \\frac1N \\sum_m G_m^2` (one-sample estimator).
+    r"""One site's explicit term :math:`\lambda \frac1N \sum_m G_m^2` (one-sample estimator).
 
     Args:
         site_gradient: ``sum_{e in m} G_e h_e`` per group (the gate gradient of a probe).
@@ -93,7 +93,7 @@ def explicit_penalty(site_gradient: torch.Tensor, q: float, n: int) -> torch.Ten
 def exact_gauss_newton(
     out: ForwardOutput, gates: Sequence[torch.Tensor], loss: Loss, create_graph: bool
 ) -> list[torch.Tensor]:
-    """Exact :math:`\\sum_n \\sum_m J_{n,m}^\\top H_{out,n} J_{n,m}` per gate (small ``N C``).
+    r"""Exact :math:`\sum_n \sum_m J_{n,m}^\top H_{out,n} J_{n,m}` per gate (small ``N C``).
 
     The Jacobian of the ``N x C`` logits with respect to each gate comes from one batched
     backward pass over the ``N C`` basis vectors.

@@ -68,3 +68,16 @@ def call_forward(forward_fn: ForwardFn, model: nn.Module, batch: Any, loss: Loss
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that require gradients, in ``model.parameters()`` order."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def flat_gradient(
+    scalar: torch.Tensor, params: list[nn.Parameter], retain_graph: bool = False
+) -> torch.Tensor:
+    """Gradient of ``scalar`` flattened over ``params`` (zeros for unused parameters)."""
+    grads = torch.autograd.grad(scalar, params, retain_graph=retain_graph, allow_unused=True)
+    return torch.cat(
+        [
+            (torch.zeros_like(p) if g is None else g).reshape(-1)
+            for p, g in zip(params, grads, strict=True)
+        ]
+    )

@@ -1,10 +1,10 @@
-"""The implicit regularizer: the analytic gradient noise xi_approx (paper Sec. 3.2, Alg. 2).
+r"""The implicit regularizer: the analytic gradient noise xi_approx (paper Sec. 3.2, Alg. 2).
 
 Linearizing the two-sample difference of dropout losses gives the scalar
 
 .. math::
-    S = \\frac{1}{N} \\sum_{\\text{sites}} \\sqrt{v} \\sum_m r_m \\sum_{e \\in m} G^y_e h_e,
-    \\qquad r_m \\in \\{\\pm 1\\}, \\quad v = \\frac{q}{1-q},
+    S = \frac{1}{N} \sum_{\text{sites}} \sqrt{v} \sum_m r_m \sum_{e \in m} G^y_e h_e,
+    \qquad r_m \in \{\pm 1\}, \quad v = \frac{q}{1-q},
 
 with ``G^y`` the gradient of the summed true-label loss. ``xi_approx = grad_W S`` with ``r``
 held fixed (both ``G^y`` and ``h`` depend on ``W``). Its covariance is that of the first-order
@@ -27,7 +27,7 @@ def implicit_scalar(
     generator: torch.Generator,
     variance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """One site's share of ``S``: :math:`\\frac{\\sqrt{s v}}{N} \\sum_m r_m G^y_m`.
+    r"""One site's share of ``S``: :math:`\frac{\sqrt{s v}}{N} \sum_m r_m G^y_m`.
 
     Args:
         label_gradient: ``sum_{e in m} G^y_e h_e`` per group (true-label gate gradient,

@@ -1,8 +1,8 @@
-"""Loss families: the value, the output Hessian ``H_out`` and a sampler whose residual has it.
+r"""Loss families: the value, the output Hessian ``H_out`` and a sampler whose residual has it.
 
 For the Monte-Carlo Gauss-Newton trick (paper Sec. 3.1, "unbiased one-sample estimator") a loss
-needs a label distribution :math:`\\hat y \\sim P(\\cdot \\mid F)` with
-:math:`\\mathbb{E}[\\nabla_F \\ell(F, \\hat y) \\nabla_F \\ell(F, \\hat y)^\\top] = H_{out}`.
+needs a label distribution :math:`\hat y \sim P(\cdot \mid F)` with
+:math:`\mathbb{E}[\nabla_F \ell(F, \hat y) \nabla_F \ell(F, \hat y)^\top] = H_{out}`.
 """
 
 from __future__ import annotations

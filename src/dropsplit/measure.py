@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dropsplit.explicit import CURVATURES, explicit_terms, site_gradients
-from dropsplit.forward import ForwardFn, call_forward, trainable_parameters
+from dropsplit.forward import ForwardFn, call_forward, flat_gradient, trainable_parameters
 from dropsplit.losses import Loss, get_loss
 from dropsplit.methods import add_implicit_noise, gated_forward, mean_loss
 from dropsplit.sites import GROUPINGS, SiteContext, named_sites, require_sites, site_context
@@ -77,10 +77,10 @@ def explicit_gap(
     seed: int | None = None,
     loss: str | Loss = "cross_entropy",
 ) -> GapEstimate:
-    """Monte-Carlo estimate of the explicit effect ``E_eta[loss(F(x, eta))] - loss(F(x))``.
+    r"""Monte-Carlo estimate of the explicit effect ``E_eta[loss(F(x, eta))] - loss(F(x))``.
 
     With ``control_variate`` each draw subtracts the first-order term
-    :math:`\\sum_m \\eta_m \\partial L / \\partial g_m`, which has mean exactly zero, so the
+    :math:`\sum_m \eta_m \partial L / \partial g_m`, which has mean exactly zero, so the
     estimate is unbiased and its variance comes only from second and higher orders.
 
     Args:
@@ -214,16 +214,10 @@ def gradient_noise(
     params = trainable_parameters(model)
     gen = make_generator(seed, _device(model))
 
-    def flat_grad(scalar: torch.Tensor, retain: bool = False) -> torch.Tensor:
-        grads = torch.autograd.grad(scalar, params, retain_graph=retain, allow_unused=True)
-        return torch.cat(
-            [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]
-        )
-
     def dropout_grad() -> torch.Tensor:
         with site_context(model, SiteContext("sample", [gen])):
             out = call_forward(forward_fn, model, batch, loss)
-        return flat_grad(mean_loss(out, loss))
+        return flat_gradient(mean_loss(out, loss), params)
 
     if kind == "dropout":
         draws = torch.stack([dropout_grad() for _ in range(samples)])
@@ -236,7 +230,7 @@ def gradient_noise(
     grads = site_gradients(loss.summed(out.logits, out.targets), ctx.gates, create_graph=True)
     return torch.stack(
         [
-            flat_grad(add_implicit_noise(out, ctx.record, grads, gen, 1.0), retain=True)
+            flat_gradient(add_implicit_noise(out, ctx.record, grads, gen, 1.0), params, True)
             for _ in range(samples)
         ]
     )

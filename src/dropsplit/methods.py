@@ -138,7 +138,11 @@ class Method:
     needs_sites = True
 
     def __init__(
-        self, *, loss: str | Loss = "cross_entropy", seed: int | None = None, nonfinite: str = "error"
+        self,
+        *,
+        loss: str | Loss = "cross_entropy",
+        seed: int | None = None,
+        nonfinite: str = "error",
     ) -> None:
         self.loss = get_loss(loss)
         self.nonfinite = _choice(nonfinite, NONFINITE, "nonfinite")
@@ -365,7 +369,9 @@ class Analytic(Method):
         if self.implicit or self.explicit == "label":
             label_grads = site_gradients(summed, ctx.gates, create_graph=True)
         if self.explicit is not None:
-            terms = explicit_terms(out, ctx.record, self.loss, self.explicit, gen, True, label_grads)
+            terms = explicit_terms(
+                out, ctx.record, self.loss, self.explicit, gen, True, label_grads
+            )
             explicit = self.explicit_scale * torch.stack(terms).sum()
             for (site, _), term in zip(ctx.record, terms, strict=True):
                 key = f"explicit/{names[site]}"

@@ -1,11 +1,11 @@
-"""The dropout noise law and the theory coefficients derived from it (paper Section 2).
+r"""The dropout noise law and the theory coefficients derived from it (paper Section 2).
 
 Inverted dropout multiplies a tensor ``h`` by ``m / (1 - q)`` with ``m ~ Bernoulli(1 - q)``.
 Writing the result as ``(1 + eta) * h`` gives the noise law
 
 .. math::
-    \\eta = -1 \\text{ w.p. } q, \\qquad \\eta = \\tfrac{q}{1-q} \\text{ w.p. } 1-q,
-    \\qquad \\mathbb{E}[\\eta] = 0, \\quad \\operatorname{Var}[\\eta] = \\tfrac{q}{1-q}.
+    \eta = -1 \text{ w.p. } q, \qquad \eta = \tfrac{q}{1-q} \text{ w.p. } 1-q,
+    \qquad \mathbb{E}[\eta] = 0, \quad \operatorname{Var}[\eta] = \tfrac{q}{1-q}.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def check_probability(p: float, argument: str = "p") -> float:
 
 
 def noise_variance(q: float) -> float:
-    """Variance of the dropout noise, :math:`v = \\operatorname{Var}[\\eta] = q/(1-q)`.
+    r"""Variance of the dropout noise, :math:`v = \operatorname{Var}[\eta] = q/(1-q)`.
 
     This is the variance scale of the implicit (gradient-noise) term xi_approx (paper Sec. 3.2).
 
@@ -52,10 +52,10 @@ def noise_variance(q: float) -> float:
 
 
 def explicit_coefficient(q: float) -> float:
-    """Coefficient of the explicit regularizer, :math:`\\lambda = q / (2(1-q))` (paper Sec. 3.1).
+    r"""Coefficient of the explicit regularizer, :math:`\lambda = q / (2(1-q))` (paper Sec. 3.1).
 
     The second-order Taylor expansion of the expected dropout loss has
-    :math:`\\tfrac12 \\operatorname{Var}[\\eta]` in front of the curvature term.
+    :math:`\tfrac12 \operatorname{Var}[\eta]` in front of the curvature term.
 
     Args:
         q: Drop probability in ``[0, 1)``.

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
-from dropsplit.forward import ForwardFn, call_forward, trainable_parameters
+from dropsplit.forward import ForwardFn, call_forward, flat_gradient, trainable_parameters
 from dropsplit.losses import Loss, get_loss
 from dropsplit.measure import select_sites
 from dropsplit.methods import gated_forward
@@ -133,7 +133,10 @@ def _mask_configurations(model, forward_fn, batch, loss, active, max_configurati
     codes = torch.arange(2**bits, device=device).unsqueeze(1)
     keep = ((codes >> torch.arange(bits, device=device)) & 1).to(dtype)  # [configs, bits]
     q_flat = torch.cat(
-        [torch.full((s.numel(),), q, dtype=dtype, device=device) for s, q in zip(shapes, qs)]
+        [
+            torch.full((s.numel(),), q, dtype=dtype, device=device)
+            for s, q in zip(shapes, qs, strict=True)
+        ]
     )
     probs = torch.where(keep.bool(), 1 - q_flat, q_flat).prod(dim=1)
     scale = 1 / (1 - q_flat)
@@ -223,12 +226,7 @@ def exact_noise_covariance(
             model, forward_fn, batch, loss, None, max_configurations
         ):
             out = _fixed_forward(model, forward_fn, batch, loss, mults, None)
-            grads = torch.autograd.grad(
-                loss.summed(out.logits, out.targets) / out.n, params, allow_unused=True
-            )
-            g = torch.cat(
-                [(torch.zeros_like(p) if d is None else d).reshape(-1) for p, d in zip(params, grads)]
-            ).detach()
+            g = flat_gradient(loss.summed(out.logits, out.targets) / out.n, params).detach()
             mean = prob * g if mean is None else mean + prob * g
             outer = prob * torch.outer(g, g)
             second = outer if second is None else second + outer

@@ -105,6 +105,7 @@ class Site(nn.Module):
         self._context: SiteContext | None = None
 
     def extra_repr(self) -> str:
+        """Drop probability and shared dims."""
         return f"p={self.p}, shared_dims={self.shared_dims}"
 
     def mask_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
@@ -141,13 +142,10 @@ class Site(nn.Module):
         else:
             mult = self._sample_replicas(x, ctx.generators)
         ctx.record.append((self, mult))
-        return self._multiply(x, mult, ctx.replicas if ctx.mode == "sample" else 1)
+        return x * mult  # a weight site's [replicas, *shape] multiplier stacks the weights
 
     def _sample_replicas(self, x: torch.Tensor, generators: Sequence[torch.Generator]):
         raise NotImplementedError
-
-    def _multiply(self, x: torch.Tensor, mult: torch.Tensor, replicas: int) -> torch.Tensor:
-        return x * mult
 
 
 class Dropout(Site):
@@ -242,6 +240,7 @@ class DropConnect(Site):
         self.batched_weights = batched_weights
 
     def extra_repr(self) -> str:
+        """Parameter name, drop probability and shared dims."""
         return f"name={self.name!r}, " + super().extra_repr()
 
     def noisy_weight(self) -> torch.Tensor:
@@ -266,10 +265,9 @@ class DropConnect(Site):
                 "mask per replica for batch duplication; pass batched_weights=True if the module "
                 "accepts a [replicas, *weight.shape] weight, or use DropoutK(implementation='loop')"
             )
-        return torch.stack([sample_multiplier(shape, self.p, g, x.dtype, x.device) for g in generators])
-
-    def _multiply(self, x, mult, replicas):
-        return x * mult  # a [replicas, *shape] multiplier broadcasts to stacked weights
+        return torch.stack(
+            [sample_multiplier(shape, self.p, g, x.dtype, x.device) for g in generators]
+        )
 
 
 def named_sites(model: nn.Module) -> list[tuple[str, Site]]:
@@ -343,7 +341,12 @@ def site_context(model: nn.Module, context: SiteContext) -> Iterator[SiteContext
             s._context = prev
 
 
-_CONVERSIONS = {nn.Dropout: (), nn.Dropout1d: (-1,), nn.Dropout2d: (-2, -1), nn.Dropout3d: (-3, -2, -1)}
+_CONVERSIONS = {
+    nn.Dropout: (),
+    nn.Dropout1d: (-1,),
+    nn.Dropout2d: (-2, -1),
+    nn.Dropout3d: (-3, -2, -1),
+}
 
 
 def convert(model: nn.Module) -> nn.Module:

@@ -1,0 +1,131 @@
+"""A tiny recurrent language model with every kind of site, for tests, the demo and the tour.
+
+Sequence-first like the AWD-LSTM: locked dropout on the embedding output (``input``),
+DropConnect on the recurrent weight (``weight_hh``), locked dropout on the output (``output``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dropsplit.sites import DropConnect, Dropout
+
+
+class ElmanRNN(nn.Module):
+    """``h_t = tanh(W_ih x_t + W_hh h_{t-1} + b)``, one layer, sequence-first.
+
+    ``weight_hh`` may carry a leading replica dimension ``[k, H, H]``; the batch is then read as
+    ``k`` consecutive replicas (Dropout_k by batch duplication with one weight mask each).
+
+    Args:
+        input_size: Features per step.
+        hidden_size: Hidden units.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        bound = 1 / math.sqrt(hidden_size)
+        self.weight_ih = nn.Parameter(torch.empty(hidden_size, input_size).uniform_(-bound, bound))
+        self.weight_hh = nn.Parameter(torch.empty(hidden_size, hidden_size).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(hidden_size).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None):
+        """Run the sequence ``x[T, B, D]`` from state ``h[B, H]`` (zeros when ``None``).
+
+        Returns:
+            ``(outputs[T, B, H], h_T[B, H])``.
+        """
+        steps, batch, _ = x.shape
+        hidden = self.weight_hh.shape[-1]
+        if h is None:
+            h = x.new_zeros(batch, hidden)
+        inputs = x @ self.weight_ih.T + self.bias  # all steps at once
+        w = self.weight_hh
+        replicas = w.shape[0] if w.dim() == 3 else 1
+        outputs = []
+        for t in range(steps):
+            if replicas == 1:
+                rec = h @ w.T
+            else:
+                rec = torch.bmm(h.view(replicas, -1, hidden), w.transpose(1, 2)).view(batch, hidden)
+            h = torch.tanh(inputs[t] + rec)
+            outputs.append(h)
+        return torch.stack(outputs), h
+
+
+class TinyRNNLM(nn.Module):
+    """Embedding -> locked dropout -> Elman RNN with DropConnect -> locked dropout -> head.
+
+    Args:
+        vocab: Number of tokens (input and output classes).
+        embedding: Embedding size.
+        hidden: Hidden size.
+        p_input: Drop probability of the locked input site.
+        p_weight: Drop probability of the DropConnect site on ``W_hh``.
+        p_output: Drop probability of the locked output site.
+    """
+
+    def __init__(
+        self,
+        vocab: int = 8,
+        embedding: int = 16,
+        hidden: int = 32,
+        p_input: float = 0.3,
+        p_weight: float = 0.3,
+        p_output: float = 0.3,
+    ) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embedding)
+        self.input_dropout = Dropout(p_input, shared_dims=(0,), batch_dim=1, label="input")
+        self.rnn = DropConnect(
+            ElmanRNN(embedding, hidden),
+            "weight_hh",
+            p_weight,
+            batched_weights=True,
+            label="weight_hh",
+        )
+        self.output_dropout = Dropout(p_output, shared_dims=(0,), batch_dim=1, label="output")
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: torch.Tensor, h: torch.Tensor | None = None):
+        """Logits ``[T, B, vocab]`` and the final state for tokens ``[T, B]``."""
+        x = self.input_dropout(self.embedding(tokens))
+        out, h = self.rnn(x, h)
+        return self.head(self.output_dropout(out)), h
+
+
+def lm_forward(model: nn.Module, batch):
+    """``forward_fn`` for a sequence-first LM batch ``(inputs[T, B], targets[T, B], state)``."""
+    inputs, targets, state = batch
+    logits, state = model(inputs, state)
+    return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), state.detach()
+
+
+def markov_corpus(
+    vocab: int = 8, length: int = 20_000, concentration: float = 0.3, seed: int = 0
+) -> torch.Tensor:
+    """Token stream from a random second-order Markov source (a synthetic language).
+
+    Each context ``(x_{t-2}, x_{t-1})`` has its own next-token distribution drawn from a
+    symmetric Dirichlet, so the best model is uncertain and ``H_out`` is far from zero.
+
+    Returns:
+        ``[length]`` int64 tokens.
+    """
+    g = torch.Generator().manual_seed(seed)
+    gamma = torch.distributions.Gamma(torch.full((vocab,), concentration), torch.ones(vocab))
+    with torch.random.fork_rng():  # Gamma sampling takes no generator; keep the global RNG
+        torch.manual_seed(seed)
+        table = gamma.sample((vocab, vocab))
+    table = table / table.sum(-1, keepdim=True)
+    tokens = torch.empty(length, dtype=torch.long)
+    tokens[:2] = torch.randint(0, vocab, (2,), generator=g)
+    u = torch.rand(length, generator=g)
+    cdf = table.cumsum(-1)
+    for t in range(2, length):
+        row = cdf[tokens[t - 2], tokens[t - 1]]
+        tokens[t] = min(int(torch.searchsorted(row, u[t] * row[-1], right=True)), vocab - 1)
+    return tokens

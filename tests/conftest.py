@@ -1,0 +1,91 @@
+"""Test problems in the BackPACK style: small settings with readable ids, built in float64."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import dropsplit as ds
+from dropsplit.models.toy import TinyRNNLM, lm_forward
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-montecarlo", action="store_true", help="run the slow Monte-Carlo tier"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-montecarlo"):
+        return
+    skip = pytest.mark.skip(reason="slow Monte-Carlo tier: pass --run-montecarlo")
+    for item in items:
+        if "montecarlo" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+class HeadMLP(nn.Module):
+    """tanh MLP with dropout sites on the input and just before the linear head."""
+
+    def __init__(self, d_in=4, d_hidden=6, classes=3, p_input=0.0, p_hidden=0.2):
+        super().__init__()
+        self.input_dropout = ds.Dropout(p_input, label="input") if p_input else None
+        self.l1 = nn.Linear(d_in, d_hidden)
+        self.hidden_dropout = ds.Dropout(p_hidden, label="hidden")
+        self.head = nn.Linear(d_hidden, classes)
+
+    def forward(self, x):
+        if self.input_dropout is not None:
+            x = self.input_dropout(x)
+        return self.head(self.hidden_dropout(torch.tanh(self.l1(x))))
+
+
+def mlp_forward(model, batch):
+    x, y = batch
+    return model(x), y
+
+
+@dataclass
+class Problem:
+    id: str
+    model: nn.Module
+    forward_fn: Any
+    batch: Any
+
+
+def make_problem(name: str, seed: int = 0) -> Problem:
+    torch.manual_seed(seed)
+    if name == "mlp-head":
+        model = HeadMLP(d_in=4, d_hidden=6, classes=3, p_hidden=0.2)
+        batch = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+        return Problem(name, model, mlp_forward, batch)
+    if name == "mlp-two-sites":
+        model = HeadMLP(d_in=3, d_hidden=5, classes=4, p_input=0.3, p_hidden=0.2)
+        batch = (torch.randn(4, 3), torch.randint(0, 4, (4,)))
+        return Problem(name, model, mlp_forward, batch)
+    if name == "rnn-locked":
+        model = TinyRNNLM(vocab=5, embedding=3, hidden=4, p_input=0.2, p_weight=0.2, p_output=0.2)
+        tokens = torch.randint(0, 5, (4, 3))
+        targets = torch.randint(0, 5, (4, 3))
+        return Problem(name, model, lm_forward, (tokens, targets, None))
+    raise KeyError(name)
+
+
+PROBLEMS = ["mlp-head", "mlp-two-sites", "rnn-locked"]
+
+
+@pytest.fixture(params=PROBLEMS)
+def problem(request) -> Problem:
+    return make_problem(request.param)
