@@ -45,6 +45,15 @@ def _fixed_forward(model, forward_fn, batch, loss, multipliers, active):
         return call_forward(forward_fn, model, batch, loss)
 
 
+def per_target_loss(loss: Loss):
+    """``(z[C], y) -> ell(z, y)`` for one target, for ``torch.func`` transforms."""
+
+    def per_target(z, y):
+        return loss.summed(z.unsqueeze(0), y.unsqueeze(0))
+
+    return per_target
+
+
 def output_hessians(logits: torch.Tensor, targets: torch.Tensor, loss: Loss, curvature: str):
     """Per-target ``H`` of shape ``[N, C, C]`` for the curvature kinds, by ``torch.func``.
 
@@ -58,9 +67,7 @@ def output_hessians(logits: torch.Tensor, targets: torch.Tensor, loss: Loss, cur
         ``[N, C, C]``.
     """
 
-    def per_target(z, y):
-        return loss.summed(z.unsqueeze(0), y.unsqueeze(0))
-
+    per_target = per_target_loss(loss)
     n, c = logits.shape
     if curvature == "exact":
         return vmap(hessian(per_target))(logits, targets)
@@ -89,7 +96,9 @@ def exact_explicit_regularizer(
         model: A small model with sites.
         forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
         batch: Passed to ``forward_fn``.
-        curvature: ``"exact"``, ``"label"`` or ``"identity"``.
+        curvature: ``"exact"``, ``"label"`` or ``"identity"``. For ``"label"`` (R-tilde) the
+            labels are fixed, so cross-target terms stay: the value is
+            ``lambda / N * sum_m (sum_n g_n^T J_{n,m})^2``.
         grouping: ``"mask"`` or ``"element"``.
         sites: Names of the sites to include (default: all).
         loss: Loss family.
@@ -114,7 +123,13 @@ def exact_explicit_regularizer(
     values: dict[str, float] = {}
     for (site, _), jac in zip(ctx.record, jacobians, strict=True):
         j = jac.reshape(n, c, -1)
-        value = explicit_coefficient(site.p) / n * torch.einsum("ncm,ncd,ndm->", j, h, j)
+        if curvature == "label":
+            # fixed labels: cross-target terms do not vanish, R-tilde squares the summed gradient
+            g = vmap(grad(per_target_loss(loss)))(out.logits.detach(), out.targets)
+            curv = torch.einsum("nc,ncm->m", g, j).pow(2).sum()
+        else:
+            curv = torch.einsum("ncm,ncd,ndm->", j, h, j)
+        value = explicit_coefficient(site.p) / n * curv
         values[names[site]] = values.get(names[site], 0.0) + float(value)
     return values
 
