@@ -33,15 +33,16 @@ class ElmanRNN(nn.Module):
         self.bias = nn.Parameter(torch.empty(hidden_size).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None):
-        """Run the sequence ``x[T, B, D]`` from state ``h[B, H]`` (zeros when ``None``).
+        """Run the sequence ``x[T, B, D]`` from state ``h[1, B, H]`` (zeros when ``None``).
+
+        The state has ``nn.RNN``'s layout, so every tensor of a batch has its batch on dim 1.
 
         Returns:
-            ``(outputs[T, B, H], h_T[B, H])``.
+            ``(outputs[T, B, H], h_T[1, B, H])``.
         """
         steps, batch, _ = x.shape
         hidden = self.weight_hh.shape[-1]
-        if h is None:
-            h = x.new_zeros(batch, hidden)
+        h = x.new_zeros(batch, hidden) if h is None else h[0]
         inputs = x @ self.weight_ih.T + self.bias  # all steps at once
         w = self.weight_hh
         replicas = w.shape[0] if w.dim() == 3 else 1
@@ -53,7 +54,7 @@ class ElmanRNN(nn.Module):
                 rec = torch.bmm(h.view(replicas, -1, hidden), w.transpose(1, 2)).view(batch, hidden)
             h = torch.tanh(inputs[t] + rec)
             outputs.append(h)
-        return torch.stack(outputs), h
+        return torch.stack(outputs), h.unsqueeze(0)
 
 
 class TinyRNNLM(nn.Module):
