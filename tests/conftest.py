@@ -14,9 +14,7 @@ from dropsplit.models.toy import TinyRNNLM, lm_forward
 
 
 def pytest_addoption(parser):
-    parser.addoption(
-        "--run-montecarlo", action="store_true", help="run the slow Monte-Carlo tier"
-    )
+    parser.addoption("--run-montecarlo", action="store_true", help="run the slow Monte-Carlo tier")
 
 
 def pytest_collection_modifyitems(config, items):

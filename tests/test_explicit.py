@@ -18,10 +18,18 @@ CURVATURES = ["exact", "label", "identity"]
 @pytest.mark.parametrize("curvature", CURVATURES)
 def test_deterministic_curvatures_match_the_brute_force_oracle(name, grouping, curvature):
     pb = make_problem(name)
-    ours = ds.explicit_regularizer(
-        pb.model, pb.forward_fn, pb.batch, curvature if curvature != "identity" else "exact",
-        grouping=grouping, per_site=True,
-    ) if curvature != "identity" else None
+    ours = (
+        ds.explicit_regularizer(
+            pb.model,
+            pb.forward_fn,
+            pb.batch,
+            curvature if curvature != "identity" else "exact",
+            grouping=grouping,
+            per_site=True,
+        )
+        if curvature != "identity"
+        else None
+    )
     oracle = oracles.exact_explicit_regularizer(
         pb.model, pb.forward_fn, pb.batch, curvature, grouping=grouping
     )
@@ -45,8 +53,11 @@ def _mc_check(pb, curvature, samples, sigmas, seed=0):
     draws = torch.tensor(
         [
             ds.explicit_regularizer(
-                pb.model, pb.forward_fn, pb.batch,
-                "sampled" if curvature == "exact" else curvature, seed=seed + i,
+                pb.model,
+                pb.forward_fn,
+                pb.batch,
+                "sampled" if curvature == "exact" else curvature,
+                seed=seed + i,
             )
             for i in range(samples)
         ]
@@ -76,8 +87,12 @@ def test_sampled_labels_have_the_output_hessian_as_covariance():
     logits = torch.randn(3, 5)
     p = torch.softmax(logits, -1)
     brute = sum(
-        p[:, c, None, None] * torch.einsum("ni,nj->nij", p - nn.functional.one_hot(
-            torch.tensor(c), 5), p - nn.functional.one_hot(torch.tensor(c), 5))
+        p[:, c, None, None]
+        * torch.einsum(
+            "ni,nj->nij",
+            p - nn.functional.one_hot(torch.tensor(c), 5),
+            p - nn.functional.one_hot(torch.tensor(c), 5),
+        )
         for c in range(5)
     )
     assert torch.allclose(brute, loss.hessian(logits))
@@ -137,16 +152,18 @@ def test_linear_regression_with_input_dropout_closed_form(q):
     assert ds.explicit_regularizer(model, mlp_forward, batch, "exact", **kw) == pytest.approx(
         closed, rel=1e-12
     )
-    sampled = ds.explicit_regularizer(model, mlp_forward, batch, "sampled", samples=4000, seed=1,
-                                      **kw)
+    sampled = ds.explicit_regularizer(
+        model, mlp_forward, batch, "sampled", samples=4000, seed=1, **kw
+    )
     assert sampled == pytest.approx(closed, rel=0.05)
     gap = ds.explicit_gap(model, mlp_forward, batch, samples=4000, seed=2, **kw)
     assert abs(gap.mean - closed) < 4 * gap.stderr
     small = LinearRegression(3, q)
     small_batch = (torch.randn(2, 3), torch.randn(2, 1))
     closed_small = q / (2 * (1 - q)) * (small.w.weight[0] ** 2 * small_batch[0] ** 2).sum(1).mean()
-    exact_gap = oracles.exact_dropout_loss(small, mlp_forward, small_batch, **kw) - \
-        oracles.clean_loss(small, mlp_forward, small_batch, **kw)
+    exact_gap = oracles.exact_dropout_loss(
+        small, mlp_forward, small_batch, **kw
+    ) - oracles.clean_loss(small, mlp_forward, small_batch, **kw)
     assert exact_gap == pytest.approx(closed_small.item(), rel=1e-10)
 
 
@@ -158,7 +175,9 @@ def test_control_variate_keeps_the_mean_and_shrinks_the_error():
         model, mlp_forward, batch
     )
     with_cv = ds.explicit_gap(model, mlp_forward, batch, samples=3000, seed=0)
-    without = ds.explicit_gap(model, mlp_forward, batch, samples=3000, seed=0, control_variate=False)
+    without = ds.explicit_gap(
+        model, mlp_forward, batch, samples=3000, seed=0, control_variate=False
+    )
     for est in (with_cv, without):
         assert abs(est.mean - exact) < 4.5 * est.stderr
     assert with_cv.stderr < 0.5 * without.stderr
@@ -204,8 +223,10 @@ def test_mask_grouping_predicts_the_locked_dropout_gap(seed):
     mc = ds.explicit_gap(model, locked_forward, batch, samples=2000, seed=seed)
     grouped = ds.explicit_regularizer(model, locked_forward, batch, "exact", grouping="mask")
     element = ds.explicit_regularizer(model, locked_forward, batch, "exact", grouping="element")
-    print(f"seed {seed}: gap {gap:.5f} MC {mc.mean:.5f}+-{mc.stderr:.5f} "
-          f"mask {grouped:.5f} ({gap / grouped:.3f}) element {element:.5f} ({gap / element:.3f})")
+    print(
+        f"seed {seed}: gap {gap:.5f} MC {mc.mean:.5f}+-{mc.stderr:.5f} "
+        f"mask {grouped:.5f} ({gap / grouped:.3f}) element {element:.5f} ({gap / element:.3f})"
+    )
     assert abs(mc.mean - gap) < 4.5 * mc.stderr
     assert gap / grouped == pytest.approx(1.0, abs=0.05)
     assert gap / element > 1.5  # the per-element form misses most of the effect

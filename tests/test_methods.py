@@ -32,7 +32,7 @@ METHODS = {
 def _objective_at(method, state, pb, params, base, direction, eps):
     with torch.no_grad():
         offset = 0
-        for p, b in zip(params, base):
+        for p, b in zip(params, base, strict=False):
             p.copy_(b + eps * direction[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
     method.load_state_dict(state)
@@ -49,8 +49,9 @@ def test_step_gradient_is_the_derivative_of_the_objective(name, method_name):
     state = copy.deepcopy(method.state_dict())
     result = method.step(pb.model, pb.forward_fn, pb.batch)
     params = [p for p in pb.model.parameters()]
-    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params])
+    grad = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    )
     base = [p.detach().clone() for p in params]
     direction = torch.randn(grad.numel(), generator=torch.Generator().manual_seed(1))
     eps = 1e-5
@@ -72,7 +73,7 @@ def test_dropout_k_loop_equals_batch_duplication_with_identical_masks():
         results[impl] = method.step(model, lm_forward, batch)
         grads[impl] = [p.grad.clone() for p in model.parameters()]
     assert results["loop"].loss == pytest.approx(results["batch"].loss, rel=1e-12)
-    for a, b in zip(grads["loop"], grads["batch"]):
+    for a, b in zip(grads["loop"], grads["batch"], strict=False):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
     assert torch.allclose(results["loop"].aux, results["batch"].aux)
     assert results["batch"].aux.shape == (1, 3, 5)
@@ -86,10 +87,12 @@ def test_dropout_k_mean_matches_dropout_mean():
     exact = oracles.exact_dropout_loss(model, mlp_forward, (batch[0][:2], batch[1][:2]))
     for k in (1, 4):
         method = ds.DropoutK(k, seed=k)
-        losses = torch.tensor([
-            float(method.objective(model, mlp_forward, (batch[0][:2], batch[1][:2])).value)
-            for _ in range(3000)
-        ])
+        losses = torch.tensor(
+            [
+                float(method.objective(model, mlp_forward, (batch[0][:2], batch[1][:2])).value)
+                for _ in range(3000)
+            ]
+        )
         assert abs(losses.mean().item() - exact) < 4.5 * losses.std().item() / math.sqrt(3000)
 
 
@@ -102,15 +105,22 @@ def test_step_overwrites_existing_gradients():
     for p in ref.parameters():
         p.grad = None
     ds.NoDropout().step(ref, pb.forward_fn, pb.batch)
-    for a, b in zip(pb.model.parameters(), ref.parameters()):
+    for a, b in zip(pb.model.parameters(), ref.parameters(), strict=False):
         assert torch.equal(a.grad, b.grad)
 
 
 def test_stats_name_every_regularizer_and_site():
     pb = make_problem("rnn-locked")
     result = ds.Analytic(seed=0).step(pb.model, pb.forward_fn, pb.batch)
-    assert {"loss", "objective", "explicit", "implicit", "explicit/input",
-            "explicit/weight_hh", "explicit/output"} <= set(result.stats)
+    assert {
+        "loss",
+        "objective",
+        "explicit",
+        "implicit",
+        "explicit/input",
+        "explicit/weight_hh",
+        "explicit/output",
+    } <= set(result.stats)
     total = sum(v for k, v in result.stats.items() if k.startswith("explicit/"))
     assert total == pytest.approx(result.stats["explicit"])
     assert isinstance(result.aux, torch.Tensor)
@@ -122,7 +132,7 @@ def test_same_seed_replays_the_same_step():
     ga = [p.grad.clone() for p in pb.model.parameters()]
     b = ds.DropoutK(2, "difference", seed=5).step(pb.model, pb.forward_fn, pb.batch)
     assert a.stats == b.stats
-    assert all(torch.equal(x, p.grad) for x, p in zip(ga, pb.model.parameters()))
+    assert all(torch.equal(x, p.grad) for x, p in zip(ga, pb.model.parameters(), strict=False))
 
 
 def test_nonfinite_objective_is_reported_not_stepped_on():
@@ -157,16 +167,31 @@ def test_nonfinite_objective_is_reported_not_stepped_on():
         (lambda: ds.NoDropout(nonfinite="ignore"), ValueError, "nonfinite must be one of"),
         (lambda: ds.NoDropout(seed="x"), TypeError, "seed must be an int"),
     ],
-    ids=["k=0", "k-float", "noise", "implementation", "explicit", "grouping", "implicit",
-         "scale", "gradient", "loss", "nonfinite", "seed"],
+    ids=[
+        "k=0",
+        "k-float",
+        "noise",
+        "implementation",
+        "explicit",
+        "grouping",
+        "implicit",
+        "scale",
+        "gradient",
+        "loss",
+        "nonfinite",
+        "seed",
+    ],
 )
 def test_bad_method_arguments(make, error, match):
     with pytest.raises(error, match=match):
         make()
 
 
-@pytest.mark.parametrize("method", [ds.DropoutK(2), ds.Analytic(), ds.DropoutK(1)],
-                         ids=["dropout-2", "analytic", "dropout-1"])
+@pytest.mark.parametrize(
+    "method",
+    [ds.DropoutK(2), ds.Analytic(), ds.DropoutK(1)],
+    ids=["dropout-2", "analytic", "dropout-1"],
+)
 def test_methods_that_need_sites_say_so(method):
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="needs dropout sites"):
@@ -199,8 +224,9 @@ def test_mismatched_logits_and_targets(batch, error, match):
 def test_logits_must_be_two_dimensional():
     model = TinyRNNLM()
     with pytest.raises(ValueError, match=r"logits must have shape \[N, C\]"):
-        ds.DropoutK(1).step(model, lambda m, b: (m(b)[0], b.reshape(-1)),
-                            torch.randint(0, 8, (3, 2)))
+        ds.DropoutK(1).step(
+            model, lambda m, b: (m(b)[0], b.reshape(-1)), torch.randint(0, 8, (3, 2))
+        )
 
 
 def test_forward_fn_must_return_a_tuple():

@@ -66,7 +66,6 @@ def output_hessians(logits: torch.Tensor, targets: torch.Tensor, loss: Loss, cur
     Returns:
         ``[N, C, C]``.
     """
-
     per_target = per_target_loss(loss)
     n, c = logits.shape
     if curvature == "exact":

@@ -1,0 +1,7 @@
+"""``python -m dropsplit``."""
+
+import sys
+
+from dropsplit.cli import main
+
+sys.exit(main())
