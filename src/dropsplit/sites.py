@@ -122,8 +122,10 @@ class Site(nn.Module):
             ``(1 + eta) * h`` in the current mode (``h`` itself when inactive).
         """
         ctx = self._context
+        if self.p == 0.0:
+            return x  # an inactive site adds no gate, mask or cost in any mode
         if ctx is None:
-            if not self.training or self.p == 0.0:
+            if not self.training:
                 return x
             mult = sample_multiplier(
                 self.mask_shape(x.shape), self.p, self.generator, x.dtype, x.device
