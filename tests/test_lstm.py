@@ -57,7 +57,7 @@ def test_implementations_agree_on_second_derivatives():
     for model in (fused, loop):
         (g,) = torch.autograd.grad(model(x)[0].pow(2).sum(), x, create_graph=True)
         results.append(torch.autograd.grad(g.pow(2).sum(), list(model.parameters())))
-    for a, b in zip(*results, strict=False):
+    for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
 
 
@@ -98,7 +98,7 @@ def test_dropconnect_site_on_weight_hh():
     ref = LSTM(3, 4, 2)
     ref.load_state_dict(model.state_dict())
     with torch.no_grad():
-        for site, mask in zip(ref.layers, ctx.gates, strict=False):
+        for site, mask in zip(ref.layers, ctx.gates, strict=True):
             site.module.weight_hh.mul_(mask)
     assert torch.allclose(ref(x)[0], dropped)
 

@@ -32,7 +32,7 @@ METHODS = {
 def _objective_at(method, state, pb, params, base, direction, eps):
     with torch.no_grad():
         offset = 0
-        for p, b in zip(params, base, strict=False):
+        for p, b in zip(params, base, strict=True):
             p.copy_(b + eps * direction[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
     method.load_state_dict(state)
@@ -73,7 +73,7 @@ def test_dropout_k_loop_equals_batch_duplication_with_identical_masks():
         results[impl] = method.step(model, lm_forward, batch)
         grads[impl] = [p.grad.clone() for p in model.parameters()]
     assert results["loop"].loss == pytest.approx(results["batch"].loss, rel=1e-12)
-    for a, b in zip(grads["loop"], grads["batch"], strict=False):
+    for a, b in zip(grads["loop"], grads["batch"], strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
     assert torch.allclose(results["loop"].aux, results["batch"].aux)
     assert results["batch"].aux.shape == (1, 3, 5)
@@ -105,7 +105,7 @@ def test_step_overwrites_existing_gradients():
     for p in ref.parameters():
         p.grad = None
     ds.NoDropout().step(ref, pb.forward_fn, pb.batch)
-    for a, b in zip(pb.model.parameters(), ref.parameters(), strict=False):
+    for a, b in zip(pb.model.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad)
 
 
@@ -132,7 +132,7 @@ def test_same_seed_replays_the_same_step():
     ga = [p.grad.clone() for p in pb.model.parameters()]
     b = ds.DropoutK(2, "difference", seed=5).step(pb.model, pb.forward_fn, pb.batch)
     assert a.stats == b.stats
-    assert all(torch.equal(x, p.grad) for x, p in zip(ga, pb.model.parameters(), strict=False))
+    assert all(torch.equal(x, p.grad) for x, p in zip(ga, pb.model.parameters(), strict=True))
 
 
 def test_nonfinite_objective_is_reported_not_stepped_on():

@@ -1,0 +1,211 @@
+"""Corpora from local ``.txt.gz`` files (sha256-checked), vocabulary, batchify, TBPTT batches.
+
+The data directory comes from ``--data DIR`` or the ``DROPSPLIT_DATA`` environment variable and
+has the layout of ``shared/data``: ``ptb/{train,valid,test}.txt.gz``,
+``wikitext-2/{train,valid,test}.txt.gz``, ``tinyshakespeare/input.txt.gz``. Nothing is
+downloaded. ``"synthetic"`` is a small built-in corpus (a random second-order Markov source)
+for tests and quick runs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# sha256 of the decompressed files (shared/data/README.md)
+CHECKSUMS = {
+    "ptb/train.txt.gz": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+    "ptb/valid.txt.gz": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+    "ptb/test.txt.gz": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+    "wikitext-2/train.txt.gz": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+    "wikitext-2/valid.txt.gz": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+    "wikitext-2/test.txt.gz": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+    "tinyshakespeare/input.txt.gz": (
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    ),
+}
+CORPORA = ("ptb", "wikitext-2", "tinyshakespeare", "synthetic")
+
+
+def data_root(path: str | os.PathLike | None = None) -> Path:
+    """The data directory: ``path``, else ``$DROPSPLIT_DATA``.
+
+    Raises:
+        FileNotFoundError: If neither is set or the directory does not exist.
+    """
+    chosen = path if path is not None else os.environ.get("DROPSPLIT_DATA")
+    if not chosen:
+        raise FileNotFoundError(
+            "no data directory: pass --data DIR or set DROPSPLIT_DATA (e.g. ../shared/data)"
+        )
+    root = Path(chosen)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory {root} does not exist")
+    return root
+
+
+def read_text(root: Path, relative: str) -> str:
+    """Read one corpus file and verify its sha256.
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        ValueError: If its checksum does not match (a corrupt or different file).
+    """
+    path = root / relative
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"missing corpus file {path}; the data directory must hold {relative} "
+            "(see shared/data/README.md)"
+        )
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as err:
+        raise ValueError(f"corrupt corpus file {path}: {err}") from err
+    digest = hashlib.sha256(raw).hexdigest()
+    expected = CHECKSUMS[relative]
+    if digest != expected:
+        raise ValueError(
+            f"corrupt corpus file {path}: sha256 {digest} does not match the expected {expected}"
+        )
+    return raw.decode("utf-8")
+
+
+def word_tokens(text: str) -> list[str]:
+    """Standard word-level tokens: ``line.split() + ["<eos>"]`` per line."""
+    return [w for line in text.splitlines() for w in [*line.split(), "<eos>"]]
+
+
+class Vocabulary:
+    """Token <-> id map in order of first appearance in the training split."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        self.itos: list[str] = list(dict.fromkeys(tokens))
+        self.stoi = {t: i for i, t in enumerate(self.itos)}
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, tokens: list[str]) -> torch.Tensor:
+        """Ids of ``tokens``.
+
+        Raises:
+            ValueError: For a token outside the vocabulary.
+        """
+        try:
+            return torch.tensor([self.stoi[t] for t in tokens], dtype=torch.long)
+        except KeyError as err:
+            raise ValueError(f"token {err.args[0]!r} is not in the vocabulary") from err
+
+
+@dataclass
+class Corpus:
+    """Token ids of the three splits and the vocabulary."""
+
+    name: str
+    vocab: Vocabulary
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+
+
+def load_corpus(
+    name: str, root: str | os.PathLike | None = None, train_fraction: float = 1.0
+) -> Corpus:
+    """Load a corpus, verified, tokenized and encoded.
+
+    Args:
+        name: ``"ptb"``, ``"wikitext-2"``, ``"tinyshakespeare"`` (characters, 90/5/5 split)
+            or ``"synthetic"``.
+        root: Data directory (default ``$DROPSPLIT_DATA``); unused for ``"synthetic"``.
+        train_fraction: Keep this leading fraction of the training tokens (the paper's
+            data-size effect); deterministic. The vocabulary is built on the full split.
+
+    Returns:
+        The :class:`Corpus`.
+
+    Raises:
+        ValueError: For an unknown name or a fraction outside ``(0, 1]``.
+    """
+    if name not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {name!r}")
+    if not 0.0 < train_fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+    if name == "synthetic":
+        from dropsplit.models.toy import markov_corpus
+
+        ids = markov_corpus(vocab=16, length=60_000, seed=1234)
+        vocab = Vocabulary([str(i) for i in range(16)])
+        n = ids.numel()
+        splits = ids[: int(0.8 * n)], ids[int(0.8 * n) : int(0.9 * n)], ids[int(0.9 * n) :]
+    elif name == "tinyshakespeare":
+        text = read_text(data_root(root), "tinyshakespeare/input.txt.gz")
+        vocab = Vocabulary(sorted(set(text)))
+        ids = vocab.encode(list(text))
+        n = ids.numel()
+        splits = ids[: int(0.9 * n)], ids[int(0.9 * n) : int(0.95 * n)], ids[int(0.95 * n) :]
+    else:
+        base = data_root(root)
+        tokens = {
+            s: word_tokens(read_text(base, f"{name}/{s}.txt.gz"))
+            for s in ("train", "valid", "test")
+        }
+        vocab = Vocabulary(tokens["train"])
+        splits = tuple(vocab.encode(tokens[s]) for s in ("train", "valid", "test"))
+    train, valid, test = splits
+    keep = max(2, int(round(train_fraction * train.numel())))
+    return Corpus(name, vocab, train[:keep], valid, test)
+
+
+def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Cut a token stream into ``batch_size`` columns: ``[T, B]`` (the remainder is dropped).
+
+    Raises:
+        ValueError: If the stream is shorter than two tokens per column.
+    """
+    steps = ids.numel() // batch_size
+    if steps < 2:
+        raise ValueError(f"{ids.numel()} tokens are too few for batch size {batch_size}")
+    return ids[: steps * batch_size].view(batch_size, steps).T.contiguous()
+
+
+def sequence_length(bptt: int, variable: bool, generator: torch.Generator) -> int:
+    """AWD-LSTM's random BPTT length: ``N(bptt, 5)`` (``bptt/2`` w.p. 0.05), at least 5."""
+    if not variable:
+        return bptt
+    base = bptt if torch.rand((), generator=generator).item() >= 0.05 else bptt / 2
+    length = int(base + 5 * torch.randn((), generator=generator).item())
+    return max(5, length)
+
+
+def bptt_batches(
+    data: torch.Tensor,
+    bptt: int,
+    variable: bool = False,
+    generator: torch.Generator | None = None,
+    start: int = 0,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Truncated-BPTT windows of a batchified ``[T, B]`` stream.
+
+    Args:
+        data: ``[T, B]`` token ids.
+        bptt: Nominal window length.
+        variable: AWD's random length (needs ``generator``).
+        generator: Source of the random lengths (its state makes resumption exact).
+        start: Row to start from (resuming mid-epoch).
+
+    Yields:
+        ``(start_row, inputs[L, B], targets[L, B])``.
+    """
+    if variable and generator is None:
+        raise ValueError("variable BPTT needs a generator")
+    i = start
+    while i < data.shape[0] - 1:
+        length = min(sequence_length(bptt, variable, generator), data.shape[0] - 1 - i)
+        yield i, data[i : i + length], data[i + 1 : i + 1 + length]
+        i += length

@@ -1,0 +1,143 @@
+"""The AWD-style LSTM language model of the paper's experiments (Sec. 4, awd-lstm-lm).
+
+Sites, named as they appear in stats and logs:
+
+* ``embedding``: embedding-row dropout (DropConnect on the embedding rows), optional;
+* ``input``: locked dropout on the embedding output;
+* ``hidden.i``: locked dropout between layers ``i`` and ``i + 1``;
+* ``output``: locked dropout on the last layer's output, before the decoder;
+* ``weight_hh.i``: DropConnect on layer ``i``'s recurrent weight.
+
+Locked masks are ``(1, B, H)``: one value per unit and sequence, shared over time. The decoder is
+tied to the embedding (the last layer then has ``embedding_size`` units).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dropsplit.models.lstm import LSTMLayer, State
+from dropsplit.sites import DropConnect, Dropout
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` that also takes a ``[k, V, E]`` stack of weights.
+
+    With one row mask per replica (Dropout_k by batch duplication), replica ``r`` of the
+    sequence-first tokens ``[T, k B]`` reads columns ``r B .. (r + 1) B - 1``.
+    """
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Look up ``tokens``."""
+        if self.weight.dim() == 2:
+            return super().forward(tokens)
+        replicas = self.weight.shape[0]
+        columns = torch.arange(tokens.shape[1], device=tokens.device)
+        replica = (columns // (tokens.shape[1] // replicas)).expand_as(tokens)
+        return self.weight[replica, tokens]
+
+
+class AWDLSTM(nn.Module):
+    """Embedding, ``layers`` LSTM layers, tied decoder, with the sites listed above.
+
+    Args:
+        vocab_size: Number of tokens.
+        embedding_size: Embedding size (and last layer size when tied).
+        hidden_size: Hidden size of the other layers.
+        layers: Number of LSTM layers.
+        p_input: Locked dropout on the embedding output.
+        p_hidden: Locked dropout between layers.
+        p_output: Locked dropout before the decoder.
+        p_weight: DropConnect on each ``W_hh``.
+        p_embedding: Embedding-row dropout (0 disables the site).
+        tie_weights: Tie the decoder weight to the embedding.
+        implementation: LSTM implementation, ``"fused"`` or ``"loop"``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_size: int = 400,
+        hidden_size: int = 1150,
+        layers: int = 3,
+        p_input: float = 0.4,
+        p_hidden: float = 0.4,
+        p_output: float = 0.4,
+        p_weight: float = 0.4,
+        p_embedding: float = 0.0,
+        tie_weights: bool = True,
+        implementation: str = "fused",
+    ) -> None:
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        self.encoder = Embedding(vocab_size, embedding_size)
+        self.embedding_dropout = DropConnect(
+            self.encoder,
+            "weight",
+            p_embedding,
+            shared_dims=(1,),
+            batched_weights=True,
+            label="embedding",
+        )
+        self.input_dropout = Dropout(p_input, shared_dims=(0,), batch_dim=1, label="input")
+        sizes = [embedding_size] + [hidden_size] * (layers - 1)
+        sizes.append(embedding_size if tie_weights else hidden_size)
+        self.rnns = nn.ModuleList(
+            DropConnect(
+                LSTMLayer(sizes[i], sizes[i + 1], implementation),
+                "weight_hh",
+                p_weight,
+                batched_weights=True,
+                label=f"weight_hh.{i}",
+            )
+            for i in range(layers)
+        )
+        self.hidden_dropouts = nn.ModuleList(
+            Dropout(p_hidden, shared_dims=(0,), batch_dim=1, label=f"hidden.{i}")
+            for i in range(layers - 1)
+        )
+        self.output_dropout = Dropout(p_output, shared_dims=(0,), batch_dim=1, label="output")
+        self.decoder = nn.Linear(sizes[-1], vocab_size)
+        if tie_weights:
+            self.decoder.weight = self.encoder.weight
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        self.sizes = sizes
+
+    def init_state(self, batch_size: int) -> tuple[State, ...]:
+        """Zero state per layer, each ``(h[1, B, H], c[1, B, H])``."""
+        p = self.decoder.bias
+        return tuple(
+            (p.new_zeros(1, batch_size, h), p.new_zeros(1, batch_size, h)) for h in self.sizes[1:]
+        )
+
+    def forward(
+        self, tokens: torch.Tensor, state: tuple[State, ...] | None = None
+    ) -> tuple[torch.Tensor, tuple[State, ...]]:
+        """Logits ``[T, B, V]`` and the new state for tokens ``[T, B]``."""
+        x = self.input_dropout(self.embedding_dropout(tokens))
+        new_state = []
+        for i, rnn in enumerate(self.rnns):
+            x, layer_state = rnn(x, None if state is None else state[i])
+            new_state.append(layer_state)
+            if i < len(self.hidden_dropouts):
+                x = self.hidden_dropouts[i](x)
+        return self.decoder(self.output_dropout(x)), tuple(new_state)
+
+
+def detach_state(state):
+    """Detach a (nested) recurrent state from the graph (truncated BPTT)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    if isinstance(state, (tuple, list)):
+        return type(state)(detach_state(s) for s in state)
+    return state
+
+
+def lm_forward(model: nn.Module, batch):
+    """``forward_fn`` for ``(inputs[T, B], targets[T, B], state)``; aux is the detached state."""
+    inputs, targets, state = batch
+    logits, state = model(inputs, state)
+    return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), detach_state(state)
