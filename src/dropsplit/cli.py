@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -16,6 +17,49 @@ def _demo(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(numbers, f, indent=2)
         print(f"Numbers written to {args.json}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dropsplit.config import load_config
+    from dropsplit.train import train
+
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f'data.path="{args.data}"')
+    config = load_config(args.config, overrides)
+    out = args.out or f"runs/{Path(args.config).stem}"
+    summary = train(config, out, resume=args.resume, dry_run=args.dry_run)
+    print(
+        f"{out}: best valid ppl {summary['best_val_ppl']:.2f}, test ppl {summary['test_ppl']:.2f}, "
+        f"{summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from dropsplit.config import load_config
+    from dropsplit.data import batchify, load_corpus
+    from dropsplit.train import build_model, evaluate
+
+    run = Path(args.run)
+    overrides = [f'data.path="{args.data}"'] if args.data else []
+    config = load_config(run / "config.toml", overrides)
+    d = config.data
+    corpus = load_corpus(d.corpus, d.path or None, d.train_fraction)
+    model = build_model(config, len(corpus.vocab))
+    weights = run / "best.pt"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} does not exist: has the run evaluated yet?")
+    model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
+    split = getattr(corpus, args.split)
+    size = d.eval_batch_size if args.split == "valid" else d.test_batch_size
+    loss = evaluate(model, batchify(split, size), d.bptt)
+    print(f"{run} {args.split}: loss {loss:.4f}, ppl {math.exp(loss):.2f}")
     return 0
 
 
@@ -32,13 +76,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", help="also write the numbers to this JSON file")
     demo.set_defaults(run=_demo)
+
+    train = sub.add_parser("train", help="train the AWD-style LM with one method")
+    train.add_argument("config", help="TOML config file (e.g. configs/ptb-small.toml)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
+    train.add_argument("--out", help="run directory (default runs/<config name>)")
+    train.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    train.add_argument("--dry-run", action="store_true", help="3 steps and a short evaluation")
+    train.set_defaults(run=_train)
+
+    ev = sub.add_parser("eval", help="perplexity of a run's best weights")
+    ev.add_argument("run", help="run directory")
+    ev.add_argument("--split", choices=("valid", "test"), default="test")
+    ev.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    ev.set_defaults(run=_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dropsplit`` console script."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"dropsplit {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,247 @@
+"""Experiment configuration: frozen dataclasses loaded from TOML with ``--set key=value``.
+
+A config file has the sections ``[data]``, ``[model]``, ``[method]``, ``[optim]`` and
+``[train]``; anything left out keeps its default. ``--set method.name=analytic`` overrides one
+key (the value is read as a TOML value, so ``--set optim.lr=20`` is a number and
+``--set method.noise=difference`` a string). Unknown keys, wrong types and values outside a
+key's choices are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Corpus and batching."""
+
+    corpus: str = "ptb"
+    path: str = ""  # "" means $DROPSPLIT_DATA
+    train_fraction: float = 1.0
+    batch_size: int = 20
+    eval_batch_size: int = 10
+    test_batch_size: int = 1
+    bptt: int = 35
+    variable_bptt: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The AWD-style LSTM LM."""
+
+    embedding_size: int = 200
+    hidden_size: int = 400
+    layers: int = 3
+    p_input: float = 0.4
+    p_hidden: float = 0.4
+    p_output: float = 0.4
+    p_weight: float = 0.4
+    p_embedding: float = 0.0
+    tie_weights: bool = True
+    implementation: str = "fused"
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Which gradient maker, with its options (see :mod:`dropsplit.methods`)."""
+
+    name: str = "dropout"
+    k: int = 1
+    noise: str = "none"
+    implementation: str = "loop"
+    explicit: str = "sampled"
+    implicit: bool = True
+    explicit_scale: float = 1.0
+    implicit_scale: float = 1.0
+    grouping: str = "mask"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer: SGD with AWD's settings, Adam, or NT-ASGD (SGD, then averaging)."""
+
+    name: str = "sgd"
+    lr: float = 30.0
+    clip: float = 0.25
+    weight_decay: float = 1.2e-6
+    nonmono: int = 5
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Loop, evaluation, checkpoints and the divergence guard."""
+
+    epochs: int = 1
+    max_steps: int = 0
+    seed: int = 1111
+    eval_every: int = 0
+    max_eval_batches: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 50
+    divergence: str = "skip"
+    divergence_factor: float = 3.0
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "data.corpus": ("ptb", "wikitext-2", "tinyshakespeare", "synthetic"),
+    "model.implementation": ("fused", "loop"),
+    "method.name": ("none", "dropout", "analytic"),
+    "method.noise": ("none", "difference", "analytic"),
+    "method.implementation": ("loop", "batch"),
+    "method.explicit": ("sampled", "exact", "label", "identity", "none"),
+    "method.grouping": ("mask", "element"),
+    "optim.name": ("sgd", "adam", "ntasgd"),
+    "train.divergence": ("skip", "restore"),
+}
+POSITIVE = {
+    "data.batch_size",
+    "data.eval_batch_size",
+    "data.test_batch_size",
+    "data.bptt",
+    "model.embedding_size",
+    "model.hidden_size",
+    "model.layers",
+    "method.k",
+    "optim.lr",
+    "train.epochs",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.divergence_factor",
+}
+PROBABILITIES = {
+    "model.p_input",
+    "model.p_hidden",
+    "model.p_output",
+    "model.p_weight",
+    "model.p_embedding",
+}
+
+
+def _check_value(key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"config key {key} must be a {kind.__name__}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ValueError(f"config key {key} must be one of {CHOICES[key]}, got {value!r}")
+    if key in POSITIVE and value <= 0:
+        raise ValueError(f"config key {key} must be positive, got {value!r}")
+    if key in PROBABILITIES and not 0 <= value < 1:
+        raise ValueError(f"config key {key} must be in [0, 1), got {value!r}")
+    if key == "data.train_fraction" and not 0 < value <= 1:
+        raise ValueError(f"config key {key} must be in (0, 1], got {value!r}")
+    return value
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a :class:`Config` from nested dicts, checking every key and value.
+
+    Raises:
+        ValueError: For an unknown section or key, a wrong type or a bad value.
+    """
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ValueError(f"unknown config section [{name}]; sections are {sorted(sections)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"config section [{name}] must be a table")
+    for name, section in sections.items():
+        cls = section.default_factory().__class__
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        values = raw.get(name, {})
+        for key in values:
+            if key not in defaults:
+                raise ValueError(f"unknown config key {name}.{key}; keys are {sorted(defaults)}")
+        checked = {k: _check_value(f"{name}.{k}", v, defaults[k]) for k, v in values.items()}
+        built[name] = cls(**checked)
+    return Config(**built)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value``; the value is read as TOML, else kept as a string.
+
+    Raises:
+        ValueError: If the text has no ``=`` or the key is not ``section.key``.
+    """
+    if "=" not in text:
+        raise ValueError(f"--set expects section.key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"--set key must be section.key, got {key!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return parts, parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a TOML config and apply ``section.key=value`` overrides.
+
+    Args:
+        path: A TOML file (``None``: defaults only).
+        overrides: ``--set`` strings, applied in order.
+
+    Returns:
+        The validated, frozen :class:`Config`.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    return from_dict(raw)
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """The config as nested dicts."""
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: Config) -> str:
+    """Write the resolved config as TOML (sections of scalars)."""
+    lines = []
+    for section, values in to_dict(config).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(value)
+            lines.append(f"{key} = {text}")
+        lines.append("")
+    return "\n".join(lines)
