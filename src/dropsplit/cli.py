@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--q", type=float, default=0.3, help="drop probability (default 0.3)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", help="also write the numbers to this JSON file")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(handler=_demo)
 
     train = sub.add_parser("train", help="train the AWD-style LM with one method")
     train.add_argument("config", help="TOML config file (e.g. configs/ptb-small.toml)")
@@ -84,13 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     train.add_argument("--dry-run", action="store_true", help="3 steps and a short evaluation")
-    train.set_defaults(run=_train)
+    train.set_defaults(handler=_train)
 
     ev = sub.add_parser("eval", help="perplexity of a run's best weights")
     ev.add_argument("run", help="run directory")
     ev.add_argument("--split", choices=("valid", "test"), default="test")
     ev.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
-    ev.set_defaults(run=_eval)
+    ev.set_defaults(handler=_eval)
     return parser
 
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dropsplit`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"dropsplit {args.command}: error: {err}", file=sys.stderr)
         return 2

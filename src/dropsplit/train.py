@@ -274,13 +274,21 @@ def train(
         torch.set_rng_state(ckpt["torch_rng"])
         state = unflatten_state(ckpt["state"])
         progress = Progress(**ckpt["progress"])
+        if rank != 0:
+            own = torch.load(out / f"rank{rank}.pt", weights_only=True, map_location=device)
+            method.load_state_dict(own["method"])
+            state = unflatten_state(own["state"])
         if rank == 0:
             _truncate_metrics(out / "metrics.jsonl", progress.step)
     elif rank == 0:
         atomic_write(out / "config.toml", lambda p: p.write_text(to_toml(config)))
 
     def checkpoint() -> None:
-        if rank != 0:
+        if rank != 0:  # each rank has its own masks and recurrent state
+            save_torch(
+                {"method": method.state_dict(), "state": flatten_state(state)},
+                out / f"rank{rank}.pt",
+            )
             return
         save_torch(
             {
@@ -387,11 +395,11 @@ def train(
             if max_steps and progress.step >= max_steps:
                 break
         else:
+            if not tc.eval_every:
+                run_eval()
             progress.epoch += 1
             progress.position = 0
             state = None
-            if not tc.eval_every:
-                run_eval()
             checkpoint()
             continue
         break

@@ -1,0 +1,238 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dropsplit.cli import main
+from dropsplit.config import load_config
+from dropsplit.train import Averager, train
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "configs" / "synthetic-tiny.toml"
+TIMING = {"seconds", "tokens_per_second"}
+
+
+def metrics(run):
+    lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING} for ln in lines]
+
+
+def tiny(*overrides):
+    return load_config(TINY, list(overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.name=none"],
+        ["method.name=dropout"],
+        ["method.k=2", "method.implementation=batch"],
+        ["method.k=2", "method.noise=difference"],
+        ["method.k=2", "method.noise=analytic"],
+        ["method.name=analytic"],
+        ["method.name=analytic", "method.explicit=label", "method.implicit=false"],
+        ["optim.name=adam", "optim.lr=0.003"],
+        ["optim.name=ntasgd", "optim.nonmono=1"],
+    ],
+    ids=[
+        "none",
+        "dropout",
+        "batch-k2",
+        "difference",
+        "analytic-noise",
+        "analytic",
+        "label",
+        "adam",
+        "ntasgd",
+    ],
+)
+def test_every_method_trains_through_the_cli(tmp_path, overrides, capsys):
+    args = [
+        "train",
+        str(TINY),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.eval_every=3",
+    ]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 0
+    assert "best valid ppl" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6 and math.isfinite(summary["test_ppl"])
+    assert len(metrics(tmp_path / "run")) == 2
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["progress"]["step"] == 6
+    assert load_config(tmp_path / "run" / "config.toml") == tiny(
+        "train.max_steps=6", "train.eval_every=3", *overrides
+    )
+
+
+def test_resume_after_an_interruption_gives_identical_metrics(tmp_path):
+    config = tiny(
+        "train.max_steps=20",
+        "train.eval_every=4",
+        "train.checkpoint_every=3",
+        "method.k=2",
+        "method.noise=difference",
+    )
+    straight = train(config, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "b", interrupt_at_step=11)  # last checkpoint: step 9
+    resumed = train(config, tmp_path / "b", resume=True)
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert resumed["best_val_loss"] == straight["best_val_loss"]
+    assert resumed["test_loss"] == straight["test_loss"]
+
+
+def test_resume_across_epochs_with_variable_bptt(tmp_path):
+    config = tiny(
+        "train.max_steps=0",
+        "train.epochs=2",
+        "train.eval_every=0",
+        "train.checkpoint_every=7",
+        "data.train_fraction=0.05",
+        "method.name=analytic",
+    )
+    train(config, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "b", interrupt_at_step=30)
+    train(config, tmp_path / "b", resume=True)
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert [m["epoch"] for m in metrics(tmp_path / "a")] == [1, 2]
+
+
+def test_a_killed_process_resumes_exactly(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "dropsplit",
+        "train",
+        str(TINY),
+        "--set",
+        "train.max_steps=400",
+        "--set",
+        "train.eval_every=50",
+        "--set",
+        "train.checkpoint_every=10",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(
+        cmd + ["--out", str(tmp_path / "b")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = tmp_path / "b" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["progress"]["step"] >= 120:
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before it could be killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(ckpt, weights_only=True)["progress"]["step"]
+    assert step < 400
+    subprocess.run(
+        cmd + ["--out", str(tmp_path / "b"), "--resume"], check=True, env=env, capture_output=True
+    )
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path):
+    config = tiny("train.max_steps=2")
+    train(config, tmp_path / "r")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config, tmp_path / "r")
+
+
+def test_divergence_guard_skips_the_step(tmp_path, monkeypatch):
+    import dropsplit.train as tr
+
+    real = tr.build_method
+
+    def flaky(cfg, seed):
+        method = real(cfg, seed)
+        step = method.step
+
+        def maybe_nan(model, forward_fn, batch):
+            result = step(model, forward_fn, batch)
+            if maybe_nan.calls == 4:
+                result.loss = float("nan")
+                result.finite = False
+            maybe_nan.calls += 1
+            return result
+
+        maybe_nan.calls = 0
+        method.step = maybe_nan
+        return method
+
+    monkeypatch.setattr(tr, "build_method", flaky)
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        summary = train(tiny("train.max_steps=8"), tmp_path / "r")
+    assert summary["skipped_steps"] == 1 and math.isfinite(summary["best_val_loss"])
+
+
+def test_divergence_guard_can_restore_the_checkpoint(tmp_path, monkeypatch):
+    import dropsplit.train as tr
+
+    monkeypatch.setattr(tr, "diverged", lambda loss, progress, factor: progress.step == 7)
+    with pytest.warns(RuntimeWarning, match="restored"):
+        summary = train(tiny("train.max_steps=9", "train.divergence=restore"), tmp_path / "r")
+    assert summary["skipped_steps"] == 1
+
+
+def test_averager_starts_on_the_non_monotone_criterion():
+    p = torch.nn.Parameter(torch.zeros(2))
+    avg = Averager([p], nonmono=2)
+    assert not avg.maybe_start([3.0, 2.0, 1.0])
+    assert avg.maybe_start([3.0, 2.0, 2.5, 2.6])
+    for value in (1.0, 2.0, 3.0):
+        with torch.no_grad():
+            p.fill_(value)
+        avg.update()
+    assert torch.allclose(avg.average[0], torch.full((2,), 1.5))  # mean of 0, 1, 2, 3
+    avg.swap()
+    assert torch.allclose(p, torch.full((2,), 1.5))
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("method.nmae=analytic", "unknown config key method.nmae"),
+        ("method.k=two", "method.k must be a int"),
+        ("method.k=0", "method.k must be positive"),
+        ("method.name=magic", "method.name must be one of"),
+        ("model.p_input=1.5", r"model.p_input must be in \[0, 1\)"),
+        ("optimizer.lr=1", r"unknown config section \[optimizer\]"),
+        ("lr=1", "section.key"),
+        ("data.train_fraction=0", "data.train_fraction"),
+    ],
+)
+def test_bad_config_values_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(override)
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["train", str(TINY), "--set", "method.k=0"]) == 2
+    assert "method.k must be positive" in capsys.readouterr().err
+
+
+def test_eval_command(tmp_path, capsys):
+    main(["train", str(TINY), "--out", str(tmp_path / "r"), "--set", "train.max_steps=3"])
+    assert main(["eval", str(tmp_path / "r"), "--split", "valid"]) == 0
+    assert "valid: loss" in capsys.readouterr().out
