@@ -26,7 +26,14 @@ METHODS = {
 
 def make_model():
     torch.manual_seed(0)
-    return AWDLSTM(vocab_size=11, embedding_size=4, hidden_size=5, layers=2, p_embedding=0.1)
+    return AWDLSTM(
+        vocab_size=11,
+        embedding_size=4,
+        hidden_size=5,
+        layers=2,
+        p_embedding=0.1,
+        implementation="loop",
+    )
 
 
 def rank_batch(model, rank):

@@ -40,15 +40,27 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import math
 
+    from dropsplit.data import batchify
+    from dropsplit.train import evaluate
+
+    run = Path(args.run)
+    config, corpus, model = _load_run(run, args.data)
+    d = config.data
+    split = getattr(corpus, args.split)
+    size = d.eval_batch_size if args.split == "valid" else d.test_batch_size
+    loss = evaluate(model, batchify(split, size), d.bptt)
+    print(f"{run} {args.split}: loss {loss:.4f}, ppl {math.exp(loss):.2f}")
+    return 0
+
+
+def _load_run(run: Path, data: str | None):
     import torch
 
     from dropsplit.config import load_config
-    from dropsplit.data import batchify, load_corpus
-    from dropsplit.train import build_model, evaluate
+    from dropsplit.data import load_corpus
+    from dropsplit.train import build_model
 
-    run = Path(args.run)
-    overrides = [f'data.path="{args.data}"'] if args.data else []
-    config = load_config(run / "config.toml", overrides)
+    config = load_config(run / "config.toml", [f'data.path="{data}"'] if data else [])
     d = config.data
     corpus = load_corpus(d.corpus, d.path or None, d.train_fraction)
     model = build_model(config, len(corpus.vocab))
@@ -56,10 +68,43 @@ def _eval(args: argparse.Namespace) -> int:
     if not weights.exists():
         raise FileNotFoundError(f"{weights} does not exist: has the run evaluated yet?")
     model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
-    split = getattr(corpus, args.split)
-    size = d.eval_batch_size if args.split == "valid" else d.test_batch_size
-    loss = evaluate(model, batchify(split, size), d.bptt)
-    print(f"{run} {args.split}: loss {loss:.4f}, ppl {math.exp(loss):.2f}")
+    return config, corpus, model
+
+
+def _measure(args: argparse.Namespace) -> int:
+    import torch
+
+    from dropsplit.data import batchify, bptt_batches
+    from dropsplit.inspect_model import format_effects, measure_effects, plot_effects
+    from dropsplit.models.awd import lm_forward
+
+    run = Path(args.run)
+    config, corpus, model = _load_run(run, args.data)
+    data = batchify(corpus.valid, config.data.eval_batch_size)
+    batches, state = [], model.init_state(data.shape[1])
+    model.eval()
+    with torch.no_grad():
+        for _, x, y in bptt_batches(data, config.data.bptt):
+            if len(batches) == args.batches:
+                break
+            batches.append((x, y, state))
+            state = model(x, state)[1]
+    model.train()
+    result = measure_effects(
+        model,
+        lm_forward,
+        batches,
+        gap_samples=args.gap_samples,
+        noise_samples=args.noise_samples,
+        seed=args.seed,
+        progress=True,
+    )
+    print(format_effects(result))
+    out = Path(args.out) if args.out else run / "measure"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "measure.json").write_text(json.dumps(result, indent=2) + "\n")
+    figures = plot_effects(result, out)
+    print(f"Wrote {out / 'measure.json'} and {', '.join(figures)}")
     return 0
 
 
@@ -85,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     train.add_argument("--dry-run", action="store_true", help="3 steps and a short evaluation")
     train.set_defaults(handler=_train)
+
+    measure = sub.add_parser("measure", help="both effects of dropout on a trained run")
+    measure.add_argument("run", help="run directory")
+    measure.add_argument("--batches", type=int, default=2, help="validation batches (default 2)")
+    measure.add_argument("--gap-samples", type=int, default=64)
+    measure.add_argument("--noise-samples", type=int, default=32)
+    measure.add_argument("--seed", type=int, default=0)
+    measure.add_argument("--out", help="output directory (default RUN/measure)")
+    measure.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    measure.set_defaults(handler=_measure)
 
     ev = sub.add_parser("eval", help="perplexity of a run's best weights")
     ev.add_argument("run", help="run directory")
