@@ -166,9 +166,9 @@ def format_effects(result: dict[str, Any]) -> str:
     ]
     rows = {**result["sites"], "total": result["total"]}
     for name, r in rows.items():
-        gap = f"{r['gap']:.5f} +- {r['gap_stderr']:.5f}"
+        gap = f"{r['gap']:.4e} +- {r['gap_stderr']:.1e}"
         ratio = r["gap"] / r["mask"] if r["mask"] else float("nan")
-        lines.append(f"{name:<14} {gap:>22} {r['mask']:>16.5f} {r['element']:>16.5f} {ratio:>9.3f}")
+        lines.append(f"{name:<14} {gap:>22} {r['mask']:>16.4e} {r['element']:>16.4e} {ratio:>9.3f}")
     lines.append("")
     lines.append(f"Gradient noise ({result['samples']['noise']} draws each)")
     dropout_trace = result["noise"]["dropout"]["trace"]
