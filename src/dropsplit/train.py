@@ -395,7 +395,7 @@ def train(
             if max_steps and progress.step >= max_steps:
                 break
         else:
-            if not tc.eval_every:
+            if progress.evaluated_step != progress.step:  # every epoch ends with an evaluation
                 run_eval()
             progress.epoch += 1
             progress.position = 0
