@@ -17,8 +17,8 @@ from dropsplit.models.lstm import LSTMLayer
 
 def stack(sizes, ours, implementation="fused"):
     if ours:
-        return nn.ModuleList(LSTMLayer(a, b, implementation) for a, b in zip(sizes, sizes[1:]))
-    return nn.ModuleList(nn.LSTM(a, b) for a, b in zip(sizes, sizes[1:]))
+        return nn.ModuleList(LSTMLayer(a, b, implementation) for a, b in zip(sizes, sizes[1:], strict=False))
+    return nn.ModuleList(nn.LSTM(a, b) for a, b in zip(sizes, sizes[1:], strict=False))
 
 
 def run(layers, x):
@@ -52,12 +52,17 @@ def main():
     result = {}
     for name, t in times.items():
         result[name] = {"median_s": statistics.median(t), "ratio": statistics.median(t) / base}
-        print(f"{name:<16} {statistics.median(t) * 1e3:8.1f} ms   ratio to nn.LSTM "
-              f"{statistics.median(t) / base:.2f}")
+        print(
+            f"{name:<16} {statistics.median(t) * 1e3:8.1f} ms   ratio to nn.LSTM "
+            f"{statistics.median(t) / base:.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "results": result}, f, indent=2)
+            json.dump(
+                {"torch": torch.__version__, "threads": torch.get_num_threads(), "results": result},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -120,3 +120,19 @@ def test_from_torch_rejects_what_it_cannot_represent():
         LSTM.from_torch(nn.LSTM(2, 3, batch_first=True))
     with pytest.raises(ValueError, match="implementation"):
         LSTMLayer(2, 3, implementation="cudnn")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_double_backward_on_cuda(impl):
+    """cuDNN cannot double backward: the fused path switches it off while grads are recorded."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 4, 2).cuda()
+    ours = LSTM.from_torch(ref, implementation=impl)
+    x = torch.randn(5, 2, 3, device="cuda", requires_grad=True)
+    out_ref = ref(x)[0]
+    out = ours(x)[0]
+    assert torch.allclose(out, out_ref, atol=1e-10)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    g.pow(2).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters())
