@@ -5,6 +5,7 @@ Small config of the paper's LM: 3 layers 200 -> 400 -> 400 -> 200, bptt 35, batc
 """
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -17,8 +18,8 @@ from dropsplit.models.lstm import LSTMLayer
 
 def stack(sizes, ours, implementation="fused"):
     if ours:
-        return nn.ModuleList(LSTMLayer(a, b, implementation) for a, b in zip(sizes, sizes[1:], strict=False))
-    return nn.ModuleList(nn.LSTM(a, b) for a, b in zip(sizes, sizes[1:], strict=False))
+        return nn.ModuleList(LSTMLayer(a, b, implementation) for a, b in itertools.pairwise(sizes))
+    return nn.ModuleList(nn.LSTM(a, b) for a, b in itertools.pairwise(sizes))
 
 
 def run(layers, x):
@@ -41,7 +42,7 @@ def main():
         "dropsplit loop": stack(sizes, True, "loop"),
     }
     times = {name: [] for name in models}
-    for name, model in models.items():
+    for model in models.values():
         run(model, x)  # warm-up
     for _ in range(args.repeats):
         for name, model in models.items():

@@ -56,7 +56,7 @@ def main():
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only or k == "DropoutK(1)"}
     times = {name: [] for name in chosen}
-    for name, method in chosen.items():  # warm-up
+    for method in chosen.values():  # warm-up
         method.step(model, lm_forward, batch)
     for _ in range(args.repeats):
         for name, method in chosen.items():
