@@ -11,7 +11,10 @@ import math
 import torch
 from torch import nn
 
+from dropsplit.models.awd import lm_forward
 from dropsplit.sites import DropConnect, Dropout
+
+__all__ = ["ElmanRNN", "TinyRNNLM", "lm_forward", "markov_corpus"]
 
 
 class ElmanRNN(nn.Module):
@@ -96,13 +99,6 @@ class TinyRNNLM(nn.Module):
         x = self.input_dropout(self.embedding(tokens))
         out, h = self.rnn(x, h)
         return self.head(self.output_dropout(out)), h
-
-
-def lm_forward(model: nn.Module, batch):
-    """``forward_fn`` for a sequence-first LM batch ``(inputs[T, B], targets[T, B], state)``."""
-    inputs, targets, state = batch
-    logits, state = model(inputs, state)
-    return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), state.detach()
 
 
 def markov_corpus(
