@@ -65,6 +65,11 @@ def call_forward(forward_fn: ForwardFn, model: nn.Module, batch: Any, loss: Loss
     return result
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (the CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that require gradients, in ``model.parameters()`` order."""
     return [p for p in model.parameters() if p.requires_grad]

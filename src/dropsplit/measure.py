@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from dropsplit.explicit import CURVATURES, explicit_terms, site_gradients
-from dropsplit.forward import ForwardFn, call_forward, flat_gradient, trainable_parameters
+from dropsplit.forward import (
+    ForwardFn,
+    call_forward,
+    flat_gradient,
+    model_device,
+    trainable_parameters,
+)
 from dropsplit.losses import Loss, get_loss
 from dropsplit.methods import add_implicit_noise, gated_forward, mean_loss
 from dropsplit.sites import GROUPINGS, SiteContext, named_sites, require_sites, site_context
@@ -62,10 +68,6 @@ def _positive_int(value: Any, argument: str, minimum: int = 1) -> int:
     return value
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
 def explicit_gap(
     model: nn.Module,
     forward_fn: ForwardFn,
@@ -104,7 +106,7 @@ def explicit_gap(
     clean = mean_loss(out, loss)
     firsts = site_gradients(clean, ctx.gates, create_graph=False)
     clean = clean.detach()
-    gen = make_generator(seed, _device(model))
+    gen = make_generator(seed, model_device(model))
     draws = []
     with torch.no_grad():
         for _ in range(samples):
@@ -161,7 +163,7 @@ def explicit_regularizer(
     active = select_sites(model, sites)
     names = {s: n for n, s in named_sites(model)}
     out, ctx = gated_forward(model, forward_fn, batch, loss, grouping, active)
-    gen = make_generator(seed, _device(model))
+    gen = make_generator(seed, model_device(model))
     draws = 1 if curvature in ("exact", "label") else samples
     totals: dict[str, float] = {}
     for _ in range(draws):
@@ -212,7 +214,7 @@ def gradient_noise(
     loss = get_loss(loss)
     require_sites(model, "gradient_noise")
     params = trainable_parameters(model)
-    gen = make_generator(seed, _device(model))
+    gen = make_generator(seed, model_device(model))
 
     def dropout_grad() -> torch.Tensor:
         with site_context(model, SiteContext("sample", [gen])):

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from dropsplit.explicit import CURVATURES, explicit_terms, site_gradients
-from dropsplit.forward import ForwardFn, ForwardOutput, call_forward, trainable_parameters
+from dropsplit.forward import (
+    ForwardFn,
+    ForwardOutput,
+    call_forward,
+    model_device,
+    trainable_parameters,
+)
 from dropsplit.implicit import implicit_scalar
 from dropsplit.losses import Loss, get_loss
 from dropsplit.sites import GROUPINGS, SiteContext, require_sites, site_context, site_names
@@ -58,12 +64,6 @@ def _choice(value: Any, options: tuple, argument: str) -> Any:
     if value not in options:
         raise ValueError(f"{argument} must be one of {options}, got {value!r}")
     return value
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def mean_loss(out: ForwardOutput, loss: Loss) -> torch.Tensor:
@@ -289,7 +289,7 @@ class DropoutK(Method):
     def objective(self, model, forward_fn, batch):
         """Mean of ``k`` dropout losses plus the optional ``sqrt(1 - 1/k)``-scaled noise."""
         self._require(model)
-        device = _model_device(model)
+        device = model_device(model)
         value, aux = self.dropout_loss(model, forward_fn, batch, self.spawn(self.k, device))
         stats = {"loss": value.detach()}
         scale = 1.0 - 1.0 / self.k
@@ -364,7 +364,7 @@ class Analytic(Method):
         summed = self.loss.summed(out.logits, out.targets)
         value = summed / out.n
         stats = {"loss": value.detach()}
-        (gen,) = self.spawn(1, _model_device(model))
+        (gen,) = self.spawn(1, model_device(model))
         label_grads = None
         if self.implicit or self.explicit == "label":
             label_grads = site_gradients(summed, ctx.gates, create_graph=True)

@@ -264,12 +264,18 @@ def train(
     bptt_gen = torch.Generator().manual_seed(tc.seed + 1)
     max_steps = 3 if dry_run else tc.max_steps
     progress, state = Progress(), None
-    if resume and checkpoint_path.exists():
+
+    def load_weights() -> dict[str, Any]:
+        """Weights, optimizer and averages of the last checkpoint; returns the checkpoint."""
         ckpt = torch.load(checkpoint_path, weights_only=True, map_location=device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        method.load_state_dict(ckpt["method"])
         averager.load_state_dict(ckpt["averager"])
+        return ckpt
+
+    if resume and checkpoint_path.exists():
+        ckpt = load_weights()
+        method.load_state_dict(ckpt["method"])
         bptt_gen.set_state(ckpt["bptt_generator"])
         torch.set_rng_state(ckpt["torch_rng"])
         state = unflatten_state(ckpt["state"])
@@ -358,10 +364,7 @@ def train(
                     stacklevel=2,
                 )
                 if tc.divergence == "restore" and checkpoint_path.exists():
-                    ckpt = torch.load(checkpoint_path, weights_only=True, map_location=device)
-                    model.load_state_dict(ckpt["model"])
-                    optimizer.load_state_dict(ckpt["optimizer"])
-                    averager.load_state_dict(ckpt["averager"])
+                    load_weights()
                 state = None
             else:
                 if config.optim.clip > 0:
