@@ -35,6 +35,10 @@ def methods():
         out[f"Analytic({explicit}, implicit)"] = ds.Analytic(explicit, True, seed=0)
         out[f"Analytic({explicit})"] = ds.Analytic(explicit, False, seed=0)
     out["Analytic(implicit only)"] = ds.Analytic(None, True, seed=0)
+    fd = {"gradient": "finite-difference", "seed": 0}
+    out["Analytic(sampled, implicit) FD"] = ds.Analytic("sampled", True, **fd)
+    out["Analytic(sampled) FD"] = ds.Analytic("sampled", False, **fd)
+    out["Analytic(label, implicit) FD"] = ds.Analytic("label", True, **fd)
     return out
 
 

@@ -136,3 +136,38 @@ def test_double_backward_on_cuda(impl):
     (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
     g.pow(2).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters())
+
+
+def test_gate_context_is_live_only_inside_its_block():
+    from dropsplit.models.toy import TinyRNNLM
+    from dropsplit.sites import gates_live
+
+    model = TinyRNNLM(vocab=5, embedding=3, hidden=4, p_input=0.2, p_weight=0.2, p_output=0.2)
+    assert not gates_live()
+    with site_context(model, SiteContext("gate")):
+        assert gates_live()
+        with site_context(model, SiteContext("off")):
+            assert gates_live()
+    assert not gates_live()
+    with pytest.raises(RuntimeError), site_context(model, SiteContext("gate")):
+        raise RuntimeError("forward failed")
+    assert not gates_live()
+
+
+@pytest.mark.parametrize("method", ["analytic-sampled", "analytic-implicit-only"])
+def test_analytic_step_on_the_fused_lstm_equals_the_loop(method):
+    """Under a live gate context the fused layer runs the loop: the gradients must not change."""
+    from dropsplit.models.awd import AWDLSTM, lm_forward
+
+    make = {
+        "analytic-sampled": lambda: ds.Analytic("sampled", True, seed=4),
+        "analytic-implicit-only": lambda: ds.Analytic(None, True, seed=4),
+    }[method]
+    grads = {}
+    for implementation in ("fused", "loop"):
+        torch.manual_seed(0)
+        model = AWDLSTM(11, 4, 5, 2, implementation=implementation)
+        tokens = torch.randint(0, 11, (6, 3), generator=torch.Generator().manual_seed(1))
+        make().step(model, lm_forward, (tokens, tokens.roll(1, 0), model.init_state(3)))
+        grads[implementation] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(grads["fused"], grads["loop"])

@@ -59,6 +59,8 @@ class MethodConfig:
     explicit_scale: float = 1.0
     implicit_scale: float = 1.0
     grouping: str = "mask"
+    gradient: str = "double-backward"
+    fd_epsilon: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -107,10 +109,12 @@ CHOICES = {
     "method.implementation": ("loop", "batch"),
     "method.explicit": ("sampled", "exact", "label", "identity", "none"),
     "method.grouping": ("mask", "element"),
+    "method.gradient": ("double-backward", "finite-difference"),
     "optim.name": ("sgd", "adam", "ntasgd"),
     "train.divergence": ("skip", "restore"),
 }
 POSITIVE = {
+    "method.fd_epsilon",
     "data.batch_size",
     "data.eval_batch_size",
     "data.test_batch_size",

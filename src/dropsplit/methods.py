@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dropsplit.explicit import CURVATURES, explicit_terms, site_gradients
+from dropsplit.finite_difference import finite_difference_step
 from dropsplit.forward import (
     ForwardFn,
     ForwardOutput,
@@ -30,6 +31,7 @@ from dropsplit.losses import Loss, get_loss
 from dropsplit.sites import GROUPINGS, SiteContext, require_sites, site_context, site_names
 
 NONFINITE = ("error", "warn")
+GRADIENTS = ("double-backward", "finite-difference")
 
 
 @dataclass
@@ -52,12 +54,21 @@ class StepResult:
 
 @dataclass
 class Objective:
-    """A method's objective before the backward pass."""
+    """A method's objective before the backward pass.
+
+    Attributes:
+        value: The objective (its gradient is the step's gradient unless ``surrogate``).
+        loss: The data loss.
+        aux: The ``aux`` of ``forward_fn``.
+        stats: Scalars to log.
+        surrogate: For an estimator: the scalar to backpropagate instead of ``value``.
+    """
 
     value: torch.Tensor
     loss: torch.Tensor
     aux: Any
     stats: dict[str, torch.Tensor]
+    surrogate: torch.Tensor | None = None
 
 
 def _choice(value: Any, options: tuple, argument: str) -> Any:
@@ -199,7 +210,7 @@ class Method:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             stats["nonfinite"] = 1.0
             return StepResult(stats["loss"], obj.aux, stats, finite=False)
-        obj.value.backward()
+        (obj.value if obj.surrogate is None else obj.surrogate).backward()
         return StepResult(stats["loss"], obj.aux, stats)
 
     def _require(self, model: nn.Module) -> None:
@@ -322,7 +333,11 @@ class Analytic(Method):
         implicit_scale: Multiplies each site's noise variance ``v = q / (1-q)``.
         grouping: ``"mask"`` (exact for the mask the site really uses) or ``"element"`` (the
             original code's per-element squares).
-        gradient: ``"double-backward"`` (exact gradients).
+        gradient: ``"double-backward"`` (exact gradients) or ``"finite-difference"``: the
+            estimator of :mod:`dropsplit.finite_difference` (two antithetic forwards, one
+            backward, no double backward; explicit ``"sampled"``, ``"label"`` or ``None``).
+        fd_epsilon: Step of the finite differences, relative to each site's noise standard
+            deviation ``sqrt(q / (1-q))``.
         **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`.
     """
 
@@ -335,6 +350,7 @@ class Analytic(Method):
         implicit_scale: float = 1.0,
         grouping: str = "mask",
         gradient: str = "double-backward",
+        fd_epsilon: float = 0.1,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -348,17 +364,33 @@ class Analytic(Method):
         self.explicit_scale = float(explicit_scale)
         self.implicit_scale = float(implicit_scale)
         self.grouping = _choice(grouping, GROUPINGS, "grouping")
-        self.gradient = _choice(gradient, ("double-backward",), "gradient")
+        self.gradient = _choice(gradient, GRADIENTS, "gradient")
+        if isinstance(fd_epsilon, bool) or not isinstance(fd_epsilon, (int, float)):
+            raise TypeError(f"fd_epsilon must be a number, got {type(fd_epsilon).__name__}")
+        if not 0.0 < fd_epsilon <= 1.0:
+            raise ValueError(f"fd_epsilon must be in (0, 1], got {fd_epsilon}")
+        self.fd_epsilon = float(fd_epsilon)
+        if gradient == "finite-difference" and explicit not in ("sampled", "label", None):
+            raise ValueError(
+                f"gradient='finite-difference' supports explicit='sampled', 'label' or None, "
+                f"got {explicit!r}"
+            )
 
     def __repr__(self) -> str:
         return (
             f"Analytic(explicit={self.explicit!r}, implicit={self.implicit}, "
-            f"grouping={self.grouping!r})"
+            f"grouping={self.grouping!r}, gradient={self.gradient!r})"
         )
 
     def objective(self, model, forward_fn, batch):
-        """Clean loss plus the scaled explicit terms plus the implicit scalar ``S``."""
+        """Clean loss plus the scaled explicit terms plus the implicit scalar ``S``.
+
+        With ``gradient="finite-difference"`` the value is the estimator's (loss + O(eps^2)
+        + the one-draw estimate of lambda R + S) and ``surrogate`` carries its gradient.
+        """
         self._require(model)
+        if self.gradient == "finite-difference":
+            return self._finite_difference_objective(model, forward_fn, batch)
         names = site_names(model)
         out, ctx = gated_forward(model, forward_fn, batch, self.loss, self.grouping)
         summed = self.loss.summed(out.logits, out.targets)
@@ -383,3 +415,28 @@ class Analytic(Method):
             stats["implicit"] = noise.detach()
             value = value + noise
         return Objective(value, stats["loss"], out.aux, stats)
+
+    def _finite_difference_objective(self, model, forward_fn, batch):
+        (gen,) = self.spawn(1, model_device(model))
+        fd = finite_difference_step(
+            model,
+            forward_fn,
+            batch,
+            self.loss,
+            curvature=self.explicit,
+            implicit=self.implicit,
+            epsilon=self.fd_epsilon,
+            grouping=self.grouping,
+            generator=gen,
+            explicit_scale=self.explicit_scale,
+            implicit_scale=self.implicit_scale,
+        )
+        stats = {"loss": fd.loss}
+        value = fd.loss
+        if self.explicit is not None:
+            stats["explicit"] = fd.explicit
+            value = value + fd.explicit
+        if self.implicit:
+            stats["implicit"] = fd.implicit
+            value = value + fd.implicit
+        return Objective(value, fd.loss, fd.aux, stats, surrogate=fd.surrogate)

@@ -135,5 +135,5 @@ def sample_rademacher(
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     draw_device = generator.device if generator is not None else device
-    bits = torch.randint(0, 2, tuple(shape), generator=generator, device=draw_device)
-    return (2 * bits - 1).to(dtype=dtype, device=device)
+    u = torch.rand(tuple(shape), generator=generator, device=draw_device, dtype=dtype)
+    return torch.where(u < 0.5, -1.0, 1.0).to(dtype=dtype, device=device)

@@ -12,6 +12,12 @@ eval mode. A method (or a measurement) takes over all sites of a model for one f
   The gradient of a loss with respect to a gate is ``sum_{e in m} G_e h_e`` for each group ``m``:
   exactly the quantity the mask grouping rule (design.md) squares or signs.
 * ``"fixed"``: multiply by given multipliers, in call order (replays, enumeration, oracles).
+* ``"perturb"``: multiply by ``1 + epsilon * sqrt(v) * s`` with Rademacher signs ``s``, one
+  per mask group and ``v = q / (1 - q)`` the site's noise variance: a small antithetic probe of
+  the sites for the finite-difference estimator (:mod:`dropsplit.finite_difference`).
+
+While a ``"gate"`` context is live, :func:`gates_live` is true: the method will differentiate
+the gate gradients again, and a module may pick a kernel that is cheaper to differentiate twice.
 """
 
 from __future__ import annotations
@@ -24,9 +30,15 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from dropsplit.noise import check_probability, mask_shape, sample_multiplier
+from dropsplit.noise import (
+    check_probability,
+    mask_shape,
+    noise_variance,
+    sample_multiplier,
+    sample_rademacher,
+)
 
-MODES = ("off", "sample", "gate", "fixed")
+MODES = ("off", "sample", "gate", "fixed", "perturb")
 GROUPINGS = ("mask", "element")
 
 
@@ -36,10 +48,12 @@ class SiteContext:
 
     Attributes:
         mode: One of ``"off"``, ``"sample"``, ``"gate"``, ``"fixed"``.
-        generators: For ``"sample"``: one generator per replica.
-        grouping: For ``"gate"``: ``"mask"`` (one gate entry per mask value) or ``"element"``
-            (one per element of the tensor, the original code's per-element form).
+        generators: For ``"sample"``: one generator per replica; for ``"perturb"``: the
+            generator of the signs.
+        grouping: For ``"gate"`` and ``"perturb"``: ``"mask"`` (one entry per mask value) or
+            ``"element"`` (one per element of the tensor, the original code's per-element form).
         multipliers: For ``"fixed"``: one multiplier per site call, in call order.
+        epsilon: For ``"perturb"``: the step, relative to the noise's standard deviation.
         active: Sites that act; the others are the identity (``None``: all).
         record: Filled during the forward with ``(site, tensor)`` per site call: the gate in
             ``"gate"`` mode, the multiplier in ``"sample"`` and ``"fixed"`` modes.
@@ -49,6 +63,7 @@ class SiteContext:
     generators: Sequence[torch.Generator] | None = None
     grouping: str = "mask"
     multipliers: Sequence[torch.Tensor] | None = None
+    epsilon: float = 0.0
     active: frozenset[Site] | None = None
     record: list[tuple[Site, torch.Tensor]] = field(default_factory=list)
 
@@ -57,8 +72,8 @@ class SiteContext:
             raise ValueError(f"site mode must be one of {MODES}, got {self.mode!r}")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"grouping must be one of {GROUPINGS}, got {self.grouping!r}")
-        if self.mode == "sample" and not self.generators:
-            raise ValueError("mode 'sample' needs at least one generator")
+        if self.mode in ("sample", "perturb") and not self.generators:
+            raise ValueError(f"mode {self.mode!r} needs at least one generator")
         if self.mode == "fixed" and self.multipliers is None:
             raise ValueError("mode 'fixed' needs multipliers")
 
@@ -133,9 +148,12 @@ class Site(nn.Module):
             return x * mult
         if ctx.mode == "off" or (ctx.active is not None and self not in ctx.active):
             return x
+        shape = self.mask_shape(x.shape) if ctx.grouping == "mask" else tuple(x.shape)
         if ctx.mode == "gate":
-            shape = self.mask_shape(x.shape) if ctx.grouping == "mask" else tuple(x.shape)
             mult = torch.ones(shape, dtype=x.dtype, device=x.device, requires_grad=True)
+        elif ctx.mode == "perturb":
+            signs = sample_rademacher(shape, ctx.generators[0], x.dtype, x.device)
+            mult = 1.0 + ctx.epsilon * noise_variance(self.p) ** 0.5 * signs
         elif ctx.mode == "fixed":
             index = len(ctx.record)
             if index >= len(ctx.multipliers):
@@ -321,6 +339,9 @@ def require_sites(model: nn.Module, method: str) -> list[Site]:
     return found
 
 
+_LIVE_GATES = [0]  # gate contexts entered and not yet left (nesting allowed)
+
+
 @contextlib.contextmanager
 def site_context(model: nn.Module, context: SiteContext) -> Iterator[SiteContext]:
     """Drive every site of ``model`` by ``context`` for the duration of the block.
@@ -336,11 +357,19 @@ def site_context(model: nn.Module, context: SiteContext) -> Iterator[SiteContext
     previous = [s._context for s in found]
     for s in found:
         s._context = context
+    gating = context.mode == "gate"
+    _LIVE_GATES[0] += gating
     try:
         yield context
     finally:
+        _LIVE_GATES[0] -= gating
         for s, prev in zip(found, previous, strict=True):
             s._context = prev
+
+
+def gates_live() -> bool:
+    """Whether a ``"gate"`` context is live (the forward will be differentiated twice)."""
+    return _LIVE_GATES[0] > 0
 
 
 _CONVERSIONS = {

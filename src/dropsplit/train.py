@@ -52,6 +52,8 @@ def build_method(cfg: MethodConfig, seed: int) -> Method:
         explicit_scale=cfg.explicit_scale,
         implicit_scale=cfg.implicit_scale,
         grouping=cfg.grouping,
+        gradient=cfg.gradient,
+        fd_epsilon=cfg.fd_epsilon,
         **common,
     )
 

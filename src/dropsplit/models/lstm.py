@@ -7,8 +7,11 @@ weight is passed to the layer for one call through ``functional_call``).
 Two implementations give the same values and gradients:
 
 * ``"fused"`` (default): ``nn.LSTM``'s own kernel (``torch.lstm``) called with the (masked)
-  weights. On the CPU it is differentiable twice. On CUDA, cuDNN cannot do double backward, so
-  cuDNN is switched off for the call whenever gradients are recorded (and used in ``no_grad``).
+  weights. On the CPU it is differentiable twice, but autograd differentiates its backward as
+  thousands of small ops, slower than differentiating the loop; so on the CPU a forward under a
+  live gate context (:func:`~dropsplit.sites.gates_live`: a method will double backward) runs
+  the loop. On CUDA, cuDNN cannot do double backward, so cuDNN is switched off for the call
+  whenever gradients are recorded (and used in ``no_grad``).
 * ``"loop"``: a time loop of plain tensor ops: works under ``torch.func`` transforms (``vmap``,
   ``jacrev``) and with a ``[k, 4H, H]`` stack of recurrent weights (one DropConnect mask per
   replica, for Dropout_k by batch duplication). The fused path falls back to it for stacks.
@@ -22,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from dropsplit.sites import DropConnect
+from dropsplit.sites import DropConnect, gates_live
 
 State = tuple[torch.Tensor, torch.Tensor]
 IMPLEMENTATIONS = ("fused", "loop")
@@ -66,7 +69,8 @@ class LSTMLayer(nn.Module):
         if state is None:
             zeros = x.new_zeros(1, x.shape[1], self.hidden_size)
             state = (zeros, zeros)
-        if self.implementation == "fused" and self.weight_hh.dim() == 2:
+        twice = x.device.type == "cpu" and gates_live()
+        if self.implementation == "fused" and self.weight_hh.dim() == 2 and not twice:
             return self._fused(x, state)
         return self._loop(x, state)
 

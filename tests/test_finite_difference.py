@@ -1,0 +1,169 @@
+"""The finite-difference estimator against double backward, the exact regularizer, and itself."""
+
+import math
+
+import pytest
+import torch
+from conftest import PROBLEMS, make_problem
+
+import dropsplit as ds
+from dropsplit.explicit import site_gradients
+from dropsplit.finite_difference import finite_difference_step
+from dropsplit.forward import flat_gradient, trainable_parameters
+from dropsplit.losses import get_loss
+from dropsplit.methods import gated_forward
+from dropsplit.oracles import exact_explicit_regularizer
+
+LOSS = get_loss("cross_entropy")
+
+
+def _draw(pb, curvature, implicit, epsilon, grouping="mask", seed=0, scales=(1.0, 1.0)):
+    return finite_difference_step(
+        pb.model,
+        pb.forward_fn,
+        pb.batch,
+        LOSS,
+        curvature=curvature,
+        implicit=implicit,
+        epsilon=epsilon,
+        grouping=grouping,
+        generator=torch.Generator().manual_seed(seed),
+        explicit_scale=scales[0],
+        implicit_scale=scales[1],
+    )
+
+
+def _hutchinson_reference(pb, fd, curvature, implicit, grouping, scales):
+    """The estimator's limit eps -> 0 by double backward: the same signs and labels, exact slopes.
+
+    ``L/N + es A^2 / 2N + sqrt(is) A^y / N`` with ``A = sum_m d_m G^P_m`` and
+    ``A^y = sum_m d_m G^y_m`` from gate gradients, ``d = sqrt(v) s`` the estimator's directions.
+    """
+    out, ctx = gated_forward(pb.model, pb.forward_fn, pb.batch, LOSS, grouping)
+    summed = LOSS.summed(out.logits, out.targets)
+    value = summed / out.n
+    parts = {"loss": value, "explicit": value.new_zeros(()), "implicit": value.new_zeros(())}
+    if curvature is not None:
+        probe = LOSS.summed(out.logits, fd.probe_targets)
+        grads = site_gradients(probe, ctx.gates, create_graph=True)
+        a = sum((d * g).sum() for d, g in zip(fd.directions, grads, strict=True))
+        parts["explicit"] = scales[0] * a**2 / (2 * out.n)
+    if implicit:
+        grads = site_gradients(summed, ctx.gates, create_graph=True)
+        a_y = sum((d * g).sum() for d, g in zip(fd.directions, grads, strict=True))
+        parts["implicit"] = math.sqrt(scales[1]) * a_y / out.n
+    return parts
+
+
+CASES = {
+    "sampled+implicit": ("sampled", True, "mask", (1.0, 1.0)),
+    "sampled": ("sampled", False, "mask", (1.0, 1.0)),
+    "label+implicit": ("label", True, "mask", (1.0, 1.0)),
+    "implicit-only": (None, True, "mask", (1.0, 1.0)),
+    "element": ("sampled", True, "element", (1.0, 1.0)),
+    "scaled": ("sampled", True, "mask", (2.0, 0.5)),
+}
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_estimator_tends_to_the_hutchinson_double_backward(name, case):
+    curvature, implicit, grouping, scales = CASES[case]
+    pb = make_problem(name)
+    params = trainable_parameters(pb.model)
+    fd = _draw(pb, curvature, implicit, 1e-4, grouping, scales=scales)
+    ref = _hutchinson_reference(pb, fd, curvature, implicit, grouping, scales)
+    torch.testing.assert_close(fd.loss, ref["loss"].detach(), rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(fd.explicit, ref["explicit"].detach(), rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(fd.implicit, ref["implicit"].detach(), rtol=1e-6, atol=1e-10)
+    # the gradient of the explicit term is A grad A / N: twice the term's own gradient halved
+    ref_grad = flat_gradient(ref["loss"] + ref["explicit"] + ref["implicit"], params)
+    fd_grad = flat_gradient(fd.surrogate, params)
+    torch.testing.assert_close(fd_grad, ref_grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_error_shrinks_as_epsilon_squared(name):
+    pb = make_problem(name)
+    params = trainable_parameters(pb.model)
+    errors = []
+    for epsilon in (0.2, 0.1):
+        fd = _draw(pb, "sampled", True, epsilon)
+        ref = _hutchinson_reference(pb, fd, "sampled", True, "mask", (1.0, 1.0))
+        ref_grad = flat_gradient(sum(ref.values()), params)
+        errors.append(float((flat_gradient(fd.surrogate, params) - ref_grad).norm()))
+    assert 3.0 < errors[0] / errors[1] < 5.0, errors
+
+
+@pytest.mark.parametrize("name", ["mlp-two-sites", "rnn-locked"])
+def test_explicit_estimate_is_unbiased_for_lambda_r(name):
+    """E over signs and labels of A^2 / 2N is the exact lambda R (fast Monte-Carlo tier)."""
+    pb = make_problem(name)
+    exact = sum(exact_explicit_regularizer(pb.model, pb.forward_fn, pb.batch).values())
+    with torch.no_grad():
+        draws = torch.stack(
+            [_draw(pb, "sampled", False, 1e-3, seed=s).explicit for s in range(3000)]
+        )
+    stderr = float(draws.std() / math.sqrt(len(draws)))
+    assert abs(float(draws.mean()) - exact) < 4 * stderr, (float(draws.mean()), exact, stderr)
+
+
+def test_expected_gradient_is_that_of_the_exact_objective():
+    """Mean FD gradient (explicit + implicit) = gradient of L + lambda R_exact (fast tier)."""
+    pb = make_problem("mlp-two-sites")
+    params = trainable_parameters(pb.model)
+    exact = ds.Analytic("exact", False, seed=0)
+    exact.step(pb.model, pb.forward_fn, pb.batch)
+    ref = torch.cat([p.grad.reshape(-1) for p in params])
+    grads = torch.stack(
+        [
+            flat_gradient(_draw(pb, "sampled", True, 1e-3, seed=s).surrogate, params)
+            for s in range(3000)
+        ]
+    )
+    stderr = grads.std(0) / math.sqrt(len(grads))
+    z = (grads.mean(0) - ref).abs() / (stderr + 1e-12)
+    assert float(z.max()) < 5.0, float(z.max())
+
+
+def test_method_step_writes_the_surrogate_gradient_and_replays():
+    pb = make_problem("rnn-locked")
+    params = trainable_parameters(pb.model)
+    method = ds.Analytic("sampled", True, gradient="finite-difference", fd_epsilon=0.05, seed=3)
+    state = method.state_dict()
+    result = method.step(pb.model, pb.forward_fn, pb.batch)
+    first = torch.cat([p.grad.reshape(-1) for p in params])
+    assert set(result.stats) >= {"loss", "explicit", "implicit", "objective"}
+    method.load_state_dict(state)
+    (gen,) = method.spawn(1, torch.device("cpu"))
+    fd = finite_difference_step(
+        pb.model,
+        pb.forward_fn,
+        pb.batch,
+        LOSS,
+        curvature="sampled",
+        implicit=True,
+        epsilon=0.05,
+        grouping="mask",
+        generator=gen,
+    )
+    torch.testing.assert_close(first, flat_gradient(fd.surrogate, params))
+    method.load_state_dict(state)
+    method.step(pb.model, pb.forward_fn, pb.batch)
+    torch.testing.assert_close(first, torch.cat([p.grad.reshape(-1) for p in params]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"explicit": "exact"}, ValueError, "finite-difference"),
+        ({"explicit": "identity"}, ValueError, "finite-difference"),
+        ({"fd_epsilon": 0.0}, ValueError, "fd_epsilon"),
+        ({"fd_epsilon": 2.0}, ValueError, "fd_epsilon"),
+        ({"fd_epsilon": "small"}, TypeError, "fd_epsilon"),
+    ],
+    ids=["exact-curvature", "identity-curvature", "zero-step", "large-step", "string-step"],
+)
+def test_bad_finite_difference_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ds.Analytic(gradient="finite-difference", **kwargs)
