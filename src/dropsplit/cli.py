@@ -41,10 +41,11 @@ def _eval(args: argparse.Namespace) -> int:
     import math
 
     from dropsplit.data import batchify
+    from dropsplit.runs import load_run
     from dropsplit.train import evaluate
 
     run = Path(args.run)
-    config, corpus, model = _load_run(run, args.data)
+    config, corpus, model = load_run(run, args.data)
     d = config.data
     split = getattr(corpus, args.split)
     size = d.eval_batch_size if args.split == "valid" else d.test_batch_size
@@ -53,58 +54,64 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run: Path, data: str | None):
-    import torch
-
-    from dropsplit.config import load_config
-    from dropsplit.data import load_corpus
-    from dropsplit.train import build_model
-
-    config = load_config(run / "config.toml", [f'data.path="{data}"'] if data else [])
-    d = config.data
-    corpus = load_corpus(d.corpus, d.path or None, d.train_fraction)
-    model = build_model(config, len(corpus.vocab))
-    weights = run / "best.pt"
-    if not weights.exists():
-        raise FileNotFoundError(f"{weights} does not exist: has the run evaluated yet?")
-    model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
-    return config, corpus, model
-
-
 def _measure(args: argparse.Namespace) -> int:
-    import torch
+    from dropsplit.inspect_model import format_effects
+    from dropsplit.runs import measure_run
 
-    from dropsplit.data import batchify, bptt_batches
-    from dropsplit.inspect_model import format_effects, measure_effects, plot_effects
-    from dropsplit.models.awd import lm_forward
-
-    run = Path(args.run)
-    config, corpus, model = _load_run(run, args.data)
-    data = batchify(corpus.valid, config.data.eval_batch_size)
-    batches, state = [], model.init_state(data.shape[1])
-    model.eval()
-    with torch.no_grad():
-        for _, x, y in bptt_batches(data, config.data.bptt):
-            if len(batches) == args.batches:
-                break
-            batches.append((x, y, state))
-            state = model(x, state)[1]
-    model.train()
-    result = measure_effects(
-        model,
-        lm_forward,
-        batches,
+    result, out, figures = measure_run(
+        Path(args.run),
+        batches=args.batches,
         gap_samples=args.gap_samples,
         noise_samples=args.noise_samples,
         seed=args.seed,
-        progress=True,
+        out=args.out,
+        data=args.data,
     )
     print(format_effects(result))
-    out = Path(args.out) if args.out else run / "measure"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "measure.json").write_text(json.dumps(result, indent=2) + "\n")
-    figures = plot_effects(result, out)
     print(f"Wrote {out / 'measure.json'} and {', '.join(figures)}")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from dropsplit.report import write_report
+    from dropsplit.reproduce import load_suite, reproduce
+    from dropsplit.runs import measure_run
+
+    suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds)
+    out = Path(args.out or ("runs/paper-quick" if args.quick else "runs/paper"))
+    if args.quick:
+        print(
+            "dropsplit reproduce --quick: a REDUCED suite (few runs, one seed, few epochs) that "
+            "shows the headline effect in minutes; the full suite is `dropsplit reproduce`.",
+            flush=True,
+        )
+    only = set(args.only) if args.only else None
+    done = reproduce(suite, out, data=args.data, only=only)
+    measured = out / "dropout-1" / "seed0"
+    if not args.no_measure and measured in done and not (measured / "measure").exists():
+        print(f"measuring both effects on {measured}", flush=True)
+        size = {"batches": 1, "gap_samples": 32, "noise_samples": 16} if args.quick else {}
+        measure_run(measured, data=args.data, **size)
+    if not done:
+        print("no finished runs yet: nothing to report")
+        return 0
+    report_dir = Path(args.report or out / "report")
+    command = f"dropsplit report {report_dir}/runs/*/* --out {report_dir}"
+    report = write_report(done, report_dir, suite, command)
+    print(f"Report: {report}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dropsplit.report import write_report
+    from dropsplit.reproduce import load_suite
+
+    suite = load_suite(args.suite, quick=args.quick) if args.suite else None
+    command = f"dropsplit report {args.out}/runs/*/* --out {args.out}"
+    if args.suite:
+        command += f" --suite {args.suite}" + (" --quick" if args.quick else "")
+    report = write_report(args.runs, args.out, suite, command)
+    print(f"Report: {report}")
     return 0
 
 
@@ -140,6 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--out", help="output directory (default RUN/measure)")
     measure.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
     measure.set_defaults(handler=_measure)
+
+    rep = sub.add_parser(
+        "reproduce", help="train the paper's experiment suite (resumable) and write the report"
+    )
+    rep.add_argument("--quick", action="store_true", help="reduced suite, about 15 min on 2 cores")
+    rep.add_argument("--suite", default="configs/paper/suite.toml", help="suite file")
+    rep.add_argument("--out", help="run directory (default runs/paper or runs/paper-quick)")
+    rep.add_argument("--report", help="report directory (default OUT/report)")
+    rep.add_argument("--seeds", type=int, help="seeds per run (default: the suite's)")
+    rep.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs")
+    rep.add_argument("--no-measure", action="store_true", help="skip measuring Dropout_1")
+    rep.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    rep.set_defaults(handler=_reproduce)
+
+    report = sub.add_parser("report", help="tables, figures and verdicts from suite runs")
+    report.add_argument("runs", nargs="+", help="run directories (OUT/<name>/seed<i>)")
+    report.add_argument("--out", required=True, help="report directory")
+    report.add_argument("--suite", help="suite file, to list the runs not run yet")
+    report.add_argument("--quick", action="store_true", help="the suite is the --quick one")
+    report.set_defaults(handler=_report)
 
     ev = sub.add_parser("eval", help="perplexity of a run's best weights")
     ev.add_argument("run", help="run directory")

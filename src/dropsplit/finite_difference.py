@@ -7,7 +7,9 @@ Perturb every site antithetically along one random sign direction scaled per sit
 
 one sign per mask group (the grouping rule), and run the forward at ``m_+`` and at ``m_-``.
 With ``P`` the curvature probe (summed loss at labels drawn from the model for ``"sampled"``,
-at the true labels for ``"label"``) and ``L`` the summed true-label loss,
+at the true labels for ``"label"``, ``<u, F> / sqrt(C)`` with fixed Rademacher ``u`` for
+``"identity"``; see :func:`~dropsplit.explicit.curvature_probe`) and ``L`` the summed
+true-label loss,
 
 .. math::
     A = \frac{P(m_+) - P(m_-)}{2\varepsilon} = \sum_m \sqrt{v_m} s_m G^P_m + O(\varepsilon^2),
@@ -26,6 +28,7 @@ forwards and one backward through both: that of Dropout_2, with single backward 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +37,10 @@ from torch import nn
 
 from dropsplit.forward import ForwardFn, call_forward
 from dropsplit.losses import Loss
+from dropsplit.noise import sample_rademacher
 from dropsplit.sites import SiteContext, site_context
 
-FD_CURVATURES = ("sampled", "label")
+FD_CURVATURES = ("sampled", "label", "identity")
 
 
 @dataclass
@@ -49,8 +53,9 @@ class FiniteDifference:
         explicit: Estimate of the scaled explicit term ``explicit_scale * lambda R``.
         implicit: The implicit scalar ``S`` (zero mean; its gradient is the noise).
         directions: Per site call, ``sqrt(v) * s`` (the perturbation is ``1 +- eps * it``).
-        probe_targets: The labels of the probe: for ``"sampled"`` drawn from the model at
-            ``m_+`` (the O(eps) shift of that law is odd in ``s`` and cancels in expectation).
+        probe: The probe as a function of the logits, with this draw's labels or ``u``: for
+            ``"sampled"`` the labels are drawn from the model at ``m_+`` (the O(eps) shift of
+            that law is odd in ``s`` and cancels in expectation).
         aux: The ``aux`` of the ``m_+`` forward.
     """
 
@@ -59,7 +64,7 @@ class FiniteDifference:
     explicit: torch.Tensor
     implicit: torch.Tensor
     directions: list[torch.Tensor]
-    probe_targets: torch.Tensor
+    probe: Callable[[torch.Tensor], torch.Tensor]
     aux: Any
 
 
@@ -110,12 +115,24 @@ def finite_difference_step(
     with site_context(model, SiteContext("fixed", multipliers=minus_multipliers)):
         minus = call_forward(forward_fn, model, batch, loss)
     n = plus.n
-    targets = plus.targets
-    if curvature == "sampled":
-        # the O(eps) shift of the m_+ law is odd in the signs: it cancels in expectation
-        targets = loss.sample_targets(plus.logits, generator)
-    loss_plus, probe_plus = loss.summed_at(plus.logits, plus.targets, targets)
-    loss_minus, probe_minus = loss.summed_at(minus.logits, minus.targets, targets)
+    if curvature == "identity":
+        u = sample_rademacher(plus.logits.shape, generator, plus.logits.dtype, plus.logits.device)
+        (loss_plus,), (loss_minus,) = (loss.summed_at(o.logits, o.targets) for o in (plus, minus))
+
+        def probe(logits: torch.Tensor) -> torch.Tensor:
+            return (u * logits).sum() / math.sqrt(logits.shape[1])
+
+        probe_plus, probe_minus = probe(plus.logits), probe(minus.logits)
+    else:
+        targets = plus.targets
+        if curvature == "sampled":  # the O(eps) shift of the m_+ law cancels in expectation
+            targets = loss.sample_targets(plus.logits, generator)
+        loss_plus, probe_plus = loss.summed_at(plus.logits, plus.targets, targets)
+        loss_minus, probe_minus = loss.summed_at(minus.logits, minus.targets, targets)
+
+        def probe(logits: torch.Tensor) -> torch.Tensor:
+            return loss.summed(logits, targets)
+
     surrogate = (loss_plus + loss_minus) / (2 * n)
     explicit = implicit_value = surrogate.new_zeros(())
     if curvature is not None:
@@ -131,6 +148,6 @@ def finite_difference_step(
         explicit=explicit,
         implicit=implicit_value.detach(),
         directions=[(m - 1.0) / epsilon for m in plus_ctx.gates],
-        probe_targets=targets,
+        probe=probe,
         aux=plus.aux,
     )

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dropsplit.explicit import CURVATURES, explicit_terms, site_gradients
-from dropsplit.finite_difference import finite_difference_step
+from dropsplit.finite_difference import FD_CURVATURES, finite_difference_step
 from dropsplit.forward import (
     ForwardFn,
     ForwardOutput,
@@ -335,7 +335,7 @@ class Analytic(Method):
             original code's per-element squares).
         gradient: ``"double-backward"`` (exact gradients) or ``"finite-difference"``: the
             estimator of :mod:`dropsplit.finite_difference` (two antithetic forwards, one
-            backward, no double backward; explicit ``"sampled"``, ``"label"`` or ``None``).
+            backward, no double backward; every explicit kind but ``"exact"``).
         fd_epsilon: Step of the finite differences, relative to each site's noise standard
             deviation ``sqrt(q / (1-q))``.
         **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`.
@@ -370,9 +370,9 @@ class Analytic(Method):
         if not 0.0 < fd_epsilon <= 1.0:
             raise ValueError(f"fd_epsilon must be in (0, 1], got {fd_epsilon}")
         self.fd_epsilon = float(fd_epsilon)
-        if gradient == "finite-difference" and explicit not in ("sampled", "label", None):
+        if gradient == "finite-difference" and explicit not in (*FD_CURVATURES, None):
             raise ValueError(
-                f"gradient='finite-difference' supports explicit='sampled', 'label' or None, "
+                f"gradient='finite-difference' supports explicit in {FD_CURVATURES} or None, "
                 f"got {explicit!r}"
             )
 

@@ -1,0 +1,183 @@
+"""The reproduction suite: the paper's experiments as a list of runs, trained resumably.
+
+A suite file (``configs/paper/suite.toml``) names a base config and the runs, each a list of
+``--set`` overrides, a group (the paper claim it serves) and whether it belongs to ``--quick``::
+
+    base = "base.toml"
+    seeds = 3
+    [quick]
+    seeds = 1
+    set = ["train.epochs=4"]
+    [[run]]
+    name = "dropout-1"
+    group = "a"
+    set = ["method.k=1"]
+    quick = true
+
+Run ``r`` with seed index ``i`` trains into ``OUT/<name>/seed<i>`` with ``train.seed = 1111 + i``
+(``seeds`` per run may override the suite's). A finished run (``summary.json``) is skipped, an
+interrupted one (``checkpoint.pt``) resumes, so the suite can be stopped and restarted at will.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dropsplit.config import load_config
+
+BASE_SEED = 1111
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the suite.
+
+    Attributes:
+        name: Name of the run (shared by its seeds).
+        group: The experiment group (paper claim) it belongs to.
+        seed: Seed index.
+        overrides: ``section.key=value`` overrides on the base config.
+        label: Legend text for figures.
+    """
+
+    name: str
+    group: str
+    seed: int
+    overrides: tuple[str, ...]
+    label: str
+
+    @property
+    def directory(self) -> str:
+        """Path of the run relative to the suite's output directory."""
+        return f"{self.name}/seed{self.seed}"
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``run.json`` records about the run."""
+        return {
+            "name": self.name,
+            "group": self.group,
+            "seed": self.seed,
+            "label": self.label,
+            "overrides": list(self.overrides),
+        }
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A parsed suite file."""
+
+    path: Path
+    base: Path
+    description: str
+    runs: tuple[RunSpec, ...]
+
+
+def load_suite(path: str | Path, quick: bool = False, seeds: int | None = None) -> Suite:
+    """Read a suite file and expand its runs over seeds.
+
+    Args:
+        path: The suite TOML file.
+        quick: Keep only ``quick = true`` runs, with the ``[quick]`` overrides and seeds.
+        seeds: Override the number of seeds of every run.
+
+    Returns:
+        The suite.
+
+    Raises:
+        FileNotFoundError: If the suite or its base config is missing.
+        ValueError: If a run is malformed or names repeat.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"suite file {path} does not exist")
+    with path.open("rb") as f:
+        raw = tomllib.load(f)
+    base = path.parent / raw.get("base", "base.toml")
+    if not base.exists():
+        raise FileNotFoundError(f"base config {base} of suite {path} does not exist")
+    quick_cfg = raw.get("quick", {})
+    runs, names = [], set()
+    for entry in raw.get("run", []):
+        missing = {"name", "group", "set"} - set(entry)
+        if missing:
+            raise ValueError(f"{path}: a run lacks {sorted(missing)}: {entry}")
+        if entry["name"] in names:
+            raise ValueError(f"{path}: run name {entry['name']!r} repeats")
+        names.add(entry["name"])
+        if quick and not entry.get("quick", False):
+            continue
+        overrides = tuple(entry["set"]) + (tuple(quick_cfg.get("set", ())) if quick else ())
+        n = entry.get("seeds", raw.get("seeds", 1))
+        if quick:
+            n = quick_cfg.get("seeds", 1)
+        if seeds is not None:
+            n = seeds
+        for i in range(n):
+            runs.append(
+                RunSpec(
+                    entry["name"],
+                    entry["group"],
+                    i,
+                    (*overrides, f"train.seed={BASE_SEED + i}"),
+                    entry.get("label", entry["name"]),
+                )
+            )
+    return Suite(path, base, raw.get("description", ""), tuple(runs))
+
+
+def run_status(directory: Path) -> str:
+    """``"done"``, ``"partial"`` (has a checkpoint) or ``"new"``."""
+    if (directory / "summary.json").exists():
+        return "done"
+    if (directory / "checkpoint.pt").exists():
+        return "partial"
+    return "new"
+
+
+def reproduce(
+    suite: Suite,
+    out: str | Path,
+    data: str | None = None,
+    only: set[str] | None = None,
+) -> list[Path]:
+    """Train every run of ``suite`` not finished yet (resuming interrupted ones).
+
+    Args:
+        suite: The suite.
+        out: Output directory of the runs.
+        data: Data directory (default ``$DROPSPLIT_DATA``).
+        only: Names of the runs to train (default all).
+
+    Returns:
+        The run directories of the suite that are finished.
+    """
+    from dropsplit.train import train
+
+    out = Path(out)
+    todo = [r for r in suite.runs if only is None or r.name in only]
+    started = time.perf_counter()
+    for index, spec in enumerate(todo, 1):
+        directory = out / spec.directory
+        status = run_status(directory)
+        head = f"[{index}/{len(todo)}] {spec.directory}"
+        if status == "done":
+            print(f"{head}: finished, skipped", flush=True)
+            continue
+        overrides = list(spec.overrides) + ([f'data.path="{data}"'] if data else [])
+        config = load_config(suite.base, overrides)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "run.json").write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+        verb = "resuming" if status == "partial" else "training"
+        print(f"{head}: {verb} ({time.perf_counter() - started:.0f} s so far)", flush=True)
+        summary = train(config, directory, resume=status == "partial")
+        print(
+            f"{head}: best valid ppl {summary['best_val_ppl']:.2f}, "
+            f"{summary['train_seconds']:.0f} s",
+            flush=True,
+        )
+    return [out / r.directory for r in suite.runs if run_status(out / r.directory) == "done"]

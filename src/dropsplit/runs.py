@@ -1,0 +1,82 @@
+"""A finished run directory: its config, corpus and best weights, and measurements on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dropsplit.config import Config, load_config
+from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
+from dropsplit.models.awd import AWDLSTM
+
+
+def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, AWDLSTM]:
+    """Config, corpus and the best weights of a run directory.
+
+    Args:
+        run: The directory ``dropsplit train`` wrote.
+        data: Data directory (default: the config's, else ``$DROPSPLIT_DATA``).
+
+    Raises:
+        FileNotFoundError: If the run has no ``best.pt`` yet.
+    """
+    from dropsplit.train import build_model
+
+    config = load_config(run / "config.toml", [f'data.path="{data}"'] if data else [])
+    d = config.data
+    corpus = load_corpus(d.corpus, d.path or None, d.train_fraction)
+    model = build_model(config, len(corpus.vocab))
+    weights = run / "best.pt"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} does not exist: has the run evaluated yet?")
+    model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
+    return config, corpus, model
+
+
+def measure_run(
+    run: Path,
+    *,
+    batches: int = 2,
+    gap_samples: int = 64,
+    noise_samples: int = 32,
+    seed: int = 0,
+    out: str | Path | None = None,
+    data: str | None = None,
+) -> tuple[dict[str, Any], Path, list[str]]:
+    """:func:`~dropsplit.inspect_model.measure_effects` on validation batches of a trained run.
+
+    Writes ``measure.json`` and the figures to ``out`` (default ``RUN/measure``).
+
+    Returns:
+        ``(measurement, out directory, figure file names)``.
+    """
+    from dropsplit.inspect_model import measure_effects, plot_effects
+    from dropsplit.models.awd import lm_forward
+
+    config, corpus, model = load_run(run, data)
+    valid = batchify(corpus.valid, config.data.eval_batch_size)
+    chosen, state = [], model.init_state(valid.shape[1])
+    model.eval()
+    with torch.no_grad():
+        for _, x, y in bptt_batches(valid, config.data.bptt):
+            if len(chosen) == batches:
+                break
+            chosen.append((x, y, state))
+            state = model(x, state)[1]
+    model.train()
+    result = measure_effects(
+        model,
+        lm_forward,
+        chosen,
+        gap_samples=gap_samples,
+        noise_samples=noise_samples,
+        seed=seed,
+        progress=True,
+    )
+    out = Path(out) if out else run / "measure"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "measure.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result, out, plot_effects(result, out)

@@ -1,0 +1,238 @@
+"""The reproduction suite and its report on the synthetic corpus; the verdict rules."""
+
+import json
+import shutil
+
+import pytest
+
+from dropsplit.cli import main
+from dropsplit.report import Stat, verdicts, write_report
+from dropsplit.reproduce import load_suite, reproduce, run_status
+
+BASE = """
+[data]
+corpus = "synthetic"
+batch_size = 4
+eval_batch_size = 4
+test_batch_size = 4
+bptt = 8
+[model]
+embedding_size = 6
+hidden_size = 8
+layers = 1
+implementation = "loop"
+[method]
+gradient = "finite-difference"
+[optim]
+lr = 5.0
+[train]
+epochs = 2
+max_steps = 8
+eval_every = 4
+checkpoint_every = 2
+max_eval_batches = 3
+"""
+
+SUITE = """
+base = "base.toml"
+seeds = 2
+description = "A synthetic test suite."
+[quick]
+seeds = 1
+set = ["train.max_steps=4"]
+[[run]]
+name = "dropout-1"
+group = "dropout-k"
+set = ["method.k=1"]
+quick = true
+[[run]]
+name = "dropout-2"
+group = "dropout-k"
+set = ["method.k=2"]
+[[run]]
+name = "analytic"
+group = "replacement"
+set = ['method.name="analytic"']
+quick = true
+[[run]]
+name = "explicit"
+group = "explicit"
+set = ['method.name="analytic"', "method.implicit=false"]
+seeds = 1
+"""
+
+
+@pytest.fixture
+def suite_file(tmp_path):
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "base.toml").write_text(BASE)
+    (tmp_path / "suite" / "suite.toml").write_text(SUITE)
+    return tmp_path / "suite" / "suite.toml"
+
+
+def test_suite_expands_runs_over_seeds_and_quick_keeps_its_runs(suite_file):
+    full = load_suite(suite_file)
+    assert [(r.name, r.seed) for r in full.runs] == [
+        ("dropout-1", 0),
+        ("dropout-1", 1),
+        ("dropout-2", 0),
+        ("dropout-2", 1),
+        ("analytic", 0),
+        ("analytic", 1),
+        ("explicit", 0),
+    ]
+    assert full.runs[1].overrides[-1] == "train.seed=1112"
+    quick = load_suite(suite_file, quick=True)
+    assert [(r.name, r.seed) for r in quick.runs] == [("dropout-1", 0), ("analytic", 0)]
+    assert "train.max_steps=4" in quick.runs[0].overrides
+    assert len(load_suite(suite_file, seeds=3).runs) == 12
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('base = "base.toml"\n[[run]]\nname = "x"\ngroup = "g"\n', "lacks"),
+        (
+            'base = "base.toml"\n[[run]]\nname = "x"\ngroup = "g"\nset = []\n'
+            '[[run]]\nname = "x"\ngroup = "g"\nset = []\n',
+            "repeats",
+        ),
+        ('base = "nothere.toml"\n', "base config"),
+    ],
+    ids=["missing-key", "repeated-name", "missing-base"],
+)
+def test_bad_suite_files(tmp_path, text, match):
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "suite.toml").write_text(text)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_suite(tmp_path / "suite.toml")
+
+
+def test_missing_suite_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="suite file"):
+        load_suite(tmp_path / "none.toml")
+
+
+def test_reproduce_skips_finished_runs_resumes_partial_ones_and_reports_byte_for_byte(
+    suite_file, tmp_path
+):
+    suite = load_suite(suite_file)
+    out = tmp_path / "runs"
+    done = reproduce(suite, out, only={"dropout-1", "explicit"})
+    assert sorted(d.relative_to(out).as_posix() for d in done) == [
+        "dropout-1/seed0",
+        "dropout-1/seed1",
+        "explicit/seed0",
+    ]
+    finished = (out / "dropout-1" / "seed0" / "summary.json").read_text()
+    # a partial run (checkpoint, no summary) resumes; finished runs are not trained again
+    (out / "explicit" / "seed0" / "summary.json").unlink()
+    assert run_status(out / "explicit" / "seed0") == "partial"
+    done = reproduce(suite, out, only={"dropout-1", "explicit"})
+    assert run_status(out / "explicit" / "seed0") == "done"
+    assert (out / "dropout-1" / "seed0" / "summary.json").read_text() == finished
+
+    report_dir = tmp_path / "report"
+    report = write_report(done, report_dir, suite)
+    text = report.read_text()
+    assert "A synthetic test suite." in text
+    assert "`dropout-2` seed 0" in text  # listed as not run
+    assert (report_dir / "fig1_dropout_k.png").exists()
+    first = {
+        p.relative_to(report_dir): p.read_bytes() for p in report_dir.rglob("*") if p.is_file()
+    }
+    # regenerate from the copies only, in a fresh directory: identical bytes
+    copy = tmp_path / "copy"
+    shutil.copytree(report_dir, copy)
+    shutil.rmtree(report_dir)
+    write_report(sorted((copy / "runs").glob("*/*")), report_dir, suite)
+    second = {
+        p.relative_to(report_dir): p.read_bytes() for p in report_dir.rglob("*") if p.is_file()
+    }
+    assert first.keys() == second.keys()
+    for name in first:
+        assert first[name] == second[name], name
+
+
+def test_cli_reproduce_quick_prints_the_report(suite_file, tmp_path, capsys):
+    out = tmp_path / "quick"
+    code = main(["reproduce", "--quick", "--suite", str(suite_file), "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "REDUCED" in printed
+    assert f"Report: {out / 'report' / 'REPORT.md'}" in printed
+    summary = json.loads((out / "dropout-1" / "seed0" / "summary.json").read_text())
+    assert summary["steps"] == 4
+    assert (out / "dropout-1" / "seed0" / "measure" / "measure.json").exists()
+    assert "Explicit gap per site" in (out / "report" / "REPORT.md").read_text()
+    code = main(["report", *map(str, sorted(out.glob("*/seed*"))), "--out", str(tmp_path / "r")])
+    assert code == 0
+
+
+def test_report_of_nothing_is_an_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"name": "x", "group": "g", "seed": 0}))
+    assert main(["report", str(run), "--out", str(tmp_path / "r")]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+
+
+def _stats(**means):
+    """Stats with three seeds at mean +- 1 (s.e. of a difference ~ 0.82) or given lists."""
+    return {
+        name.replace("_", "-"): Stat(v if isinstance(v, list) else [v - 1, v, v + 1])
+        for name, v in means.items()
+    }
+
+
+def _verdict(stats, claim):
+    return next(v for v in verdicts(stats) if v.claim == claim)
+
+
+def test_verdict_dropout_k_monotone_worsening():
+    assert _verdict(_stats(dropout_1=100, dropout_2=103, dropout_4=106), "a").verdict == (
+        "reproduced"
+    )
+    assert _verdict(_stats(dropout_1=100, dropout_2=99, dropout_4=95), "a").verdict == (
+        "not reproduced"
+    )
+    no_effect = _stats(dropout_1=100, dropout_2=100.5, dropout_4=100.2)
+    assert _verdict(no_effect, "a").verdict == "not reproduced"
+    one_seed = _stats(dropout_1=[100], dropout_4=[110])
+    assert _verdict(one_seed, "a").verdict == "inconclusive"
+
+
+def test_verdict_difference_noise_and_explicit_and_replacement():
+    stats = _stats(
+        dropout_1=100,
+        dropout_4=106,
+        dropout_4_difference=100.5,
+        dropout_8=110,
+        explicit=104,
+        analytic=101,
+    )
+    assert _verdict(stats, "b").verdict == "reproduced"
+    assert _verdict(stats, "c").verdict == "reproduced"
+    assert _verdict(stats, "d").verdict == "reproduced"
+    stats = _stats(
+        dropout_1=100,
+        dropout_4=106,
+        dropout_4_difference=106,
+        dropout_8=110,
+        explicit=112,
+        analytic=110,
+    )
+    assert _verdict(stats, "b").verdict == "not reproduced"
+    assert _verdict(stats, "c").verdict == "not reproduced"
+    assert _verdict(stats, "d").verdict == "not reproduced"
+    assert _verdict(_stats(dropout_1=100), "b").verdict == "not run"
+
+
+def test_verdict_data_size_uses_the_main_pair_at_its_fraction():
+    stats = _stats(
+        dropout_1=100, dropout_4=106, **{"data_0.05_dropout_1": 120, "data_0.05_dropout_4": 135}
+    )
+    stats.update(_stats(**{"data_0.3_dropout_1": 90, "data_0.3_dropout_4": 91}))
+    v = next(v for v in verdicts(stats, main_fraction="0.1") if v.claim == "f")
+    assert v.verdict == "reproduced"
+    assert "fraction 0.1" in v.effect
