@@ -96,20 +96,27 @@ def _reproduce(args: argparse.Namespace) -> int:
         print("no finished runs yet: nothing to report")
         return 0
     report_dir = Path(args.report or out / "report")
-    command = f"dropsplit report {report_dir}/runs/*/* --out {report_dir}"
+    command = _report_command(report_dir, args.suite, args.quick, args.seeds)
     report = write_report(done, report_dir, suite, command)
     print(f"Report: {report}")
     return 0
+
+
+def _report_command(out, suite: str | None, quick: bool, seeds: int | None) -> str:
+    """The ``dropsplit report`` command that regenerates a report from its own copies."""
+    command = f"dropsplit report {out}/runs/*/* --out {out}"
+    if suite:
+        command += f" --suite {suite}" + (" --quick" if quick else "")
+        command += f" --seeds {seeds}" if seeds else ""
+    return command
 
 
 def _report(args: argparse.Namespace) -> int:
     from dropsplit.report import write_report
     from dropsplit.reproduce import load_suite
 
-    suite = load_suite(args.suite, quick=args.quick) if args.suite else None
-    command = f"dropsplit report {args.out}/runs/*/* --out {args.out}"
-    if args.suite:
-        command += f" --suite {args.suite}" + (" --quick" if args.quick else "")
+    suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds) if args.suite else None
+    command = _report_command(args.out, args.suite, args.quick, args.seeds)
     report = write_report(args.runs, args.out, suite, command)
     print(f"Report: {report}")
     return 0
@@ -166,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="report directory")
     report.add_argument("--suite", help="suite file, to list the runs not run yet")
     report.add_argument("--quick", action="store_true", help="the suite is the --quick one")
+    report.add_argument("--seeds", type=int, help="seeds per run the suite was run with")
     report.set_defaults(handler=_report)
+
+    # `dropsplit bench ...` is handed to dropsplit.benchmark whole (see main)
+    sub.add_parser("bench", help="time and memory per step of every method (see --help)")
 
     ev = sub.add_parser("eval", help="perplexity of a run's best weights")
     ev.add_argument("run", help="run directory")
@@ -178,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dropsplit`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from dropsplit.benchmark import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -15,7 +15,9 @@ A suite file (``configs/paper/suite.toml``) names a base config and the runs, ea
     quick = true
 
 Run ``r`` with seed index ``i`` trains into ``OUT/<name>/seed<i>`` with ``train.seed = 1111 + i``
-(``seeds`` per run may override the suite's). A finished run (``summary.json``) is skipped, an
+(``seeds`` per run may override the suite's). Runs with several seeds are trained first, seed by
+seed (all seed-0 runs, then all seed-1 runs, ...), then single-seed runs in file order, so a
+suite stopped early has complete seeds of its headline runs. A finished run (``summary.json``) is skipped, an
 interrupted one (``checkpoint.pt``) resumes, so the suite can be stopped and restarted at will.
 """
 
@@ -102,7 +104,7 @@ def load_suite(path: str | Path, quick: bool = False, seeds: int | None = None) 
         raise FileNotFoundError(f"base config {base} of suite {path} does not exist")
     quick_cfg = raw.get("quick", {})
     runs, names = [], set()
-    for entry in raw.get("run", []):
+    for index, entry in enumerate(raw.get("run", [])):
         missing = {"name", "group", "set"} - set(entry)
         if missing:
             raise ValueError(f"{path}: a run lacks {sorted(missing)}: {entry}")
@@ -118,16 +120,17 @@ def load_suite(path: str | Path, quick: bool = False, seeds: int | None = None) 
         if seeds is not None:
             n = seeds
         for i in range(n):
-            runs.append(
-                RunSpec(
-                    entry["name"],
-                    entry["group"],
-                    i,
-                    (*overrides, f"train.seed={BASE_SEED + i}"),
-                    entry.get("label", entry["name"]),
-                )
+            spec = RunSpec(
+                entry["name"],
+                entry["group"],
+                i,
+                (*overrides, f"train.seed={BASE_SEED + i}"),
+                entry.get("label", entry["name"]),
             )
-    return Suite(path, base, raw.get("description", ""), tuple(runs))
+            runs.append(((n == 1, i, index), spec))
+    # multi-seed runs first, seed by seed, so a partial suite has whole seeds of the headline runs
+    ordered = tuple(spec for _, spec in sorted(runs, key=lambda pair: pair[0]))
+    return Suite(path, base, raw.get("description", ""), ordered)
 
 
 def run_status(directory: Path) -> str:

@@ -1,0 +1,155 @@
+"""Where the time of a step goes: phase by phase, for Dropout_1, the exact and the FD analytic step.
+
+Each phase is timed on its own (median of repeats) with the library's building blocks, in the
+order the methods run them; the top operators of each whole step come from ``torch.profiler``.
+
+    python bench/profile_step.py --size small --repeats 5 --json docs/results/profile_small.json
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.profiler import profile
+
+import dropsplit as ds
+from dropsplit.benchmark import SIZES, problem
+from dropsplit.explicit import explicit_penalty, site_gradients
+from dropsplit.finite_difference import finite_difference_step
+from dropsplit.forward import call_forward, trainable_parameters
+from dropsplit.losses import get_loss
+from dropsplit.methods import gated_forward
+from dropsplit.models.awd import lm_forward
+from dropsplit.sites import SiteContext, site_context
+
+LOSS = get_loss("cross_entropy")
+
+
+def phases_dropout(model, batch, gen):
+    """Dropout_1: forward with masks, loss, backward."""
+    t = {}
+    start = time.perf_counter()
+    with site_context(model, SiteContext("sample", [gen])):
+        out = call_forward(lm_forward, model, batch, LOSS)
+    t["forward (LSTM + decoder)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    loss = LOSS.summed(out.logits, out.targets) / out.n
+    t["softmax cross-entropy"] = time.perf_counter() - start
+    start = time.perf_counter()
+    loss.backward()
+    t["backward"] = time.perf_counter() - start
+    return t
+
+
+def phases_exact(model, batch, gen):
+    """Analytic(sampled, implicit), double backward, in the order the method runs."""
+    t = {}
+    start = time.perf_counter()
+    out, ctx = gated_forward(model, lm_forward, batch, LOSS, "mask")
+    t["gated forward (LSTM loop + decoder)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    summed = LOSS.summed(out.logits, out.targets)
+    t["softmax cross-entropy"] = time.perf_counter() - start
+    start = time.perf_counter()
+    label_grads = site_gradients(summed, ctx.gates, create_graph=True)
+    t["backward 1, create_graph (true labels)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    targets = LOSS.sample_targets(out.logits, gen)
+    t["label sampling over the 10k softmax"] = time.perf_counter() - start
+    start = time.perf_counter()
+    probe = LOSS.summed(out.logits, targets)
+    grads = site_gradients(probe, ctx.gates, create_graph=True)
+    t["backward 2, create_graph (sampled labels)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    value = summed / out.n
+    for (site, _), g, gy in zip(ctx.record, grads, label_grads, strict=True):
+        signs = torch.where(torch.rand(gy.shape, generator=gen) < 0.5, -1.0, 1.0)
+        value = value + explicit_penalty(g, site.p, out.n) + (signs * gy).sum() / out.n
+    t["penalty and implicit scalar"] = time.perf_counter() - start
+    start = time.perf_counter()
+    value.backward()
+    t["final backward (through both create_graph passes)"] = time.perf_counter() - start
+    return t
+
+
+def phases_fd(model, batch, gen):
+    """Analytic(sampled, implicit), finite differences: the two passes and one backward."""
+    t = {}
+    start = time.perf_counter()
+    fd = finite_difference_step(
+        model,
+        lm_forward,
+        batch,
+        LOSS,
+        curvature="sampled",
+        implicit=True,
+        epsilon=0.1,
+        grouping="mask",
+        generator=gen,
+    )
+    t["two perturbed forwards + losses + label sampling"] = time.perf_counter() - start
+    start = time.perf_counter()
+    fd.surrogate.backward()
+    t["one backward through both passes"] = time.perf_counter() - start
+    return t
+
+
+def run(phases, model, batch, repeats):
+    gen = torch.Generator().manual_seed(0)
+    for p in trainable_parameters(model):
+        p.grad = None
+    phases(model, batch, gen)  # warm-up
+    samples = []
+    for _ in range(repeats):
+        for p in trainable_parameters(model):
+            p.grad = None
+        samples.append(phases(model, batch, gen))
+    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+
+
+def top_ops(method, model, batch, n=8):
+    method.step(model, lm_forward, batch)
+    with profile() as prof:
+        method.step(model, lm_forward, batch)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [
+        {"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in events[:n]
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    model, batch = problem(args.size)
+    result = {}
+    for name, phases in (
+        ("DropoutK(1)", phases_dropout),
+        ("Analytic(sampled, implicit), double backward", phases_exact),
+        ("Analytic(sampled, implicit), finite difference", phases_fd),
+    ):
+        result[name] = run(phases, model, batch, args.repeats)
+        total = sum(result[name].values())
+        print(f"\n{name}: {total:.3f} s")
+        for phase, seconds in result[name].items():
+            print(f"  {phase:<52} {seconds:7.3f} s  {100 * seconds / total:5.1f} %")
+    ops = {
+        "DropoutK(1)": top_ops(ds.DropoutK(1, seed=0), model, batch),
+        "Analytic exact": top_ops(ds.Analytic("sampled", True, seed=0), model, batch),
+    }
+    for name, rows in ops.items():
+        print(f"\ntop operators, {name}:")
+        for r in rows:
+            print(f"  {r['op']:<44} {100 * r['share']:5.1f} %  {r['calls']:6d} calls")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"size": args.size, "phases": result, "top_ops": ops}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

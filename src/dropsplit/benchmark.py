@@ -1,0 +1,278 @@
+"""Time and peak memory per training step of every method, as ratios to DropoutK(1).
+
+``dropsplit bench`` (or ``python bench/step_cost.py``) times the AWD-style LM at the issue's two
+sizes. Methods are timed in the same process with interleaved repetitions (one step of each
+method per round), so machine noise hits them alike; the median, min and max ratio to
+DropoutK(1) of the same round are reported. Peak memory is the rise of the resident set size
+over two steps after a warm-up step, polled every 0.5 ms, in a fresh process per method (CPU),
+or the rise of ``torch.cuda.max_memory_allocated`` (CUDA). A reference row trains the same
+model built from ``nn.LSTM`` with plain dropout.
+
+    dropsplit bench --size small --repeats 5 --json docs/results/step_cost_small.json \
+        --markdown docs/results/step_cost_small.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import dropsplit as ds
+from dropsplit.models.awd import AWDLSTM, lm_forward
+
+SIZES = {
+    "small": {"embedding": 200, "hidden": 400, "bptt": 35, "batch": 20},
+    "paper": {"embedding": 400, "hidden": 1150, "bptt": 70, "batch": 20},
+}
+VOCAB = 10_000
+REFERENCE = "nn.LSTM + plain dropout (reference)"
+
+
+def methods() -> dict[str, ds.Method]:
+    """Every method of the benchmark, by row name."""
+    out = {"DropoutK(1)": ds.DropoutK(1, seed=0), "NoDropout": ds.NoDropout(seed=0)}
+    for k in (2, 4, 8):
+        out[f"DropoutK({k}) loop"] = ds.DropoutK(k, seed=0)
+        out[f"DropoutK({k}) batch"] = ds.DropoutK(k, implementation="batch", batch_dim=1, seed=0)
+    out["DropoutK(4) + difference"] = ds.DropoutK(4, "difference", seed=0)
+    out["DropoutK(4) + analytic"] = ds.DropoutK(4, "analytic", seed=0)
+    for explicit in ("sampled", "label", "identity"):
+        out[f"Analytic({explicit}, implicit)"] = ds.Analytic(explicit, True, seed=0)
+        out[f"Analytic({explicit})"] = ds.Analytic(explicit, False, seed=0)
+    out["Analytic(implicit only)"] = ds.Analytic(None, True, seed=0)
+    fd = {"gradient": "finite-difference", "seed": 0}
+    for explicit, implicit in (("sampled", True), ("sampled", False), ("label", True)):
+        tag = f"{explicit}, implicit" if implicit else explicit
+        out[f"Analytic({tag}) FD"] = ds.Analytic(explicit, implicit, **fd)
+    out["Analytic(implicit only) FD"] = ds.Analytic(None, True, **fd)
+    return out
+
+
+class PlainAWD(nn.Module):
+    """The same LM from ``nn.LSTM`` modules with hand-written locked dropout and DropConnect."""
+
+    def __init__(self, model: AWDLSTM, q: float = 0.4) -> None:
+        super().__init__()
+        self.q = q
+        self.encoder, self.decoder = model.encoder, model.decoder
+        self.lstms = nn.ModuleList()
+        for site in model.rnns:
+            layer = site.module
+            lstm = nn.LSTM(layer.input_size, layer.hidden_size)
+            with torch.no_grad():
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(lstm, f"{name}_l0").copy_(getattr(layer, name))
+            self.lstms.append(lstm)
+
+    def locked(self, x: torch.Tensor) -> torch.Tensor:
+        """Locked dropout on ``x[T, B, H]``: one mask per sequence and unit."""
+        mask = x.new_empty(1, *x.shape[1:]).bernoulli_(1 - self.q) / (1 - self.q)
+        return x * mask
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[T, B, V]`` with fresh masks, from a zero state."""
+        x = self.locked(self.encoder(tokens))
+        for i, lstm in enumerate(self.lstms):
+            w = lstm.weight_hh_l0
+            mask = w.new_empty(w.shape).bernoulli_(1 - self.q) / (1 - self.q)
+            x = torch.func.functional_call(lstm, {"weight_hh_l0": w * mask}, (x,))[0]
+            if i < len(self.lstms) - 1:
+                x = self.locked(x)
+        return self.decoder(self.locked(x))
+
+
+def problem(size: str, device: str = "cpu"):
+    """The model and one batch of the given size."""
+    cfg = SIZES[size]
+    torch.manual_seed(0)
+    model = AWDLSTM(VOCAB, cfg["embedding"], cfg["hidden"], 3).to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (cfg["bptt"], cfg["batch"]), generator=g).to(device)
+    y = torch.randint(0, VOCAB, (cfg["bptt"], cfg["batch"]), generator=g).to(device)
+    return model, (x, y, model.init_state(cfg["batch"]))
+
+
+def steps(size: str, device: str = "cpu") -> dict[str, Callable[[], object]]:
+    """One training step (forward, backward, gradients written) per row name."""
+    model, batch = problem(size, device)
+    out: dict[str, Callable[[], object]] = {
+        name: (lambda m=m: m.step(model, lm_forward, batch)) for name, m in methods().items()
+    }
+    plain = PlainAWD(model).to(device)
+    x, y, _ = batch
+
+    def plain_step():
+        for p in plain.parameters():
+            p.grad = None
+        logits = plain(x)
+        nn.functional.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1)).backward()
+
+    out[REFERENCE] = plain_step
+    return out
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(size: str, repeats: int, only=None, device: str = "cpu") -> dict[str, dict]:
+    """Interleaved timing: ratios to DropoutK(1) of the same round."""
+    chosen = steps(size, device)
+    if only:
+        chosen = {k: v for k, v in chosen.items() if k in only or k == "DropoutK(1)"}
+    times: dict[str, list[float]] = {name: [] for name in chosen}
+    for step in chosen.values():  # warm-up
+        step()
+    for _ in range(repeats):
+        for name, step in chosen.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    base = times["DropoutK(1)"]
+    rows = {}
+    for name, t in times.items():
+        ratios = [a / b for a, b in zip(t, base, strict=True)]
+        rows[name] = {
+            "median_s": statistics.median(t),
+            "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+        }
+    return rows
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def step_peak_memory(size: str, name: str, device: str = "cpu") -> float:
+    """Peak memory (MiB) two steps of ``name`` add to the process, measured in this process."""
+    step = steps(size, device)[name]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        step()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    step()  # first-call allocations (thread pools, kernels) are not the step's
+    gc.collect()
+    before = _rss_bytes()
+    peak, done = [before], threading.Event()
+
+    def sample():  # the kernel's high-water mark cannot be reset, so poll the resident set
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    step()
+    step()
+    done.set()
+    sampler.join()
+    return (peak[0] - before) / 2**20
+
+
+def memory_rows(size: str, names, device: str = "cpu") -> dict[str, float]:
+    """Peak step memory per method, each in a fresh process (the high-water mark is global)."""
+    out = {}
+    for name in names:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dropsplit.benchmark",
+                "--size",
+                size,
+                "--device",
+                device,
+                "--memory-of",
+                name,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out[name] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+    return out
+
+
+def markdown(rows: dict[str, dict], memory: dict[str, float] | None) -> str:
+    """The rows as a markdown table."""
+    head = "| method | median s/step | ratio (median) | min | max |"
+    rule = "|---|---:|---:|---:|---:|"
+    if memory:
+        head += " peak step memory MiB | memory ratio |"
+        rule += "---:|---:|"
+    lines = [head, rule]
+    for name, r in rows.items():
+        line = (
+            f"| {name} | {r['median_s']:.3f} | {r['ratio_median']:.2f} | {r['ratio_min']:.2f} | "
+            f"{r['ratio_max']:.2f} |"
+        )
+        if memory:
+            m = memory.get(name)
+            base = memory.get("DropoutK(1)")
+            line += f" {m:.0f} | {m / base:.2f} |" if m is not None and base else " | |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of ``dropsplit bench``."""
+    parser = argparse.ArgumentParser(prog="dropsplit bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", nargs="*", help="row names to time (default all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--markdown", help="write the table to this markdown file")
+    args = parser.parse_args(argv)
+    if args.memory_of:
+        print(json.dumps({"peak_mib": step_peak_memory(args.size, args.memory_of, args.device)}))
+        return 0
+    rows = time_steps(args.size, args.repeats, args.only, args.device)
+    memory = None if args.no_memory else memory_rows(args.size, rows, args.device)
+    table = markdown(rows, memory)
+    print(table)
+    info = {
+        "size": args.size,
+        "config": SIZES[args.size],
+        "repeats": args.repeats,
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "command": "dropsplit bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "rows": {k: {**v, "peak_mib": (memory or {}).get(k)} for k, v in rows.items()},
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
