@@ -17,8 +17,9 @@ A suite file (``configs/paper/suite.toml``) names a base config and the runs, ea
 Run ``r`` with seed index ``i`` trains into ``OUT/<name>/seed<i>`` with ``train.seed = 1111 + i``
 (``seeds`` per run may override the suite's). Runs with several seeds are trained first, seed by
 seed (all seed-0 runs, then all seed-1 runs, ...), then single-seed runs in file order, so a
-suite stopped early has complete seeds of its headline runs. A finished run (``summary.json``) is skipped, an
-interrupted one (``checkpoint.pt``) resumes, so the suite can be stopped and restarted at will.
+suite stopped early has complete seeds of its headline runs. A finished run (``summary.json``)
+is skipped, an interrupted one (``checkpoint.pt``) resumes, so the suite can be stopped and
+restarted at will.
 """
 
 from __future__ import annotations
