@@ -75,7 +75,6 @@ def _measure(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from dropsplit.report import write_report
     from dropsplit.reproduce import load_suite, reproduce
-    from dropsplit.runs import measure_run
 
     suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds)
     out = Path(args.out or ("runs/paper-quick" if args.quick else "runs/paper"))
@@ -86,12 +85,9 @@ def _reproduce(args: argparse.Namespace) -> int:
             flush=True,
         )
     only = set(args.only) if args.only else None
-    done = reproduce(suite, out, data=args.data, only=only)
-    measured = out / "dropout-1" / "seed0"
-    if not args.no_measure and measured in done and not (measured / "measure").exists():
-        print(f"measuring both effects on {measured}", flush=True)
-        size = {"batches": 1, "gap_samples": 32, "noise_samples": 16} if args.quick else {}
-        measure_run(measured, data=args.data, **size)
+    size = {"batches": 1, "gap_samples": 32, "noise_samples": 16} if args.quick else {}
+    measure = None if args.no_measure else size
+    done = reproduce(suite, out, data=args.data, only=only, measure=measure)
     if not done:
         print("no finished runs yet: nothing to report")
         return 0

@@ -143,11 +143,15 @@ def run_status(directory: Path) -> str:
     return "new"
 
 
+MEASURED = ("dropout-1", 0)  # the run whose explicit gap per site the report tabulates
+
+
 def reproduce(
     suite: Suite,
     out: str | Path,
     data: str | None = None,
     only: set[str] | None = None,
+    measure: dict[str, int] | None = None,
 ) -> list[Path]:
     """Train every run of ``suite`` not finished yet (resuming interrupted ones).
 
@@ -156,10 +160,13 @@ def reproduce(
         out: Output directory of the runs.
         data: Data directory (default ``$DROPSPLIT_DATA``).
         only: Names of the runs to train (default all).
+        measure: Keyword arguments of :func:`~dropsplit.runs.measure_run` for the Dropout_1
+            run of seed 0, measured as soon as it is finished (``None``: no measurement).
 
     Returns:
         The run directories of the suite that are finished.
     """
+    from dropsplit.runs import measure_run
     from dropsplit.train import train
 
     out = Path(out)
@@ -169,8 +176,11 @@ def reproduce(
         directory = out / spec.directory
         status = run_status(directory)
         head = f"[{index}/{len(todo)}] {spec.directory}"
+        wants_measure = measure is not None and (spec.name, spec.seed) == MEASURED
         if status == "done":
             print(f"{head}: finished, skipped", flush=True)
+            if wants_measure and not (directory / "measure" / "measure.json").exists():
+                measure_run(directory, data=data, **measure)
             continue
         overrides = list(spec.overrides) + ([f'data.path="{data}"'] if data else [])
         config = load_config(suite.base, overrides)
@@ -184,4 +194,7 @@ def reproduce(
             f"{summary['train_seconds']:.0f} s",
             flush=True,
         )
+        if wants_measure:
+            print(f"{head}: measuring both effects of dropout on it", flush=True)
+            measure_run(directory, data=data, **measure)
     return [out / r.directory for r in suite.runs if run_status(out / r.directory) == "done"]
