@@ -5,10 +5,15 @@ import dropsplit as ds
 from dropsplit.models.awd import AWDLSTM, lm_forward
 
 
-def small_lm(**kw):
+def small_lm(implementation="loop", **kw):
     torch.manual_seed(0)
     return AWDLSTM(
-        vocab_size=11, embedding_size=4, hidden_size=5, layers=3, implementation="loop", **kw
+        vocab_size=11,
+        embedding_size=4,
+        hidden_size=5,
+        layers=3,
+        implementation=implementation,
+        **kw,
     )
 
 
@@ -69,8 +74,10 @@ def test_embedding_row_dropout_is_a_site_of_the_explicit_term():
     assert values["embedding"] > 0 and set(values) == {n for n, _ in ds.named_sites(model)}
 
 
-def test_dropout_k_batch_duplication_equals_the_loop_on_the_lm():
-    model = small_lm(p_embedding=0.2)
+@pytest.mark.parametrize("lstm", ["loop", "fused"])
+def test_dropout_k_batch_duplication_equals_the_loop_on_the_lm(lstm):
+    """Batch duplication: a [k, 4H, H] weight stack, one kernel call per replica when fused."""
+    model = small_lm(lstm, p_embedding=0.2)
     batch = lm_batch(model)
     grads = {}
     for impl in ("loop", "batch"):

@@ -230,3 +230,39 @@ def test_mask_grouping_predicts_the_locked_dropout_gap(seed):
     assert abs(mc.mean - gap) < 4.5 * mc.stderr
     assert gap / grouped == pytest.approx(1.0, abs=0.05)
     assert gap / element > 1.5  # the per-element form misses most of the effect
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_joint_site_gradients_equal_separate_backward_passes(name):
+    """One batched backward gives the gradients (and their derivatives) of two backward passes."""
+    from dropsplit.explicit import joint_site_gradients, site_gradients
+    from dropsplit.losses import get_loss
+    from dropsplit.methods import gated_forward
+
+    pb = make_problem(name)
+    loss = get_loss("cross_entropy")
+    params = [p for p in pb.model.parameters() if p.requires_grad]
+    out, ctx = gated_forward(pb.model, pb.forward_fn, pb.batch, loss, "mask")
+    gen = torch.Generator().manual_seed(0)
+    scalars = [
+        loss.summed(out.logits, out.targets),
+        loss.summed(out.logits, loss.sample_targets(out.logits, gen)),
+    ]
+    joint = joint_site_gradients(scalars, out.logits, ctx.gates, create_graph=True)
+    separate = [site_gradients(s, ctx.gates, create_graph=True) for s in scalars]
+    weights = torch.linspace(-1.0, 2.0, 2)
+    for j, s in zip(joint, separate, strict=True):
+        for a, b in zip(j, s, strict=True):
+            torch.testing.assert_close(a, b)
+
+    def second(grads):
+        value = sum(
+            w * sum(g.pow(2).sum() for g in gs) for w, gs in zip(weights, grads, strict=True)
+        )
+        return torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+
+    for a, b in zip(second(joint), second(separate), strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b)

@@ -47,6 +47,49 @@ def site_gradients(
     return [torch.zeros_like(g) if d is None else d for g, d in zip(gates, grads, strict=True)]
 
 
+def joint_site_gradients(
+    scalars: Sequence[torch.Tensor],
+    logits: torch.Tensor,
+    gates: Sequence[torch.Tensor],
+    create_graph: bool,
+) -> list[list[torch.Tensor]]:
+    """:func:`site_gradients` of several losses of the same logits in one batched backward.
+
+    Each scalar's gradient with respect to the logits is cheap (it only crosses the loss); the
+    expensive backward from the logits through the model to the gates is then taken once for
+    all of them (``is_grads_batched``). With ``create_graph`` the logit gradients keep their
+    own graph, so differentiating the result again is exact.
+
+    Args:
+        scalars: Losses (or probes) computed from ``logits``.
+        logits: The gated forward's ``[N, C]`` outputs.
+        gates: The gates recorded by that forward.
+        create_graph: Keep the graph so the results can be differentiated again.
+
+    Returns:
+        Per scalar, the gradient per gate (zeros for gates it does not reach).
+    """
+    cotangents = torch.stack(
+        [
+            torch.autograd.grad(s, logits, create_graph=create_graph, retain_graph=True)[0]
+            for s in scalars
+        ]
+    )
+    grads = torch.autograd.grad(
+        logits,
+        list(gates),
+        grad_outputs=cotangents,
+        is_grads_batched=True,
+        create_graph=create_graph,
+        retain_graph=True,
+        allow_unused=True,
+    )
+    return [
+        [torch.zeros_like(g) if d is None else d[i] for g, d in zip(gates, grads, strict=True)]
+        for i in range(len(scalars))
+    ]
+
+
 def curvature_probe(
     curvature: str, out: ForwardOutput, loss: Loss, generator: torch.Generator
 ) -> torch.Tensor:
@@ -147,6 +190,7 @@ def explicit_terms(
     generator: torch.Generator,
     create_graph: bool,
     label_gradients: Sequence[torch.Tensor] | None = None,
+    probe_gradients: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """The explicit regularizer ``lambda * R`` of each recorded gate.
 
@@ -158,6 +202,8 @@ def explicit_terms(
         generator: Source of randomness for ``"sampled"`` and ``"identity"``.
         create_graph: Keep the graph so the result can be differentiated again.
         label_gradients: True-label gate gradients, reused for ``"label"`` when given.
+        probe_gradients: Gate gradients of this curvature's probe, when already computed
+            (drawn from ``generator`` by :func:`curvature_probe`).
 
     Returns:
         One scalar per recorded gate.
@@ -169,6 +215,8 @@ def explicit_terms(
         return [explicit_coefficient(q) / out.n * c for q, c in zip(qs, curv, strict=True)]
     if curvature == "label" and label_gradients is not None:
         grads = list(label_gradients)
+    elif probe_gradients is not None:
+        grads = list(probe_gradients)
     else:
         probe = curvature_probe(curvature, out, loss, generator)
         grads = site_gradients(probe, gates, create_graph)

@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropsplit.explicit import CURVATURES, explicit_terms, site_gradients
+from dropsplit.explicit import (
+    CURVATURES,
+    curvature_probe,
+    explicit_terms,
+    joint_site_gradients,
+    site_gradients,
+)
 from dropsplit.finite_difference import FD_CURVATURES, finite_difference_step
 from dropsplit.forward import (
     ForwardFn,
@@ -397,12 +403,19 @@ class Analytic(Method):
         value = summed / out.n
         stats = {"loss": value.detach()}
         (gen,) = self.spawn(1, model_device(model))
-        label_grads = None
-        if self.implicit or self.explicit == "label":
+        label_grads = probe_grads = None
+        needs_label = self.implicit or self.explicit == "label"
+        if needs_label and self.explicit in ("sampled", "identity"):
+            # both gate gradients from one backward through the model
+            probe = curvature_probe(self.explicit, out, self.loss, gen)
+            label_grads, probe_grads = joint_site_gradients(
+                [summed, probe], out.logits, ctx.gates, create_graph=True
+            )
+        elif needs_label:
             label_grads = site_gradients(summed, ctx.gates, create_graph=True)
         if self.explicit is not None:
             terms = explicit_terms(
-                out, ctx.record, self.loss, self.explicit, gen, True, label_grads
+                out, ctx.record, self.loss, self.explicit, gen, True, label_grads, probe_grads
             )
             explicit = self.explicit_scale * torch.stack(terms).sum()
             for (site, _), term in zip(ctx.record, terms, strict=True):

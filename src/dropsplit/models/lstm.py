@@ -14,7 +14,8 @@ Two implementations give the same values and gradients:
   whenever gradients are recorded (and used in ``no_grad``).
 * ``"loop"``: a time loop of plain tensor ops: works under ``torch.func`` transforms (``vmap``,
   ``jacrev``) and with a ``[k, 4H, H]`` stack of recurrent weights (one DropConnect mask per
-  replica, for Dropout_k by batch duplication). The fused path falls back to it for stacks.
+  replica, for Dropout_k by batch duplication). With such a stack the fused path calls the
+  kernel once per replica on its slice of the batch.
 """
 
 from __future__ import annotations
@@ -70,17 +71,36 @@ class LSTMLayer(nn.Module):
             zeros = x.new_zeros(1, x.shape[1], self.hidden_size)
             state = (zeros, zeros)
         twice = x.device.type == "cpu" and gates_live()
-        if self.implementation == "fused" and self.weight_hh.dim() == 2 and not twice:
+        if self.implementation == "fused" and not twice:
+            if self.weight_hh.dim() == 3:
+                return self._fused_replicas(x, state)
             return self._fused(x, state)
         return self._loop(x, state)
 
-    def _fused(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+    def _fused(
+        self, x: torch.Tensor, state: State, weight_hh: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, State]:
+        w_hh = self.weight_hh if weight_hh is None else weight_hh
+        weights = [self.weight_ih, w_hh, self.bias_ih, self.bias_hh]
         no_cudnn = x.is_cuda and torch.is_grad_enabled()
         flags = torch.backends.cudnn.flags(enabled=False) if no_cudnn else contextlib.nullcontext()
         with flags:
             out, h, c = torch.lstm(x, state, weights, True, 1, 0.0, self.training, False, False)
         return out, (h, c)
+
+    def _fused_replicas(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One kernel call per replica's slice of the batch, each with its own ``W_hh``."""
+        stack = self.weight_hh
+        k = stack.shape[0]
+        slices = zip(x.chunk(k, 1), state[0].chunk(k, 1), state[1].chunk(k, 1), strict=True)
+        parts = [
+            self._fused(xr, (h0, c0), w) for w, (xr, h0, c0) in zip(stack, slices, strict=True)
+        ]
+        out = torch.cat([o for o, _ in parts], 1)
+        return out, (
+            torch.cat([h for _, (h, _) in parts], 1),
+            torch.cat([c for _, (_, c) in parts], 1),
+        )
 
     def _loop(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         steps, batch, _ = x.shape
