@@ -61,6 +61,7 @@ class MethodConfig:
     grouping: str = "mask"
     gradient: str = "double-backward"
     fd_epsilon: float = 0.1
+    fd_per_example: bool = True
 
 
 @dataclass(frozen=True)

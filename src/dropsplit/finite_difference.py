@@ -18,7 +18,14 @@ true-label loss,
 
 Since :math:`\mathbb{E}_s[A^2] = \sum_m v_m (G^P_m)^2 = 2N \lambda R`, the explicit term is
 estimated by :math:`A^2 / 2N` and its gradient by :math:`A \nabla A / N` (unbiased up to
-:math:`O(\varepsilon^2)`; a Hutchinson-type estimator, so noisier than the exact path). With the
+:math:`O(\varepsilon^2)`; a Hutchinson-type estimator, noisier than the exact path: the products
+of different groups' signs cancel only in expectation).
+
+Per example (``examples``): with :math:`A_b` the slope of example ``b``'s probe, the estimate
+:math:`\sum_b A_b^2 / 2N` drops the sign products between groups of different examples, the
+bulk of the noise. It is exact in expectation for every site whose mask groups each belong to
+one example (activation dropout, locked dropout); for a site whose mask is shared by the batch
+(DropConnect, embedding rows) it keeps only the within-example part of each group's square. With the
 signs ``r = s``, :math:`A^y / N` is the implicit scalar ``S`` of xi_approx (Sec. 3.2), so one pair
 of passes gives both terms. The loss gradient is the antithetic mean of the two passes,
 :math:`(\nabla L(m_+) + \nabla L(m_-)) / 2N = \nabla L(1) / N + O(\varepsilon^2)`. The cost is two
@@ -35,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropsplit.forward import ForwardFn, call_forward
+from dropsplit.forward import ForwardFn, ForwardOutput, call_forward
 from dropsplit.losses import Loss
 from dropsplit.noise import sample_rademacher
 from dropsplit.sites import SiteContext, site_context
@@ -53,7 +60,8 @@ class FiniteDifference:
         explicit: Estimate of the scaled explicit term ``explicit_scale * lambda R``.
         implicit: The implicit scalar ``S`` (zero mean; its gradient is the noise).
         directions: Per site call, ``sqrt(v) * s`` (the perturbation is ``1 +- eps * it``).
-        probe: The probe as a function of the logits, with this draw's labels or ``u``: for
+        probe: The per-target probe as a function of the logits, with this draw's labels or
+            ``u``: for
             ``"sampled"`` the labels are drawn from the model at ``m_+`` (the O(eps) shift of
             that law is odd in ``s`` and cancels in expectation).
         aux: The ``aux`` of the ``m_+`` forward.
@@ -81,6 +89,7 @@ def finite_difference_step(
     generator: torch.Generator,
     explicit_scale: float = 1.0,
     implicit_scale: float = 1.0,
+    examples: Callable[[ForwardOutput], torch.Tensor] | None = None,
 ) -> FiniteDifference:
     r"""Run the two antithetic passes and build the surrogate of Analytic's objective.
 
@@ -96,6 +105,8 @@ def finite_difference_step(
         generator: Source of the signs and the probe labels.
         explicit_scale: Multiplies ``lambda``.
         implicit_scale: Multiplies the noise variance ``v``.
+        examples: ``examples(out)`` gives the example index of each target: the explicit term
+            then squares one slope per example (see the module doc). ``None``: one slope.
 
     Returns:
         The estimator's draw; backpropagate ``surrogate``.
@@ -115,36 +126,45 @@ def finite_difference_step(
     with site_context(model, SiteContext("fixed", multipliers=minus_multipliers)):
         minus = call_forward(forward_fn, model, batch, loss)
     n = plus.n
+    ids = torch.zeros(n, dtype=torch.long, device=plus.logits.device)
+    if examples is not None:
+        ids = examples(plus).to(plus.logits.device)
+        if ids.shape != (n,):
+            raise ValueError(f"examples(out) must give one example index per target, shape ({n},)")
     if curvature == "identity":
         u = sample_rademacher(plus.logits.shape, generator, plus.logits.dtype, plus.logits.device)
-        (loss_plus,), (loss_minus,) = (loss.summed_at(o.logits, o.targets) for o in (plus, minus))
+        (loss_plus,), (loss_minus,) = (
+            loss.per_target_at(o.logits, o.targets) for o in (plus, minus)
+        )
 
         def probe(logits: torch.Tensor) -> torch.Tensor:
-            return (u * logits).sum() / math.sqrt(logits.shape[1])
+            return (u * logits).sum(1) / math.sqrt(logits.shape[1])
 
         probe_plus, probe_minus = probe(plus.logits), probe(minus.logits)
     else:
         targets = plus.targets
         if curvature == "sampled":  # the O(eps) shift of the m_+ law cancels in expectation
             targets = loss.sample_targets(plus.logits, generator)
-        loss_plus, probe_plus = loss.summed_at(plus.logits, plus.targets, targets)
-        loss_minus, probe_minus = loss.summed_at(minus.logits, minus.targets, targets)
+        loss_plus, probe_plus = loss.per_target_at(plus.logits, plus.targets, targets)
+        loss_minus, probe_minus = loss.per_target_at(minus.logits, minus.targets, targets)
 
         def probe(logits: torch.Tensor) -> torch.Tensor:
-            return loss.summed(logits, targets)
+            return loss.per_target(logits, targets)
 
-    surrogate = (loss_plus + loss_minus) / (2 * n)
+    surrogate = (loss_plus.sum() + loss_minus.sum()) / (2 * n)
     explicit = implicit_value = surrogate.new_zeros(())
     if curvature is not None:
-        probe_slope = (probe_plus - probe_minus) / (2 * epsilon)
-        explicit = explicit_scale * probe_slope.detach() ** 2 / (2 * n)
-        surrogate = surrogate + explicit_scale * probe_slope.detach() / n * probe_slope
+        slopes = (probe_plus - probe_minus) / (2 * epsilon)  # per target
+        slopes = slopes.new_zeros(int(ids.max()) + 1).index_add(0, ids, slopes)  # per example
+        explicit = explicit_scale * slopes.detach().pow(2).sum() / (2 * n)
+        surrogate = surrogate + explicit_scale * (slopes.detach() * slopes).sum() / n
     if implicit:
-        implicit_value = math.sqrt(implicit_scale) / n * (loss_plus - loss_minus) / (2 * epsilon)
+        slope = (loss_plus.sum() - loss_minus.sum()) / (2 * epsilon)
+        implicit_value = math.sqrt(implicit_scale) / n * slope
         surrogate = surrogate + implicit_value
     return FiniteDifference(
         surrogate=surrogate,
-        loss=((loss_plus + loss_minus) / (2 * n)).detach(),
+        loss=((loss_plus.sum() + loss_minus.sum()) / (2 * n)).detach(),
         explicit=explicit,
         implicit=implicit_value.detach(),
         directions=[(m - 1.0) / epsilon for m in plus_ctx.gates],

@@ -28,9 +28,13 @@ class Loss:
         """Draw labels from the model's predictive distribution (no gradient through the draw)."""
         raise NotImplementedError
 
-    def summed_at(self, logits: torch.Tensor, *targets: torch.Tensor) -> list[torch.Tensor]:
-        """:meth:`summed` at several label sets of the same outputs."""
-        return [self.summed(logits, t) for t in targets]
+    def per_target(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The ``[N]`` per-target losses."""
+        raise NotImplementedError
+
+    def per_target_at(self, logits: torch.Tensor, *targets: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`per_target` at several label sets of the same outputs."""
+        return [self.per_target(logits, t) for t in targets]
 
     def hessian(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-target output Hessian ``H_out`` of shape ``[N, C, C]``."""
@@ -90,8 +94,12 @@ class CrossEntropy(Loss):
             labels = torch.searchsorted(cdf, u, right=True).squeeze(1)
             return labels.clamp_(max=logits.shape[1] - 1)
 
-    def summed_at(self, logits: torch.Tensor, *targets: torch.Tensor) -> list[torch.Tensor]:
-        """Summed cross-entropies at several label sets, sharing one log-softmax over ``C``.
+    def per_target(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-target cross-entropy."""
+        return F.cross_entropy(logits, targets, reduction="none")
+
+    def per_target_at(self, logits: torch.Tensor, *targets: torch.Tensor) -> list[torch.Tensor]:
+        """Per-target cross-entropies at several label sets, sharing one log-softmax over ``C``.
 
         The backward forms ``sum_j g_j (p - onehot(y_j))`` in one pass over ``[N, C]`` (once
         differentiable), instead of one ``[N, C]`` gradient per label set.
@@ -136,6 +144,10 @@ class SquaredError(Loss):
         """Summed ``0.5 * ||y - F||^2``."""
         return 0.5 * (targets - logits).pow(2).sum()
 
+    def per_target(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``0.5 * ||y_n - F_n||^2`` per target."""
+        return 0.5 * (targets - logits).pow(2).sum(1)
+
     def sample_targets(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Draw ``y ~ N(F, I)``."""
         with torch.no_grad():
@@ -152,23 +164,23 @@ class SquaredError(Loss):
 
 
 class _SharedSoftmaxCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of one ``[N, C]`` logits tensor at several label sets."""
+    """Per-target cross-entropy of one ``[N, C]`` logits tensor at several label sets."""
 
     @staticmethod
     def forward(ctx, logits, *targets):
         log_p = F.log_softmax(logits, dim=-1)
         ctx.save_for_backward(log_p, *targets)
-        return tuple(-log_p.gather(1, t.unsqueeze(1)).sum() for t in targets)
+        return tuple(-log_p.gather(1, t.unsqueeze(1)).squeeze(1) for t in targets)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         log_p, *targets = ctx.saved_tensors
         total = sum(grads)
-        grad = log_p.exp().mul_(total)
+        grad = log_p.exp().mul_(total.unsqueeze(1))
         rows = torch.arange(grad.shape[0], device=grad.device)
         for g, t in zip(grads, targets, strict=True):
-            grad.index_put_((rows, t), -g.expand(t.shape), accumulate=True)
+            grad.index_put_((rows, t), -g, accumulate=True)
         return (grad, *([None] * len(targets)))
 
 

@@ -344,6 +344,10 @@ class Analytic(Method):
             backward, no double backward; every explicit kind but ``"exact"``).
         fd_epsilon: Step of the finite differences, relative to each site's noise standard
             deviation ``sqrt(q / (1-q))``.
+        fd_examples: ``fd_examples(out)`` gives the example index of each target, so the
+            finite-difference explicit term squares one slope per example (much less noise;
+            see :mod:`dropsplit.finite_difference`), e.g.
+            :func:`dropsplit.models.awd.sequence_examples`. ``None``: one slope per batch.
         **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`.
     """
 
@@ -357,6 +361,7 @@ class Analytic(Method):
         grouping: str = "mask",
         gradient: str = "double-backward",
         fd_epsilon: float = 0.1,
+        fd_examples=None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -376,6 +381,7 @@ class Analytic(Method):
         if not 0.0 < fd_epsilon <= 1.0:
             raise ValueError(f"fd_epsilon must be in (0, 1], got {fd_epsilon}")
         self.fd_epsilon = float(fd_epsilon)
+        self.fd_examples = fd_examples
         if gradient == "finite-difference" and explicit not in (*FD_CURVATURES, None):
             raise ValueError(
                 f"gradient='finite-difference' supports explicit in {FD_CURVATURES} or None, "
@@ -443,6 +449,7 @@ class Analytic(Method):
             generator=gen,
             explicit_scale=self.explicit_scale,
             implicit_scale=self.implicit_scale,
+            examples=self.fd_examples,
         )
         stats = {"loss": fd.loss}
         value = fd.loss

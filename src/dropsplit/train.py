@@ -29,7 +29,7 @@ import dropsplit as ds
 from dropsplit.config import Config, MethodConfig, OptimConfig, to_dict, to_toml
 from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
 from dropsplit.methods import Method
-from dropsplit.models.awd import AWDLSTM, detach_state, lm_forward
+from dropsplit.models.awd import AWDLSTM, detach_state, lm_forward, sequence_examples
 
 
 def build_method(cfg: MethodConfig, seed: int) -> Method:
@@ -54,6 +54,7 @@ def build_method(cfg: MethodConfig, seed: int) -> Method:
         grouping=cfg.grouping,
         gradient=cfg.gradient,
         fd_epsilon=cfg.fd_epsilon,
+        fd_examples=sequence_examples if cfg.fd_per_example else None,
         **common,
     )
 

@@ -136,6 +136,16 @@ def detach_state(state):
     return state
 
 
+def sequence_examples(out) -> torch.Tensor:
+    """Example (batch column) of each target of :func:`lm_forward`'s flattened ``[T * B]``.
+
+    For ``Analytic(gradient="finite-difference", fd_examples=sequence_examples)``; ``B`` is read
+    from the returned recurrent state (``aux``).
+    """
+    columns = out.aux[0][0].shape[1]
+    return torch.arange(out.n, device=out.logits.device) % columns
+
+
 def lm_forward(model: nn.Module, batch):
     """``forward_fn`` for ``(inputs[T, B], targets[T, B], state)``; aux is the detached state."""
     inputs, targets, state = batch
