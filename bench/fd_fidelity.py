@@ -1,7 +1,8 @@
 """Fidelity of the finite-difference estimator against the exact (double-backward) analytic step.
 
 On a trained model and real batches, draws the step of ``Analytic(gradient="double-backward")``
-and of ``Analytic(gradient="finite-difference", fd_epsilon=eps)`` many times (fresh signs and
+and of ``Analytic(gradient="finite-difference", fd_epsilon=eps)`` (one slope per batch, and one
+per example with ``fd_examples=sequence_examples``) many times (fresh signs and
 labels each draw) and compares the explicit regularizer's value (mean and spread) and the
 gradient: the bias of the mean gradient relative to the exact mean, with its Monte-Carlo error,
 and the total variance (trace of the covariance) relative to the exact path's.
@@ -21,7 +22,7 @@ import torch
 import dropsplit as ds
 from dropsplit.data import batchify, bptt_batches
 from dropsplit.forward import trainable_parameters
-from dropsplit.models.awd import lm_forward
+from dropsplit.models.awd import lm_forward, sequence_examples
 from dropsplit.runs import load_run
 
 
@@ -77,16 +78,22 @@ def main():
             "seconds_per_step": exact_s,
         }
         for eps in args.epsilons:
-            method = ds.Analytic(
-                "sampled", implicit, gradient="finite-difference", fd_epsilon=eps, seed=1
-            )
-            g, r, s = draws(method, model, batch, args.draws)
-            rows[f"{kind}, finite difference eps={eps}"] = {
-                "explicit_mean": float(r.mean()),
-                "explicit_sd": float(r.std()),
-                "seconds_per_step": s,
-                **compare(exact_g, g),
-            }
+            for variant, examples in (("one slope", None), ("per example", sequence_examples)):
+                method = ds.Analytic(
+                    "sampled",
+                    implicit,
+                    gradient="finite-difference",
+                    fd_epsilon=eps,
+                    fd_examples=examples,
+                    seed=1,
+                )
+                g, r, s = draws(method, model, batch, args.draws)
+                rows[f"{kind}, FD {variant}, eps={eps}"] = {
+                    "explicit_mean": float(r.mean()),
+                    "explicit_sd": float(r.std()),
+                    "seconds_per_step": s,
+                    **compare(exact_g, g),
+                }
     print(
         f"{'estimator':<46} {'lambdaR mean':>12} {'sd':>8} {'bias':>6} {'+-MC':>6} "
         f"{'cos':>5} {'var x':>7} {'s/step':>7}"

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import dropsplit as ds
-from dropsplit.models.awd import AWDLSTM, lm_forward
+from dropsplit.models.awd import AWDLSTM, lm_forward, sequence_examples
 
 SIZES = {
     "small": {"embedding": 200, "hidden": 400, "bptt": 35, "batch": 20},
@@ -52,11 +52,14 @@ def methods() -> dict[str, ds.Method]:
         out[f"Analytic({explicit}, implicit)"] = ds.Analytic(explicit, True, seed=0)
         out[f"Analytic({explicit})"] = ds.Analytic(explicit, False, seed=0)
     out["Analytic(implicit only)"] = ds.Analytic(None, True, seed=0)
-    fd = {"gradient": "finite-difference", "seed": 0}
+    fd = {"gradient": "finite-difference", "fd_examples": sequence_examples, "seed": 0}
     for explicit, implicit in (("sampled", True), ("sampled", False), ("label", True)):
         tag = f"{explicit}, implicit" if implicit else explicit
         out[f"Analytic({tag}) FD"] = ds.Analytic(explicit, implicit, **fd)
     out["Analytic(implicit only) FD"] = ds.Analytic(None, True, **fd)
+    out["Analytic(sampled, implicit) FD one slope"] = ds.Analytic(
+        "sampled", True, gradient="finite-difference", seed=0
+    )
     return out
 
 
