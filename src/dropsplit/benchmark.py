@@ -4,7 +4,8 @@
 sizes. Methods are timed in the same process with interleaved repetitions (one step of each
 method per round), so machine noise hits them alike; the median, min and max ratio to
 DropoutK(1) of the same round are reported. Peak memory is the rise of the resident set size
-over two steps after a warm-up step, polled every 0.5 ms, in a fresh process per method (CPU),
+over two steps after a warm-up step, polled every 0.5 ms, in a fresh process per method with
+glibc returning freed blocks over 64 KiB to the OS (so the resident set follows live memory; CPU),
 or the rise of ``torch.cuda.max_memory_allocated`` (CUDA). A reference row trains the same
 model built from ``nn.LSTM`` with plain dropout.
 
@@ -196,6 +197,8 @@ def step_peak_memory(size: str, name: str, device: str = "cpu") -> float:
 def memory_rows(size: str, names, device: str = "cpu") -> dict[str, float]:
     """Peak step memory per method, each in a fresh process (the high-water mark is global)."""
     out = {}
+    # large blocks go straight back to the OS when freed, so the resident set follows live memory
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     for name in names:
         result = subprocess.run(
             [
@@ -212,6 +215,7 @@ def memory_rows(size: str, names, device: str = "cpu") -> dict[str, float]:
             capture_output=True,
             text=True,
             check=True,
+            env=env,
         )
         out[name] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
     return out
@@ -246,12 +250,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="row names to time (default all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory column")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--markdown", help="write the table to this markdown file")
     args = parser.parse_args(argv)
     if args.memory_of:
         print(json.dumps({"peak_mib": step_peak_memory(args.size, args.memory_of, args.device)}))
+        return 0
+    if args.memory_only:
+        names = [
+            n
+            for n in steps(args.size, args.device)
+            if not args.only or n in args.only or n == "DropoutK(1)"
+        ]
+        memory = memory_rows(args.size, names, args.device)
+        for name, mib in memory.items():
+            print(f"{name:<44} {mib:8.0f} MiB  {mib / memory['DropoutK(1)']:5.2f}x")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"size": args.size, "device": args.device, "peak_mib": memory}, f)
         return 0
     rows = time_steps(args.size, args.repeats, args.only, args.device)
     memory = None if args.no_memory else memory_rows(args.size, rows, args.device)

@@ -60,7 +60,7 @@ class MethodConfig:
     implicit_scale: float = 1.0
     grouping: str = "mask"
     gradient: str = "double-backward"
-    fd_epsilon: float = 0.1
+    fd_epsilon: float = 0.05
     fd_per_example: bool = True
 
 

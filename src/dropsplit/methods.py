@@ -360,7 +360,7 @@ class Analytic(Method):
         implicit_scale: float = 1.0,
         grouping: str = "mask",
         gradient: str = "double-backward",
-        fd_epsilon: float = 0.1,
+        fd_epsilon: float = 0.05,
         fd_examples=None,
         **kwargs,
     ) -> None:
