@@ -3,6 +3,7 @@ import torch
 
 import dropsplit as ds
 from dropsplit.models.awd import AWDLSTM, lm_forward
+from dropsplit.sites import SiteContext, site_context
 
 
 def small_lm(implementation="loop", **kw):
@@ -85,3 +86,15 @@ def test_dropout_k_batch_duplication_equals_the_loop_on_the_lm(lstm):
         grads[impl] = [p.grad.clone() for p in model.parameters()]
     for a, b in zip(grads["loop"], grads["batch"], strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_benchmark_reference_model_is_the_same_lm_on_nn_lstm():
+    """The benchmark's nn.LSTM reference computes our model's logits (with dropout off)."""
+    from dropsplit.benchmark import PlainAWD
+
+    model = small_lm("fused")
+    x, _, state = lm_batch(model)
+    plain = PlainAWD(model, q=0.0)
+    with site_context(model, SiteContext("off")):
+        ours, _ = model(x, state)
+    torch.testing.assert_close(plain(x), ours)

@@ -244,3 +244,10 @@ def test_verdict_data_size_uses_the_main_pair_at_its_fraction():
     v = next(v for v in verdicts(stats, main_fraction="0.1") if v.claim == "f")
     assert v.verdict == "reproduced"
     assert "fraction 0.1" in v.effect
+
+
+def test_bench_command_is_reachable_from_the_cli(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "--memory-only" in capsys.readouterr().out
