@@ -185,6 +185,8 @@ def reproduce(
         overrides = list(spec.overrides) + ([f'data.path="{data}"'] if data else [])
         config = load_config(suite.base, overrides)
         directory.mkdir(parents=True, exist_ok=True)
+        if status == "new":  # killed before its first checkpoint: start clean
+            (directory / "metrics.jsonl").unlink(missing_ok=True)
         (directory / "run.json").write_text(json.dumps(spec.to_json(), indent=2) + "\n")
         verb = "resuming" if status == "partial" else "training"
         print(f"{head}: {verb} ({time.perf_counter() - started:.0f} s so far)", flush=True)
