@@ -136,7 +136,7 @@ def test_reproduce_skips_finished_runs_resumes_partial_ones_and_reports_byte_for
     report = write_report(done, report_dir, suite)
     text = report.read_text()
     assert "A synthetic test suite." in text
-    assert "`dropout-2` seed 0" in text  # listed as not run
+    assert "| `dropout-2` | 0, 1 | 2 |" in text  # listed as not run
     assert (report_dir / "fig1_dropout_k.png").exists()
     first = {
         p.relative_to(report_dir): p.read_bytes() for p in report_dir.rglob("*") if p.is_file()
@@ -251,3 +251,9 @@ def test_bench_command_is_reachable_from_the_cli(capsys):
         main(["bench", "--help"])
     assert exit_info.value.code == 0
     assert "--memory-only" in capsys.readouterr().out
+
+
+def test_one_seed_verdicts_are_at_most_inconclusive():
+    stats = _stats(dropout_1=[100.0], analytic=[120.0])
+    verdict = _verdict(stats, "d").verdict
+    assert verdict == "inconclusive (1 seed; leans not reproduced)"

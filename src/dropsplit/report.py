@@ -330,6 +330,10 @@ def verdicts(stats: dict[str, Stat], main_fraction: str | None = None) -> list[V
             v = INCONCLUSIVE
         out.append(Verdict("f", v, effect))
     out.append(_tracks_dropout_1(stats))
+    # a verdict resting on a one-seed comparison is at most inconclusive
+    for v in out:
+        if "(1 seed)" in v.effect and v.verdict in (REPRODUCED, NOT_REPRODUCED):
+            v.verdict = f"{INCONCLUSIVE} (1 seed; leans {v.verdict})"
     out.append(
         _finding(
             stats, "grouping", [("explicit", "explicit-element"), ("analytic", "analytic-element")]
@@ -605,10 +609,24 @@ def write_report(
         )
     if suite is not None:
         done = {(r.name, r.seed) for r in runs}
-        missing = [s for s in suite.runs if (s.name, s.seed) not in done]
+        planned: dict[str, list[int]] = {}
+        for spec in suite.runs:
+            planned.setdefault(spec.name, []).append(spec.seed)
+        missing = {n: [i for i in seeds if (n, i) not in done] for n, seeds in planned.items()}
+        missing = {n: seeds for n, seeds in missing.items() if seeds}
         if missing:
-            lines += ["", "## Not run", ""]
-            lines += [f"- `{s.name}` seed {s.seed}" for s in missing]
+            lines += [
+                "",
+                "## Not run yet",
+                "",
+                "The suite runs in the background across sessions; these runs (seed indices) were "
+                "not finished when the report was made.",
+                "",
+                "| run | seeds not run | seeds planned |",
+                "|---|---|---:|",
+            ]
+            for name, seeds in missing.items():
+                lines.append(f"| `{name}` | {', '.join(map(str, seeds))} | {len(planned[name])} |")
     lines += ["", "## Figures", ""]
     for filename in figures:
         title = next(t for f, t in FIGURES.values() if f == filename)
