@@ -487,9 +487,9 @@ def plot_groups(groups: dict[str, list[Run]], out: Path) -> list[str]:
     written = []
     for group, (filename, title) in FIGURES.items():
         names = [n for n, rs in groups.items() if rs[0].group == group]
-        names += [n for n in REFERENCES.get(group, []) if n in groups and n not in names]
-        if not names:
+        if not names:  # no run of this group yet: no figure of references alone
             continue
+        names += [n for n in REFERENCES.get(group, []) if n in groups and n not in names]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for name in names:
             runs = groups[name]
