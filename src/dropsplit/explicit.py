@@ -47,6 +47,34 @@ def site_gradients(
     return [torch.zeros_like(g) if d is None else d for g, d in zip(gates, grads, strict=True)]
 
 
+def logit_vjps(
+    logits: torch.Tensor,
+    gates: Sequence[torch.Tensor],
+    cotangents: torch.Tensor,
+    create_graph: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """``cotangents[i]^T d logits / d gate`` for every ``i`` and gate, in one batched backward.
+
+    Args:
+        logits: The gated forward's ``[N, C]`` outputs.
+        gates: The gates recorded by that forward.
+        cotangents: ``[K, N, C]``, one cotangent of the logits per row.
+        create_graph: Keep the graph so the results can be differentiated again.
+
+    Returns:
+        Per gate, ``[K, *gate.shape]`` (``None`` for a gate the logits do not depend on).
+    """
+    return torch.autograd.grad(
+        logits,
+        list(gates),
+        grad_outputs=cotangents,
+        is_grads_batched=True,
+        create_graph=create_graph,
+        retain_graph=True,
+        allow_unused=True,
+    )
+
+
 def joint_site_gradients(
     scalars: Sequence[torch.Tensor],
     logits: torch.Tensor,
@@ -75,15 +103,7 @@ def joint_site_gradients(
             for s in scalars
         ]
     )
-    grads = torch.autograd.grad(
-        logits,
-        list(gates),
-        grad_outputs=cotangents,
-        is_grads_batched=True,
-        create_graph=create_graph,
-        retain_graph=True,
-        allow_unused=True,
-    )
+    grads = logit_vjps(logits, gates, cotangents, create_graph)
     return [
         [torch.zeros_like(g) if d is None else d[i] for g, d in zip(gates, grads, strict=True)]
         for i in range(len(scalars))
@@ -160,15 +180,7 @@ def exact_gauss_newton(
             f"{MAX_EXACT_JACOBIAN_ROWS}); use curvature='sampled' for large outputs"
         )
     eye = torch.eye(n * c, dtype=out.logits.dtype, device=out.logits.device).view(n * c, n, c)
-    jacobians = torch.autograd.grad(
-        out.logits,
-        list(gates),
-        grad_outputs=eye,
-        is_grads_batched=True,
-        create_graph=create_graph,
-        retain_graph=True,
-        allow_unused=True,
-    )
+    jacobians = logit_vjps(out.logits, gates, eye, create_graph)
     hessian = loss.hessian(out.logits)
     if not create_graph:
         hessian = hessian.detach()
