@@ -151,7 +151,9 @@ def finite_difference_step(
         def probe(logits: torch.Tensor) -> torch.Tensor:
             return loss.per_target(logits, targets)
 
-    surrogate = (loss_plus.sum() + loss_minus.sum()) / (2 * n)
+    summed_plus, summed_minus = loss_plus.sum(), loss_minus.sum()
+    mean_loss = (summed_plus + summed_minus) / (2 * n)
+    surrogate = mean_loss
     explicit = implicit_value = surrogate.new_zeros(())
     if curvature is not None:
         slopes = (probe_plus - probe_minus) / (2 * epsilon)  # per target
@@ -159,12 +161,12 @@ def finite_difference_step(
         explicit = explicit_scale * slopes.detach().pow(2).sum() / (2 * n)
         surrogate = surrogate + explicit_scale * (slopes.detach() * slopes).sum() / n
     if implicit:
-        slope = (loss_plus.sum() - loss_minus.sum()) / (2 * epsilon)
+        slope = (summed_plus - summed_minus) / (2 * epsilon)
         implicit_value = math.sqrt(implicit_scale) / n * slope
         surrogate = surrogate + implicit_value
     return FiniteDifference(
         surrogate=surrogate,
-        loss=((loss_plus.sum() + loss_minus.sum()) / (2 * n)).detach(),
+        loss=mean_loss.detach(),
         explicit=explicit,
         implicit=implicit_value.detach(),
         directions=[(m - 1.0) / epsilon for m in plus_ctx.gates],
