@@ -17,7 +17,12 @@ needs_real = pytest.mark.skipif(
 @needs_real
 @pytest.mark.parametrize(
     "name, vocab, train",
-    [("ptb", 10_000, 929_589), ("wikitext-2", 33_278, 2_088_628), ("tinyshakespeare", 65, None)],
+    [
+        ("ptb", 10_000, 929_589),
+        ("ptb-char", 50, 5_017_482),
+        ("wikitext-2", 33_278, 2_088_628),
+        ("tinyshakespeare", 65, None),
+    ],
 )
 def test_real_corpora_have_the_published_counts(name, vocab, train):
     corpus = data.load_corpus(name, REAL)
@@ -30,6 +35,20 @@ def test_real_corpora_have_the_published_counts(name, vocab, train):
 def test_ptb_valid_and_test_counts():
     corpus = data.load_corpus("ptb", REAL)
     assert (corpus.valid.numel(), corpus.test.numel()) == (73_760, 82_430)
+
+
+@needs_real
+def test_ptb_char_spells_out_the_word_stream():
+    words, chars = data.load_corpus("ptb", REAL), data.load_corpus("ptb-char", REAL)
+    for split in ("train", "valid", "test"):
+        spelled = "".join(chars.vocab.itos[i] for i in getattr(chars, split).tolist())
+        tokens = [words.vocab.itos[i] for i in getattr(words, split).tolist()]
+        lines = " ".join(tokens).replace(" <eos> ", "\n").replace(" <eos>", "\n")
+        assert spelled == lines
+
+
+def test_char_tokens_collapse_spaces_and_end_lines():
+    assert data.char_tokens(" a  bc \n d\n") == ["a", " ", "b", "c", "\n", "d", "\n"]
 
 
 def test_missing_data_directory_is_explained(monkeypatch):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dropsplit.data import CORPORA
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -103,7 +105,7 @@ class Config:
 
 
 CHOICES = {
-    "data.corpus": ("ptb", "wikitext-2", "tinyshakespeare", "synthetic"),
+    "data.corpus": CORPORA,
     "model.implementation": ("fused", "loop"),
     "method.name": ("none", "dropout", "analytic"),
     "method.noise": ("none", "difference", "analytic"),

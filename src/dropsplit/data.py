@@ -2,9 +2,10 @@
 
 The data directory comes from ``--data DIR`` or the ``DROPSPLIT_DATA`` environment variable and
 has the layout of ``shared/data``: ``ptb/{train,valid,test}.txt.gz``,
-``wikitext-2/{train,valid,test}.txt.gz``, ``tinyshakespeare/input.txt.gz``. Nothing is
-downloaded. ``"synthetic"`` is a small built-in corpus (a random second-order Markov source)
-for tests and quick runs.
+``wikitext-2/{train,valid,test}.txt.gz``, ``tinyshakespeare/input.txt.gz``. ``"ptb-char"`` is
+the Penn Treebank read as characters (a newline ends each line). Nothing is downloaded.
+``"synthetic"`` is a small built-in corpus (a random second-order Markov source) for tests and
+quick runs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ CHECKSUMS = {
         "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
     ),
 }
-CORPORA = ("ptb", "wikitext-2", "tinyshakespeare", "synthetic")
+CORPORA = ("ptb", "ptb-char", "wikitext-2", "tinyshakespeare", "synthetic")
 
 
 def data_root(path: str | os.PathLike | None = None) -> Path:
@@ -81,6 +82,15 @@ def word_tokens(text: str) -> list[str]:
     return [w for line in text.splitlines() for w in [*line.split(), "<eos>"]]
 
 
+def char_tokens(text: str) -> list[str]:
+    """Character tokens: each line's words joined by single spaces, then a newline.
+
+    Runs of spaces collapse to one (the word-level files pad each line with spaces), so the
+    character stream is the word-level stream spelled out; ``<unk>`` stays five characters.
+    """
+    return [c for line in text.splitlines() for c in " ".join(line.split()) + "\n"]
+
+
 class Vocabulary:
     """Token <-> id map in order of first appearance in the training split."""
 
@@ -120,8 +130,8 @@ def load_corpus(
     """Load a corpus, verified, tokenized and encoded.
 
     Args:
-        name: ``"ptb"``, ``"wikitext-2"``, ``"tinyshakespeare"`` (characters, 90/5/5 split)
-            or ``"synthetic"``.
+        name: ``"ptb"``, ``"ptb-char"`` (PTB as characters), ``"wikitext-2"``,
+            ``"tinyshakespeare"`` (characters, 90/5/5 split) or ``"synthetic"``.
         root: Data directory (default ``$DROPSPLIT_DATA``); unused for ``"synthetic"``.
         train_fraction: Keep this leading fraction of the training tokens (the paper's
             data-size effect); deterministic. The vocabulary is built on the full split.
@@ -151,9 +161,9 @@ def load_corpus(
         splits = ids[: int(0.9 * n)], ids[int(0.9 * n) : int(0.95 * n)], ids[int(0.95 * n) :]
     else:
         base = data_root(root)
+        folder, tokenize = ("ptb", char_tokens) if name == "ptb-char" else (name, word_tokens)
         tokens = {
-            s: word_tokens(read_text(base, f"{name}/{s}.txt.gz"))
-            for s in ("train", "valid", "test")
+            s: tokenize(read_text(base, f"{folder}/{s}.txt.gz")) for s in ("train", "valid", "test")
         }
         vocab = Vocabulary(tokens["train"])
         splits = tuple(vocab.encode(tokens[s]) for s in ("train", "valid", "test"))
