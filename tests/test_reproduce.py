@@ -2,10 +2,12 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from dropsplit.cli import main
+from dropsplit.config import load_config
 from dropsplit.report import Stat, verdicts, write_report
 from dropsplit.reproduce import load_suite, reproduce, run_status
 
@@ -257,3 +259,12 @@ def test_one_seed_verdicts_are_at_most_inconclusive():
     stats = _stats(dropout_1=[100.0], analytic=[120.0])
     verdict = _verdict(stats, "d").verdict
     assert verdict == "inconclusive (1 seed; leans not reproduced)"
+
+
+@pytest.mark.parametrize("name", ["suite.toml", "suite-char.toml"])
+def test_shipped_suites_load_and_every_run_config_is_valid(name):
+    suite = load_suite(Path(__file__).parents[1] / "configs" / "paper" / name)
+    for spec in suite.runs:
+        config = load_config(suite.base, list(spec.overrides))
+        assert config.train.seed == 1111 + spec.seed
+    assert suite.description
