@@ -499,11 +499,13 @@ def plot_groups(groups: dict[str, list[Run]], out: Path) -> list[str]:
                 if len(runs) > 1:
                     ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
         values = [v for n in names for r in groups[n] for v in (m["val_ppl"] for m in r.metrics)]
-        top = min(max(values), 3 * min(values))
+        bests = [min(m["val_ppl"] for m in r.metrics) for n in names for r in groups[n]]
+        # the region where the runs compete: up to 25 % above the worst run's best value
+        top = min(max(values), 1.25 * max(bests))
         for ax, xlabel in zip(axes, ("epoch", "training wall time (min)"), strict=True):
             ax.set_xlabel(xlabel)
             ax.set_ylabel("validation perplexity")
-            ax.set_ylim(0.95 * min(values), top)
+            ax.set_ylim(0.98 * min(values), top)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7, title="run (seeds); band: min-max", title_fontsize=7)
         fig.suptitle(title)
