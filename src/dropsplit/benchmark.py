@@ -1,13 +1,14 @@
 """Time and peak memory per training step of every method, as ratios to DropoutK(1).
 
 ``dropsplit bench`` (or ``python bench/step_cost.py``) times the AWD-style LM at the issue's two
-sizes. Methods are timed in the same process with interleaved repetitions (one step of each
-method per round), so machine noise hits them alike; the median, min and max ratio to
-DropoutK(1) of the same round are reported. Peak memory is the rise of the resident set size
-over two steps after a warm-up step, polled every 0.5 ms, in a fresh process per method with
-glibc returning freed blocks over 64 KiB to the OS (so the resident set follows live memory; CPU),
-or the rise of ``torch.cuda.max_memory_allocated`` (CUDA). A reference row trains the same
-model built from ``nn.LSTM`` with plain dropout.
+sizes (``small``, ``paper``) and at the character-level suite's size (``char``). Methods are
+timed in the same process with interleaved repetitions (one step of each method per round), so
+machine noise hits them alike; the median, min and max ratio to DropoutK(1) of the same round
+are reported. Peak memory is the rise of the resident set size over two steps after a warm-up
+step, polled every 0.5 ms, in a fresh process per method with glibc returning freed blocks over
+64 KiB to the OS (so the resident set follows live memory; CPU), or the rise of
+``torch.cuda.max_memory_allocated`` (CUDA). A reference row trains the same model built from
+``nn.LSTM`` with plain dropout.
 
     dropsplit bench --size small --repeats 5 --json docs/results/step_cost_small.json \
         --markdown docs/results/step_cost_small.md
@@ -34,10 +35,25 @@ import dropsplit as ds
 from dropsplit.models.awd import AWDLSTM, lm_forward, sequence_examples
 
 SIZES = {
-    "small": {"embedding": 200, "hidden": 400, "bptt": 35, "batch": 20},
-    "paper": {"embedding": 400, "hidden": 1150, "bptt": 70, "batch": 20},
+    "small": {
+        "vocab": 10_000,
+        "embedding": 200,
+        "hidden": 400,
+        "layers": 3,
+        "bptt": 35,
+        "batch": 20,
+    },
+    "paper": {
+        "vocab": 10_000,
+        "embedding": 400,
+        "hidden": 1150,
+        "layers": 3,
+        "bptt": 70,
+        "batch": 20,
+    },
+    # the character-level suite (configs/paper/base-char.toml)
+    "char": {"vocab": 50, "embedding": 64, "hidden": 256, "layers": 2, "bptt": 70, "batch": 20},
 }
-VOCAB = 10_000
 REFERENCE = "nn.LSTM + plain dropout (reference)"
 
 
@@ -101,10 +117,11 @@ def problem(size: str, device: str = "cpu"):
     """The model and one batch of the given size."""
     cfg = SIZES[size]
     torch.manual_seed(0)
-    model = AWDLSTM(VOCAB, cfg["embedding"], cfg["hidden"], 3).to(device)
+    vocab = cfg["vocab"]
+    model = AWDLSTM(vocab, cfg["embedding"], cfg["hidden"], cfg["layers"]).to(device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, VOCAB, (cfg["bptt"], cfg["batch"]), generator=g).to(device)
-    y = torch.randint(0, VOCAB, (cfg["bptt"], cfg["batch"]), generator=g).to(device)
+    x = torch.randint(0, vocab, (cfg["bptt"], cfg["batch"]), generator=g).to(device)
+    y = torch.randint(0, vocab, (cfg["bptt"], cfg["batch"]), generator=g).to(device)
     return model, (x, y, model.init_state(cfg["batch"]))
 
 
@@ -121,7 +138,7 @@ def steps(size: str, device: str = "cpu") -> dict[str, Callable[[], object]]:
         for p in plain.parameters():
             p.grad = None
         logits = plain(x)
-        nn.functional.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1)).backward()
+        nn.functional.cross_entropy(logits.flatten(0, 1), y.reshape(-1)).backward()
 
     out[REFERENCE] = plain_step
     return out
