@@ -77,6 +77,10 @@ def methods() -> dict[str, ds.Method]:
     out["Analytic(sampled, implicit) FD one slope"] = ds.Analytic(
         "sampled", True, gradient="finite-difference", seed=0
     )
+    hvp = {"gradient": "hvp-difference", "seed": 0}
+    out["Analytic(sampled, implicit) HVP"] = ds.Analytic("sampled", True, **hvp)
+    out["Analytic(sampled) HVP"] = ds.Analytic("sampled", False, **hvp)
+    out["Analytic(implicit only) HVP"] = ds.Analytic(None, True, **hvp)
     return out
 
 

@@ -64,6 +64,7 @@ class MethodConfig:
     gradient: str = "double-backward"
     fd_epsilon: float = 0.05
     fd_per_example: bool = True
+    hvp_step: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -112,12 +113,13 @@ CHOICES = {
     "method.implementation": ("loop", "batch"),
     "method.explicit": ("sampled", "exact", "label", "identity", "none"),
     "method.grouping": ("mask", "element"),
-    "method.gradient": ("double-backward", "finite-difference"),
+    "method.gradient": ("double-backward", "finite-difference", "hvp-difference"),
     "optim.name": ("sgd", "adam", "ntasgd"),
     "train.divergence": ("skip", "restore"),
 }
 POSITIVE = {
     "method.fd_epsilon",
+    "method.hvp_step",
     "data.batch_size",
     "data.eval_batch_size",
     "data.test_batch_size",

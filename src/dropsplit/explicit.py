@@ -16,7 +16,7 @@ where ``G`` is the gradient of the *summed* loss at labels drawn from the model 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -110,6 +110,35 @@ def joint_site_gradients(
     ]
 
 
+def probe_function(
+    curvature: str, out: ForwardOutput, loss: Loss, generator: torch.Generator
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    r"""The probe of :func:`curvature_probe` as a function of the logits, its draws fixed.
+
+    Evaluating it at the logits of another forward (the same targets) gives the same probe
+    there: the labels drawn for ``"sampled"`` and the ``u`` of ``"identity"`` are drawn once,
+    here, from ``out``'s logits.
+
+    Args:
+        curvature: ``"sampled"``, ``"label"`` or ``"identity"``.
+        out: The gated forward's output.
+        loss: The loss family.
+        generator: Source of randomness for labels or probes.
+
+    Returns:
+        ``logits -> probe scalar``.
+    """
+    if curvature == "sampled":
+        targets = loss.sample_targets(out.logits, generator)
+        return lambda logits: loss.summed(logits, targets)
+    if curvature == "label":
+        return lambda logits: loss.summed(logits, out.targets)
+    if curvature == "identity":
+        u = sample_rademacher(out.logits.shape, generator, out.logits.dtype, out.logits.device)
+        return lambda logits: (u * logits).sum() / math.sqrt(logits.shape[1])
+    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+
+
 def curvature_probe(
     curvature: str, out: ForwardOutput, loss: Loss, generator: torch.Generator
 ) -> torch.Tensor:
@@ -129,14 +158,7 @@ def curvature_probe(
     Returns:
         The probe scalar.
     """
-    if curvature == "sampled":
-        return loss.summed(out.logits, loss.sample_targets(out.logits, generator))
-    if curvature == "label":
-        return loss.summed(out.logits, out.targets)
-    if curvature == "identity":
-        u = sample_rademacher(out.logits.shape, generator, out.logits.dtype, out.logits.device)
-        return (u * out.logits).sum() / math.sqrt(out.logits.shape[1])
-    raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    return probe_function(curvature, out, loss, generator)(out.logits)
 
 
 def explicit_penalty(site_gradient: torch.Tensor, q: float, n: int) -> torch.Tensor:

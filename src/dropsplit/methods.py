@@ -32,12 +32,13 @@ from dropsplit.forward import (
     model_device,
     trainable_parameters,
 )
+from dropsplit.hvp_difference import HVP_CURVATURES, hvp_difference_step
 from dropsplit.implicit import implicit_scalar
 from dropsplit.losses import Loss, get_loss
 from dropsplit.sites import GROUPINGS, SiteContext, require_sites, site_context, site_names
 
 NONFINITE = ("error", "warn")
-GRADIENTS = ("double-backward", "finite-difference")
+GRADIENTS = ("double-backward", "finite-difference", "hvp-difference")
 
 
 @dataclass
@@ -111,14 +112,23 @@ def untile_aux(aux: Any, k: int, dim: int) -> Any:
 
 
 def gated_forward(
-    model: nn.Module, forward_fn: ForwardFn, batch: Any, loss: Loss, grouping: str, active=None
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    loss: Loss,
+    grouping: str,
+    active=None,
+    twice: bool = True,
 ) -> tuple[ForwardOutput, SiteContext]:
     """A clean forward with a gate on every (active) site call (see :mod:`dropsplit.sites`).
+
+    ``twice=False`` when the gate gradients will not be differentiated again.
 
     Raises:
         ValueError: If the forward used none of the sites.
     """
-    with site_context(model, SiteContext("gate", grouping=grouping, active=active)) as ctx:
+    context = SiteContext("gate", grouping=grouping, active=active, twice=twice)
+    with site_context(model, context) as ctx:
         out = call_forward(forward_fn, model, batch, loss)
     if not ctx.record:
         raise ValueError("the forward pass used none of the model's dropout sites")
@@ -138,6 +148,15 @@ def add_implicit_noise(
         for (site, _), g in zip(record, label_gradients, strict=True)
     ]
     return torch.stack(terms).sum()
+
+
+def _site_stats(names: dict, record: list, terms: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``explicit/<site>``: the explicit terms summed per site (a site may be called often)."""
+    stats: dict[str, torch.Tensor] = {}
+    for (site, _), term in zip(record, terms, strict=True):
+        key = f"explicit/{names[site]}"
+        stats[key] = stats.get(key, 0.0) + term.detach()
+    return stats
 
 
 class Method:
@@ -341,9 +360,14 @@ class Analytic(Method):
             original code's per-element squares).
         gradient: ``"double-backward"`` (exact gradients) or ``"finite-difference"``: the
             estimator of :mod:`dropsplit.finite_difference` (two antithetic forwards, one
-            backward, no double backward; every explicit kind but ``"exact"``).
+            backward, no double backward; every explicit kind but ``"exact"``), or
+            ``"hvp-difference"``: :mod:`dropsplit.hvp_difference` (the exact path's values and
+            draws, gradients by one-sided differences along the exact directions: error
+            ``O(hvp_step)``, no double backward; every explicit kind but ``"exact"``).
         fd_epsilon: Step of the finite differences, relative to each site's noise standard
             deviation ``sqrt(q / (1-q))``.
+        hvp_step: Largest gate displacement of ``"hvp-difference"`` (``1e-3``: the smallest
+            error in float32, about 1e-4 of the gradient's norm on the test problems).
         fd_examples: ``fd_examples(out)`` gives the example index of each target, so the
             finite-difference explicit term squares one slope per example (much less noise;
             see :mod:`dropsplit.finite_difference`), e.g.
@@ -361,6 +385,7 @@ class Analytic(Method):
         grouping: str = "mask",
         gradient: str = "double-backward",
         fd_epsilon: float = 0.05,
+        hvp_step: float = 1e-3,
         fd_examples=None,
         **kwargs,
     ) -> None:
@@ -381,10 +406,16 @@ class Analytic(Method):
         if not 0.0 < fd_epsilon <= 1.0:
             raise ValueError(f"fd_epsilon must be in (0, 1], got {fd_epsilon}")
         self.fd_epsilon = float(fd_epsilon)
+        if isinstance(hvp_step, bool) or not isinstance(hvp_step, (int, float)):
+            raise TypeError(f"hvp_step must be a number, got {type(hvp_step).__name__}")
+        if not 0.0 < hvp_step <= 0.1:
+            raise ValueError(f"hvp_step must be in (0, 0.1], got {hvp_step}")
+        self.hvp_step = float(hvp_step)
         self.fd_examples = fd_examples
-        if gradient == "finite-difference" and explicit not in (*FD_CURVATURES, None):
+        supported = {"finite-difference": FD_CURVATURES, "hvp-difference": HVP_CURVATURES}
+        if explicit not in (*supported.get(gradient, CURVATURES), None):
             raise ValueError(
-                f"gradient='finite-difference' supports explicit in {FD_CURVATURES} or None, "
+                f"gradient={gradient!r} supports explicit in {supported[gradient]} or None, "
                 f"got {explicit!r}"
             )
 
@@ -403,6 +434,8 @@ class Analytic(Method):
         self._require(model)
         if self.gradient == "finite-difference":
             return self._finite_difference_objective(model, forward_fn, batch)
+        if self.gradient == "hvp-difference":
+            return self._hvp_difference_objective(model, forward_fn, batch)
         names = site_names(model)
         out, ctx = gated_forward(model, forward_fn, batch, self.loss, self.grouping)
         summed = self.loss.summed(out.logits, out.targets)
@@ -423,10 +456,9 @@ class Analytic(Method):
             terms = explicit_terms(
                 out, ctx.record, self.loss, self.explicit, gen, True, label_grads, probe_grads
             )
-            explicit = self.explicit_scale * torch.stack(terms).sum()
-            for (site, _), term in zip(ctx.record, terms, strict=True):
-                key = f"explicit/{names[site]}"
-                stats[key] = stats.get(key, 0.0) + self.explicit_scale * term.detach()
+            terms = [self.explicit_scale * term for term in terms]
+            explicit = torch.stack(terms).sum()
+            stats.update(_site_stats(names, ctx.record, terms))
             stats["explicit"] = explicit.detach()
             value = value + explicit
         if self.implicit:
@@ -434,6 +466,32 @@ class Analytic(Method):
             stats["implicit"] = noise.detach()
             value = value + noise
         return Objective(value, stats["loss"], out.aux, stats)
+
+    def _hvp_difference_objective(self, model, forward_fn, batch):
+        (gen,) = self.spawn(1, model_device(model))
+        hvp = hvp_difference_step(
+            model,
+            forward_fn,
+            batch,
+            self.loss,
+            curvature=self.explicit,
+            implicit=self.implicit,
+            step=self.hvp_step,
+            grouping=self.grouping,
+            generator=gen,
+            explicit_scale=self.explicit_scale,
+            implicit_scale=self.implicit_scale,
+        )
+        stats = {"loss": hvp.loss}
+        value = hvp.loss
+        if self.explicit is not None:
+            stats.update(_site_stats(site_names(model), hvp.record, hvp.explicit_terms))
+            stats["explicit"] = torch.stack(hvp.explicit_terms).sum()
+            value = value + stats["explicit"]
+        if self.implicit:
+            stats["implicit"] = hvp.implicit
+            value = value + hvp.implicit
+        return Objective(value, hvp.loss, hvp.aux, stats, surrogate=hvp.surrogate)
 
     def _finite_difference_objective(self, model, forward_fn, batch):
         (gen,) = self.spawn(1, model_device(model))

@@ -16,8 +16,9 @@ eval mode. A method (or a measurement) takes over all sites of a model for one f
   per mask group and ``v = q / (1 - q)`` the site's noise variance: a small antithetic probe of
   the sites for the finite-difference estimator (:mod:`dropsplit.finite_difference`).
 
-While a ``"gate"`` context is live, :func:`gates_live` is true: the method will differentiate
-the gate gradients again, and a module may pick a kernel that is cheaper to differentiate twice.
+While a ``"gate"`` context is live (and ``twice``, the default), :func:`gates_live` is true:
+the method will differentiate the gate gradients again, and a module may pick a kernel that is
+cheaper to differentiate twice.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class SiteContext:
         multipliers: For ``"fixed"``: one multiplier per site call, in call order.
         epsilon: For ``"perturb"``: the step, relative to the noise's standard deviation.
         active: Sites that act; the others are the identity (``None``: all).
+        twice: For ``"gate"``: whether the gate gradients will be differentiated again
+            (``False``: one backward only, so modules keep their fastest kernels).
         record: Filled during the forward with ``(site, tensor)`` per site call: the gate in
             ``"gate"`` mode, the multiplier in ``"sample"`` and ``"fixed"`` modes.
     """
@@ -65,6 +68,7 @@ class SiteContext:
     multipliers: Sequence[torch.Tensor] | None = None
     epsilon: float = 0.0
     active: frozenset[Site] | None = None
+    twice: bool = True
     record: list[tuple[Site, torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -357,7 +361,7 @@ def site_context(model: nn.Module, context: SiteContext) -> Iterator[SiteContext
     previous = [s._context for s in found]
     for s in found:
         s._context = context
-    gating = context.mode == "gate"
+    gating = context.mode == "gate" and context.twice
     _LIVE_GATES[0] += gating
     try:
         yield context

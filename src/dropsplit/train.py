@@ -54,6 +54,7 @@ def build_method(cfg: MethodConfig, seed: int) -> Method:
         grouping=cfg.grouping,
         gradient=cfg.gradient,
         fd_epsilon=cfg.fd_epsilon,
+        hvp_step=cfg.hvp_step,
         fd_examples=sequence_examples if cfg.fd_per_example else None,
         **common,
     )

@@ -1,0 +1,113 @@
+"""The exact-direction difference estimator against the double-backward path (same draws)."""
+
+import pytest
+import torch
+from conftest import PROBLEMS, make_problem
+
+import dropsplit as ds
+from dropsplit.forward import trainable_parameters
+from dropsplit.sites import SiteContext, gates_live, site_context
+
+CASES = {
+    "sampled+implicit": ("sampled", True, "mask", (1.0, 1.0)),
+    "sampled": ("sampled", False, "mask", (1.0, 1.0)),
+    "label+implicit": ("label", True, "mask", (1.0, 1.0)),
+    "identity": ("identity", False, "mask", (1.0, 1.0)),
+    "implicit-only": (None, True, "mask", (1.0, 1.0)),
+    "element": ("sampled", True, "element", (1.0, 1.0)),
+    "scaled": ("sampled", True, "mask", (2.0, 0.5)),
+}
+
+
+def _step(pb, case, gradient, seed=7, **kwargs):
+    """One step of Analytic; its gradient, flattened, and its stats."""
+    curvature, implicit, grouping, (es, is_) = CASES[case]
+    method = ds.Analytic(
+        curvature,
+        implicit,
+        grouping=grouping,
+        explicit_scale=es,
+        implicit_scale=is_,
+        gradient=gradient,
+        seed=seed,
+        **kwargs,
+    )
+    result = method.step(pb.model, pb.forward_fn, pb.batch)
+    grad = torch.cat([p.grad.reshape(-1) for p in trainable_parameters(pb.model)])
+    return grad, result.stats
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_equals_double_backward_up_to_the_step(name, case):
+    pb = make_problem(name)
+    exact, exact_stats = _step(pb, case, "double-backward")
+    estimate, stats = _step(pb, case, "hvp-difference", hvp_step=1e-6)
+    # same draws: the loss and the explicit values are the exact path's, the implicit value and
+    # the gradient agree up to O(step)
+    for key in exact_stats:
+        tol = 1e-5 if key in ("implicit", "objective") else 1e-12
+        torch.testing.assert_close(stats[key], exact_stats[key], rtol=tol, atol=tol, msg=key)
+    torch.testing.assert_close(estimate, exact, rtol=1e-5, atol=1e-5 * float(exact.norm()))
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_error_is_first_order_in_the_step(name):
+    pb = make_problem(name)
+    exact, _ = _step(pb, "sampled+implicit", "double-backward")
+    errors = [
+        float((_step(pb, "sampled+implicit", "hvp-difference", hvp_step=s)[0] - exact).norm())
+        for s in (1e-2, 1e-3)
+    ]
+    assert 7.0 < errors[0] / errors[1] < 13.0, errors
+
+
+def test_float32_default_step_is_close_to_double_backward():
+    """In float32 the default step keeps the error near 1e-4 of the gradient (BENCHMARKS.md)."""
+    torch.set_default_dtype(torch.float32)
+    pb = make_problem("rnn-locked")
+    exact, _ = _step(pb, "sampled+implicit", "double-backward")
+    estimate, _ = _step(pb, "sampled+implicit", "hvp-difference")
+    assert float((estimate - exact).norm() / exact.norm()) < 2e-3
+
+
+def test_awd_lstm_fused_kernel_matches_the_loop_double_backward():
+    """On the AWD LSTM the estimator's clean forward keeps nn.LSTM's kernel; same gradients."""
+    from dropsplit.models.awd import AWDLSTM, lm_forward
+
+    torch.manual_seed(0)
+    model = AWDLSTM(12, 5, 7, 2, p_input=0.3, p_hidden=0.3, p_output=0.3, p_weight=0.3)
+    batch = (torch.randint(0, 12, (6, 3)), torch.randint(0, 12, (6, 3)), None)
+    pb = type("P", (), {"model": model, "forward_fn": lm_forward, "batch": batch})
+    exact, _ = _step(pb, "sampled+implicit", "double-backward")
+    estimate, _ = _step(pb, "sampled+implicit", "hvp-difference", hvp_step=1e-6)
+    torch.testing.assert_close(estimate, exact, rtol=1e-5, atol=1e-5 * float(exact.norm()))
+
+
+def test_clean_forward_does_not_mark_gates_live():
+    """The single-backward gate context leaves modules on their fastest kernels."""
+    seen = []
+    pb = make_problem("mlp-two-sites")
+    model = pb.model
+    hook = model.register_forward_hook(lambda *_: seen.append(gates_live()))
+    with site_context(model, SiteContext("gate", twice=False)):
+        pb.forward_fn(model, pb.batch)
+    with site_context(model, SiteContext("gate")):
+        pb.forward_fn(model, pb.batch)
+    hook.remove()
+    assert seen == [False, True]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"explicit": "exact"}, ValueError, "hvp-difference"),
+        ({"hvp_step": 0.0}, ValueError, "hvp_step"),
+        ({"hvp_step": 0.5}, ValueError, "hvp_step"),
+        ({"hvp_step": "small"}, TypeError, "hvp_step"),
+    ],
+    ids=["exact-curvature", "zero-step", "large-step", "string-step"],
+)
+def test_bad_hvp_difference_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ds.Analytic(gradient="hvp-difference", **kwargs)
