@@ -236,3 +236,18 @@ def test_eval_command(tmp_path, capsys):
     main(["train", str(TINY), "--out", str(tmp_path / "r"), "--set", "train.max_steps=3"])
     assert main(["eval", str(tmp_path / "r"), "--split", "valid"]) == 0
     assert "valid: loss" in capsys.readouterr().out
+
+
+def test_patience_stops_when_validation_stops_improving(tmp_path, monkeypatch):
+    """Early stopping: two epochs without a better validation loss end the run (scripted)."""
+    import dropsplit.train as train_module
+
+    losses = iter([3.0, 2.0, 2.5, 2.1, 2.2, 1.0, 1.0])
+    monkeypatch.setattr(train_module, "evaluate", lambda *args: next(losses))
+    config = tiny("train.max_steps=0", "train.eval_every=0", "train.epochs=6", "train.patience=2")
+    summary = train(config, tmp_path / "run")
+    assert [m["val_loss"] for m in metrics(tmp_path / "run")] == [3.0, 2.0, 2.5, 2.1]
+    assert summary["epochs"] == 4 and summary["best_val_loss"] == 2.0
+    assert summary["test_loss"] == 2.2  # the next value: the test evaluation
+    with pytest.raises(ValueError, match="train.patience must be >= 0"):
+        tiny("train.patience=-1")

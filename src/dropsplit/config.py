@@ -87,6 +87,7 @@ class TrainConfig:
     seed: int = 1111
     eval_every: int = 0
     max_eval_batches: int = 0
+    patience: int = 0
     checkpoint_every: int = 100
     log_every: int = 50
     divergence: str = "skip"
@@ -134,6 +135,7 @@ POSITIVE = {
     "train.log_every",
     "train.divergence_factor",
 }
+NON_NEGATIVE = {"train.max_steps", "train.eval_every", "train.max_eval_batches", "train.patience"}
 PROBABILITIES = {
     "model.p_input",
     "model.p_hidden",
@@ -160,6 +162,8 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
         raise ValueError(f"config key {key} must be one of {CHOICES[key]}, got {value!r}")
     if key in POSITIVE and value <= 0:
         raise ValueError(f"config key {key} must be positive, got {value!r}")
+    if key in NON_NEGATIVE and value < 0:
+        raise ValueError(f"config key {key} must be >= 0, got {value!r}")
     if key in PROBABILITIES and not 0 <= value < 1:
         raise ValueError(f"config key {key} must be in [0, 1), got {value!r}")
     if key == "data.train_fraction" and not 0 < value <= 1:

@@ -347,7 +347,18 @@ def train(
     per_epoch = max(1, (train_data.shape[0] - 1) // d.bptt)
     total = min(tc.epochs * per_epoch, max_steps) if max_steps else tc.epochs * per_epoch
     bar = _progress_bar(total, progress.step, disable=rank != 0)
-    while progress.epoch <= tc.epochs and not (max_steps and progress.step >= max_steps):
+
+    def patience_spent() -> bool:  # early stopping: no better validation for `patience` evals
+        history = progress.val_history
+        if not tc.patience or not history:
+            return False
+        return len(history) - 1 - history.index(min(history)) >= tc.patience
+
+    while (
+        progress.epoch <= tc.epochs
+        and not (max_steps and progress.step >= max_steps)
+        and not patience_spent()
+    ):
         windows = bptt_batches(train_data, d.bptt, d.variable_bptt, bptt_gen, progress.position)
         for start, x, y in windows:
             tick = time.perf_counter()
@@ -412,6 +423,8 @@ def train(
         break
     if progress.evaluated_step != progress.step:
         run_eval()
+    if patience_spent():
+        _log(rank, f"epoch {progress.epoch - 1}: no better validation for {tc.patience} epochs")
     checkpoint()
     bar.close()
     summary = _summary(config, model, out, test_data, progress, dry_run, device)
