@@ -238,6 +238,23 @@ def test_verdict_difference_noise_and_explicit_and_replacement():
     assert _verdict(_stats(dropout_1=100), "b").verdict == "not run"
 
 
+def test_estimator_finding_compares_each_estimator_with_the_main_runs():
+    stats = _stats(analytic_exact=99, analytic=100, analytic_fd=110, explicit=104, explicit_fd=115)
+    v = _verdict(stats, "estimator")
+    assert v.verdict == "finding"
+    parts = v.effect.split("; ")
+    assert [p.split(" = ")[0] for p in parts] == [
+        "analytic - analytic-exact",
+        "analytic-fd - analytic-exact",
+        "analytic-fd - analytic",
+        "explicit-fd - explicit",
+    ]
+    assert parts[2].startswith("analytic-fd - analytic = +10.00")
+    missing = _verdict(_stats(dropout_1=100, analytic_fd=110), "estimator")
+    assert missing.verdict == "not run"
+    assert missing.effect == "missing runs: analytic, analytic-exact, explicit, explicit-fd"
+
+
 def test_verdict_data_size_uses_the_main_pair_at_its_fraction():
     stats = _stats(
         dropout_1=100, dropout_4=106, **{"data_0.05_dropout_1": 120, "data_0.05_dropout_4": 135}
