@@ -12,7 +12,6 @@ between two exact draws with different seeds), for several steps.
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -25,12 +24,9 @@ from dropsplit.runs import load_run
 
 
 def gradient(method, model, batch):
-    """The step's gradient, flattened, its stats and its seconds."""
-    start = time.perf_counter()
+    """The step's gradient, flattened, and its stats (speed: ``dropsplit bench``)."""
     result = method.step(model, lm_forward, batch)
-    seconds = time.perf_counter() - start
-    grad = torch.cat([p.grad.reshape(-1) for p in trainable_parameters(model)])
-    return grad, result.stats, seconds
+    return torch.cat([p.grad.reshape(-1) for p in trainable_parameters(model)]), result.stats
 
 
 def main():
@@ -52,28 +48,25 @@ def main():
             gradient(ds.Analytic("sampled", implicit, seed=s), model, batch)
             for s in range(args.draws)
         ]
-        norm = sum(float(g.norm()) for g, _, _ in exact) / len(exact)
+        norm = sum(float(g.norm()) for g, _ in exact) / len(exact)
         spread = torch.stack(
-            [(a - b).norm() for (a, _, _), (b, _, _) in zip(exact, exact[1:], strict=False)]
+            [(a - b).norm() for (a, _), (b, _) in zip(exact, exact[1:], strict=False)]
         )
         spread = float(spread.pow(2).mean().sqrt())
         for step in args.steps:
-            errors, value_errors, seconds = [], [], []
-            for s, (g_exact, stats_exact, _) in enumerate(exact):
+            errors, value_errors = [], []
+            for s, (g_exact, stats_exact) in enumerate(exact):
                 method = ds.Analytic(
                     "sampled", implicit, gradient="hvp-difference", hvp_step=step, seed=s
                 )
-                g, stats, sec = gradient(method, model, batch)
+                g, stats = gradient(method, model, batch)
                 errors.append(float((g - g_exact).norm()))
                 value_errors.append(abs(stats["explicit"] - stats_exact["explicit"]))
-                seconds.append(sec)
             error = sum(errors) / len(errors)
             rows[f"{kind}, step={step:g}"] = {
                 "relative_error": error / norm,
                 "error_over_exact_spread": error / spread,
                 "explicit_value_error": max(value_errors),
-                "exact_seconds": sum(t for _, _, t in exact) / len(exact),
-                "hvp_seconds": sum(seconds) / len(seconds),
             }
     print(f"{'estimator':<34} {'rel. error':>10} {'/ spread':>9} {'value err':>10}")
     for name, r in rows.items():
