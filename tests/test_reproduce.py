@@ -56,6 +56,7 @@ name = "analytic"
 group = "replacement"
 set = ['method.name="analytic"']
 quick = true
+quick_set = ["train.max_steps=3"]
 [[run]]
 name = "explicit"
 group = "explicit"
@@ -87,6 +88,8 @@ def test_suite_expands_runs_over_seeds_and_quick_keeps_its_runs(suite_file):
     quick = load_suite(suite_file, quick=True)
     assert [(r.name, r.seed) for r in quick.runs] == [("dropout-1", 0), ("analytic", 0)]
     assert "train.max_steps=4" in quick.runs[0].overrides
+    assert quick.runs[1].overrides[-3:-1] == ("train.max_steps=4", "train.max_steps=3")
+    assert "train.max_steps=3" not in full.runs[2].overrides
     assert len(load_suite(suite_file, seeds=3).runs) == 12
 
 
@@ -177,6 +180,13 @@ def test_cli_reproduce_quick_prints_the_report(suite_file, tmp_path, capsys):
     assert f"dropsplit {' '.join(args[:1])} {out / 'report'}/runs/*/*" in before.decode()
     assert main(args) == 0
     assert report.read_bytes() == before
+
+
+def test_default_run_directory_follows_the_suite():
+    from dropsplit.cli import default_out
+
+    assert default_out("configs/paper/suite-char.toml", quick=True) == "runs/paper-char-quick"
+    assert default_out("configs/paper/suite.toml", quick=False) == "runs/paper"
 
 
 def test_report_of_nothing_is_an_error(tmp_path, capsys):

@@ -77,7 +77,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from dropsplit.reproduce import load_suite, reproduce
 
     suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds)
-    out = Path(args.out or ("runs/paper-quick" if args.quick else "runs/paper"))
+    out = Path(args.out or default_out(args.suite, args.quick))
     if args.quick:
         print(
             "dropsplit reproduce --quick: a REDUCED suite (few runs, one seed, few epochs) that "
@@ -96,6 +96,12 @@ def _reproduce(args: argparse.Namespace) -> int:
     report = write_report(done, report_dir, suite, command)
     print(f"Report: {report}")
     return 0
+
+
+def default_out(suite: str, quick: bool) -> str:
+    """Run directory of a suite: ``suite-char.toml`` -> ``runs/paper-char`` (+ ``-quick``)."""
+    name = Path(suite).stem.replace("suite", "paper", 1)
+    return f"runs/{name}-quick" if quick else f"runs/{name}"
 
 
 def _report_command(out, suite: str | None, quick: bool, seeds: int | None) -> str:
@@ -155,8 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
         "reproduce", help="train the paper's experiment suite (resumable) and write the report"
     )
     rep.add_argument("--quick", action="store_true", help="reduced suite, about 15 min on 2 cores")
-    rep.add_argument("--suite", default="configs/paper/suite.toml", help="suite file")
-    rep.add_argument("--out", help="run directory (default runs/paper or runs/paper-quick)")
+    rep.add_argument(
+        "--suite",
+        default="configs/paper/suite-char.toml",
+        help="suite file (default: the character-level suite; the word-level one is "
+        "configs/paper/suite.toml)",
+    )
+    rep.add_argument(
+        "--out", help="run directory (default runs/paper-char[-quick] for suite-char.toml)"
+    )
     rep.add_argument("--report", help="report directory (default OUT/report)")
     rep.add_argument("--seeds", type=int, help="seeds per run (default: the suite's)")
     rep.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs")

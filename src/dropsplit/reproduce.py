@@ -13,6 +13,7 @@ A suite file (``configs/paper/suite.toml``) names a base config and the runs, ea
     group = "a"
     set = ["method.k=1"]
     quick = true
+    quick_set = ["train.epochs=2"]   # optional: this run's own --quick overrides, applied last
 
 Run ``r`` with seed index ``i`` trains into ``OUT/<name>/seed<i>`` with ``train.seed = 1111 + i``
 (``seeds`` per run may override the suite's). Runs with several seeds are trained first, seed by
@@ -114,7 +115,9 @@ def load_suite(path: str | Path, quick: bool = False, seeds: int | None = None) 
         names.add(entry["name"])
         if quick and not entry.get("quick", False):
             continue
-        overrides = tuple(entry["set"]) + (tuple(quick_cfg.get("set", ())) if quick else ())
+        overrides = tuple(entry["set"])
+        if quick:
+            overrides += tuple(quick_cfg.get("set", ())) + tuple(entry.get("quick_set", ()))
         n = entry.get("seeds", raw.get("seeds", 1))
         if quick:
             n = quick_cfg.get("seeds", 1)
