@@ -111,3 +111,24 @@ def test_clean_forward_does_not_mark_gates_live():
 def test_bad_hvp_difference_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         ds.Analytic(gradient="hvp-difference", **kwargs)
+
+
+def test_dropout_k_noise_has_no_finite_difference_form():
+    with pytest.raises(ValueError, match="gradient must be one of"):
+        ds.DropoutK(2, "analytic", gradient="finite-difference")
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+@pytest.mark.parametrize("k", [2, 4])
+def test_dropout_k_analytic_noise_equals_double_backward_up_to_the_step(name, k):
+    pb = make_problem(name)
+    params = trainable_parameters(pb.model)
+    grads = {}
+    for gradient in ("double-backward", "hvp-difference"):
+        method = ds.DropoutK(k, "analytic", gradient=gradient, hvp_step=1e-6, seed=11)
+        stats = method.step(pb.model, pb.forward_fn, pb.batch).stats
+        grads[gradient] = (torch.cat([p.grad.reshape(-1) for p in params]), stats)
+    (exact, exact_stats), (estimate, stats) = grads["double-backward"], grads["hvp-difference"]
+    torch.testing.assert_close(stats["loss"], exact_stats["loss"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats["implicit"], exact_stats["implicit"], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(estimate, exact, rtol=1e-5, atol=1e-5 * float(exact.norm()))

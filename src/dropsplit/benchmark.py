@@ -81,6 +81,7 @@ def methods() -> dict[str, ds.Method]:
     out["Analytic(sampled, implicit) HVP"] = ds.Analytic("sampled", True, **hvp)
     out["Analytic(sampled) HVP"] = ds.Analytic("sampled", False, **hvp)
     out["Analytic(implicit only) HVP"] = ds.Analytic(None, True, **hvp)
+    out["DropoutK(4) + analytic HVP"] = ds.DropoutK(4, "analytic", **hvp)
     return out
 
 

@@ -48,6 +48,8 @@ class HvpDifference:
 
     Attributes:
         surrogate: Scalar whose gradient is the estimated gradient of the objective.
+        regularizers: The part of ``surrogate`` that carries the explicit and implicit terms
+            (``surrogate`` minus the clean loss).
         loss: The clean token-mean loss.
         explicit_terms: The exact ``explicit_scale * lambda R`` of each recorded site call.
         implicit: The difference estimate of the implicit scalar ``S``.
@@ -56,6 +58,7 @@ class HvpDifference:
     """
 
     surrogate: torch.Tensor
+    regularizers: torch.Tensor
     loss: torch.Tensor
     explicit_terms: list[torch.Tensor]
     implicit: torch.Tensor
@@ -125,8 +128,8 @@ def hvp_difference_step(
         raise ValueError("the forward pass used none of the model's dropout sites")
     n, gates, qs = out.n, ctx.gates, [site.p for site, _ in ctx.record]
     summed = loss.summed(out.logits, out.targets)
-    surrogate = summed / n
-    terms, implicit_value = [], surrogate.new_zeros(())
+    regularizers = summed.new_zeros(())
+    terms, implicit_value = [], summed.new_zeros(())
     if curvature is not None:
         probe = probe_function(curvature, out, loss, generator)
         at_one = probe(out.logits)
@@ -137,7 +140,7 @@ def hvp_difference_step(
             for g, q in zip(grads, qs, strict=True)
         ]
         moved, t = _along(model, forward_fn, batch, loss, directions, step)
-        surrogate = surrogate + (probe(moved.logits) - at_one) / t
+        regularizers = regularizers + (probe(moved.logits) - at_one) / t
     if implicit:
         scales = [math.sqrt(implicit_scale * noise_variance(q)) / n for q in qs]
         directions = [
@@ -147,9 +150,10 @@ def hvp_difference_step(
         moved, t = _along(model, forward_fn, batch, loss, directions, step)
         difference = (loss.summed(moved.logits, moved.targets) - summed) / t
         implicit_value = difference.detach()
-        surrogate = surrogate + difference
+        regularizers = regularizers + difference
     return HvpDifference(
-        surrogate=surrogate,
+        surrogate=summed / n + regularizers,
+        regularizers=regularizers,
         loss=(summed / n).detach(),
         explicit_terms=[term.detach() for term in terms],
         implicit=implicit_value,

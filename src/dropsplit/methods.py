@@ -150,6 +150,14 @@ def add_implicit_noise(
     return torch.stack(terms).sum()
 
 
+def _check_hvp_step(hvp_step: Any) -> float:
+    if isinstance(hvp_step, bool) or not isinstance(hvp_step, (int, float)):
+        raise TypeError(f"hvp_step must be a number, got {type(hvp_step).__name__}")
+    if not 0.0 < hvp_step <= 0.1:
+        raise ValueError(f"hvp_step must be in (0, 0.1], got {hvp_step}")
+    return float(hvp_step)
+
+
 def _site_stats(names: dict, record: list, terms: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """``explicit/<site>``: the explicit terms summed per site (a site may be called often)."""
     stats: dict[str, torch.Tensor] = {}
@@ -275,6 +283,10 @@ class DropoutK(Method):
         tile: ``tile(batch, k)`` for batch duplication (default: :func:`tile_batch`).
         untile: ``untile(aux, k)`` mapping the tiled aux back (default: last replica).
         grouping: Mask grouping of the analytic noise.
+        gradient: How the analytic noise is differentiated: ``"double-backward"`` (exact) or
+            ``"hvp-difference"`` (:mod:`dropsplit.hvp_difference`: the same draws, one-sided
+            differences along them, no double backward).
+        hvp_step: Largest gate displacement of ``"hvp-difference"``.
         **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`.
     """
 
@@ -288,6 +300,8 @@ class DropoutK(Method):
         tile=None,
         untile=None,
         grouping: str = "mask",
+        gradient: str = "double-backward",
+        hvp_step: float = 1e-3,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -299,6 +313,8 @@ class DropoutK(Method):
         self.noise = _choice(noise, (None, "difference", "analytic"), "noise")
         self.implementation = _choice(implementation, ("loop", "batch"), "implementation")
         self.grouping = _choice(grouping, GROUPINGS, "grouping")
+        self.gradient = _choice(gradient, ("double-backward", "hvp-difference"), "gradient")
+        self.hvp_step = _check_hvp_step(hvp_step)
         self.batch_dim = batch_dim
         self.tile = tile or (lambda b, k: tile_batch(b, k, batch_dim))
         self.untile = untile or (lambda a, k: untile_aux(a, k, batch_dim))
@@ -336,6 +352,22 @@ class DropoutK(Method):
             noise = math.sqrt(scale) * (loss_a - loss_b) / math.sqrt(2.0)
             stats["noise"] = noise.detach()
             value = value + noise
+        elif self.noise == "analytic" and scale > 0 and self.gradient == "hvp-difference":
+            (gen,) = self.spawn(1, device)
+            hvp = hvp_difference_step(
+                model,
+                forward_fn,
+                batch,
+                self.loss,
+                curvature=None,
+                implicit=True,
+                step=self.hvp_step,
+                grouping=self.grouping,
+                generator=gen,
+                implicit_scale=scale,
+            )
+            stats["implicit"] = hvp.implicit
+            value = value + hvp.regularizers
         elif self.noise == "analytic" and scale > 0:
             out, ctx = gated_forward(model, forward_fn, batch, self.loss, self.grouping)
             grads = site_gradients(self.loss.summed(out.logits, out.targets), ctx.gates, True)
@@ -406,11 +438,7 @@ class Analytic(Method):
         if not 0.0 < fd_epsilon <= 1.0:
             raise ValueError(f"fd_epsilon must be in (0, 1], got {fd_epsilon}")
         self.fd_epsilon = float(fd_epsilon)
-        if isinstance(hvp_step, bool) or not isinstance(hvp_step, (int, float)):
-            raise TypeError(f"hvp_step must be a number, got {type(hvp_step).__name__}")
-        if not 0.0 < hvp_step <= 0.1:
-            raise ValueError(f"hvp_step must be in (0, 0.1], got {hvp_step}")
-        self.hvp_step = float(hvp_step)
+        self.hvp_step = _check_hvp_step(hvp_step)
         self.fd_examples = fd_examples
         supported = {"finite-difference": FD_CURVATURES, "hvp-difference": HVP_CURVATURES}
         if explicit not in (*supported.get(gradient, CURVATURES), None):

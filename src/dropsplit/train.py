@@ -38,12 +38,16 @@ def build_method(cfg: MethodConfig, seed: int) -> Method:
     if cfg.name == "none":
         return ds.NoDropout(**common)
     if cfg.name == "dropout":
+        # the analytic noise has no finite-difference form: it is exact or HVP differences
+        gradient = "double-backward" if cfg.gradient == "finite-difference" else cfg.gradient
         return ds.DropoutK(
             cfg.k,
             None if cfg.noise == "none" else cfg.noise,
             implementation=cfg.implementation,
             batch_dim=1,
             grouping=cfg.grouping,
+            gradient=gradient,
+            hvp_step=cfg.hvp_step,
             **common,
         )
     return ds.Analytic(
