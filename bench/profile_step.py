@@ -1,4 +1,4 @@
-"""Where the time of a step goes: phase by phase, for Dropout_1, the exact and the FD analytic step.
+"""Where the time of a step goes, phase by phase: Dropout_1, the exact, HVP and FD analytic steps.
 
 Each phase is timed on its own (median of repeats) with the library's building blocks, in the
 order the methods run them; the top operators of each whole step come from ``torch.profiler``.
@@ -16,12 +16,19 @@ from torch.profiler import profile
 
 import dropsplit as ds
 from dropsplit.benchmark import SIZES, problem
-from dropsplit.explicit import explicit_penalty, joint_site_gradients
+from dropsplit.explicit import (
+    explicit_penalty,
+    joint_site_gradients,
+    probe_function,
+    site_gradients,
+)
 from dropsplit.finite_difference import finite_difference_step
 from dropsplit.forward import call_forward, trainable_parameters
+from dropsplit.hvp_difference import forward_along
 from dropsplit.losses import get_loss
 from dropsplit.methods import gated_forward
 from dropsplit.models.awd import lm_forward, sequence_examples
+from dropsplit.noise import explicit_coefficient, noise_variance, sample_rademacher
 from dropsplit.sites import SiteContext, site_context
 
 LOSS = get_loss("cross_entropy")
@@ -68,6 +75,38 @@ def phases_exact(model, batch, gen):
     start = time.perf_counter()
     value.backward()
     t["final backward (double backward through it)"] = time.perf_counter() - start
+    return t
+
+
+def phases_hvp(model, batch, gen):
+    """Analytic(sampled, implicit), HVP differences, in the order the method runs."""
+    t = {}
+    start = time.perf_counter()
+    out, ctx = gated_forward(model, lm_forward, batch, LOSS, "mask", twice=False)
+    summed = LOSS.summed(out.logits, out.targets)
+    probe = probe_function("sampled", out, LOSS, gen)
+    at_one = probe(out.logits)
+    t["gated forward (nn.LSTM kernel) + losses + label sampling"] = time.perf_counter() - start
+    start = time.perf_counter()
+    grads = site_gradients(at_one, ctx.gates, create_graph=False)
+    t["backward to the gates (probe)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    qs = [site.p for site, _ in ctx.record]
+    d = [2 * explicit_coefficient(q) / out.n * g for g, q in zip(grads, qs, strict=True)]
+    moved, step = forward_along(model, lm_forward, batch, LOSS, d, 1e-3)
+    surrogate = summed / out.n + (probe(moved.logits) - at_one) / step
+    t["forward along the explicit direction"] = time.perf_counter() - start
+    start = time.perf_counter()
+    r = [
+        noise_variance(q) ** 0.5 / out.n * sample_rademacher(g.shape, gen, g.dtype)
+        for g, q in zip(grads, qs, strict=True)
+    ]
+    moved, step = forward_along(model, lm_forward, batch, LOSS, r, 1e-3)
+    surrogate = surrogate + (LOSS.summed(moved.logits, moved.targets) - summed) / step
+    t["forward along the noise direction"] = time.perf_counter() - start
+    start = time.perf_counter()
+    surrogate.backward()
+    t["one backward through the three forwards"] = time.perf_counter() - start
     return t
 
 
@@ -129,6 +168,7 @@ def main():
     for name, phases in (
         ("DropoutK(1)", phases_dropout),
         ("Analytic(sampled, implicit), double backward", phases_exact),
+        ("Analytic(sampled, implicit), HVP differences", phases_hvp),
         ("Analytic(sampled, implicit), finite difference", phases_fd),
     ):
         result[name] = run(phases, model, batch, args.repeats)
@@ -139,6 +179,9 @@ def main():
     ops = {
         "DropoutK(1)": top_ops(ds.DropoutK(1, seed=0), model, batch),
         "Analytic exact": top_ops(ds.Analytic("sampled", True, seed=0), model, batch),
+        "Analytic HVP": top_ops(
+            ds.Analytic("sampled", True, gradient="hvp-difference", seed=0), model, batch
+        ),
     }
     for name, rows in ops.items():
         print(f"\ntop operators, {name}:")

@@ -66,7 +66,7 @@ class HvpDifference:
     aux: Any
 
 
-def _along(
+def forward_along(
     model: nn.Module, forward_fn: ForwardFn, batch: Any, loss: Loss, directions, step: float
 ) -> tuple[ForwardOutput, float]:
     """The forward at gates ``1 + t d``, ``t`` scaled so that the largest gate moves by ``step``."""
@@ -139,7 +139,7 @@ def hvp_difference_step(
             2 * explicit_scale * explicit_coefficient(q) / n * g
             for g, q in zip(grads, qs, strict=True)
         ]
-        moved, t = _along(model, forward_fn, batch, loss, directions, step)
+        moved, t = forward_along(model, forward_fn, batch, loss, directions, step)
         regularizers = regularizers + (probe(moved.logits) - at_one) / t
     if implicit:
         scales = [math.sqrt(implicit_scale * noise_variance(q)) / n for q in qs]
@@ -147,7 +147,7 @@ def hvp_difference_step(
             c * sample_rademacher(g.shape, generator, g.dtype, g.device)
             for g, c in zip(gates, scales, strict=True)
         ]
-        moved, t = _along(model, forward_fn, batch, loss, directions, step)
+        moved, t = forward_along(model, forward_fn, batch, loss, directions, step)
         difference = (loss.summed(moved.logits, moved.targets) - summed) / t
         implicit_value = difference.detach()
         regularizers = regularizers + difference
