@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from dropsplit.cli import main
 from dropsplit.config import load_config
@@ -157,6 +158,22 @@ def test_reproduce_skips_finished_runs_resumes_partial_ones_and_reports_byte_for
     assert first.keys() == second.keys()
     for name in first:
         assert first[name] == second[name], name
+
+
+def test_parallel_jobs_train_the_same_runs(suite_file, tmp_path):
+    torch.set_default_dtype(torch.float32)  # as in the spawned workers (the fixture restores it)
+    suite = load_suite(suite_file)
+    only = {"dropout-1", "analytic"}
+    serial = reproduce(suite, tmp_path / "a", only=only)
+    parallel = reproduce(suite, tmp_path / "b", only=only, jobs=2)
+    names = [d.relative_to(tmp_path / "a") for d in serial]
+    assert names == [d.relative_to(tmp_path / "b") for d in parallel] and len(names) == 4
+    for name in names:
+        a, b = (json.loads((tmp_path / r / name / "summary.json").read_text()) for r in "ab")
+        assert a["steps"] == b["steps"]
+        assert b["best_val_loss"] == pytest.approx(a["best_val_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="jobs"):
+        reproduce(suite, tmp_path / "c", jobs=0)
 
 
 def test_cli_reproduce_quick_prints_the_report(suite_file, tmp_path, capsys):

@@ -87,7 +87,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     only = set(args.only) if args.only else None
     size = {"batches": 1, "gap_samples": 32, "noise_samples": 16} if args.quick else {}
     measure = None if args.no_measure else size
-    done = reproduce(suite, out, data=args.data, only=only, measure=measure)
+    done = reproduce(suite, out, data=args.data, only=only, measure=measure, jobs=args.jobs)
     if not done:
         print("no finished runs yet: nothing to report")
         return 0
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seeds", type=int, help="seeds per run (default: the suite's)")
     rep.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs")
     rep.add_argument("--no-measure", action="store_true", help="skip measuring Dropout_1")
+    rep.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, one process each (default 1)"
+    )
     rep.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
     rep.set_defaults(handler=_reproduce)
 

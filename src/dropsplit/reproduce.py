@@ -155,6 +155,7 @@ def reproduce(
     data: str | None = None,
     only: set[str] | None = None,
     measure: dict[str, int] | None = None,
+    jobs: int = 1,
 ) -> list[Path]:
     """Train every run of ``suite`` not finished yet (resuming interrupted ones).
 
@@ -165,41 +166,77 @@ def reproduce(
         only: Names of the runs to train (default all).
         measure: Keyword arguments of :func:`~dropsplit.runs.measure_run` for the Dropout_1
             run of seed 0, measured as soon as it is finished (``None``: no measurement).
+        jobs: Runs trained at once, each in its own process with ``1 / jobs`` of the torch
+            threads (small models use two cores better as two one-thread runs than as one
+            two-thread run). The runs do not depend on ``jobs`` (up to the float rounding of
+            another thread count).
 
     Returns:
         The run directories of the suite that are finished.
     """
-    from dropsplit.runs import measure_run
-    from dropsplit.train import train
-
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
     out = Path(out)
     todo = [r for r in suite.runs if only is None or r.name in only]
     started = time.perf_counter()
-    for index, spec in enumerate(todo, 1):
-        directory = out / spec.directory
-        status = run_status(directory)
-        head = f"[{index}/{len(todo)}] {spec.directory}"
-        wants_measure = measure is not None and (spec.name, spec.seed) == MEASURED
-        if status == "done":
-            print(f"{head}: finished, skipped", flush=True)
-            if wants_measure and not (directory / "measure" / "measure.json").exists():
-                measure_run(directory, data=data, **measure)
-            continue
-        overrides = list(spec.overrides) + ([f'data.path="{data}"'] if data else [])
-        config = load_config(suite.base, overrides)
-        directory.mkdir(parents=True, exist_ok=True)
-        if status == "new":  # killed before its first checkpoint: start clean
-            (directory / "metrics.jsonl").unlink(missing_ok=True)
-        (directory / "run.json").write_text(json.dumps(spec.to_json(), indent=2) + "\n")
-        verb = "resuming" if status == "partial" else "training"
-        print(f"{head}: {verb} ({time.perf_counter() - started:.0f} s so far)", flush=True)
-        summary = train(config, directory, resume=status == "partial")
-        print(
-            f"{head}: best valid ppl {summary['best_val_ppl']:.2f}, "
-            f"{summary['train_seconds']:.0f} s",
-            flush=True,
-        )
-        if wants_measure:
-            print(f"{head}: measuring both effects of dropout on it", flush=True)
-            measure_run(directory, data=data, **measure)
+    tasks = [
+        (spec, f"[{i}/{len(todo)}] {spec.directory}", suite.base, out, data, measure, started)
+        for i, spec in enumerate(todo, 1)
+    ]
+    if jobs == 1:
+        for task in tasks:
+            _run_one(*task)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        import torch
+
+        threads = max(1, torch.get_num_threads() // jobs)
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded torch
+        with ProcessPoolExecutor(
+            jobs, context, initializer=torch.set_num_threads, initargs=(threads,)
+        ) as pool:
+            for future in [pool.submit(_run_one, *task, show_progress=False) for task in tasks]:
+                future.result()
     return [out / r.directory for r in suite.runs if run_status(out / r.directory) == "done"]
+
+
+def _run_one(
+    spec: RunSpec,
+    head: str,
+    base: Path,
+    out: Path,
+    data: str | None,
+    measure: dict[str, int] | None,
+    started: float,
+    show_progress: bool = True,
+) -> None:
+    """Train (or resume, or skip) one run of the suite, then measure it if it is MEASURED."""
+    from dropsplit.runs import measure_run
+    from dropsplit.train import train
+
+    directory = out / spec.directory
+    status = run_status(directory)
+    wants_measure = measure is not None and (spec.name, spec.seed) == MEASURED
+    if status == "done":
+        print(f"{head}: finished, skipped", flush=True)
+        if wants_measure and not (directory / "measure" / "measure.json").exists():
+            measure_run(directory, data=data, **measure)
+        return
+    overrides = list(spec.overrides) + ([f'data.path="{data}"'] if data else [])
+    config = load_config(base, overrides)
+    directory.mkdir(parents=True, exist_ok=True)
+    if status == "new":  # killed before its first checkpoint: start clean
+        (directory / "metrics.jsonl").unlink(missing_ok=True)
+    (directory / "run.json").write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+    verb = "resuming" if status == "partial" else "training"
+    print(f"{head}: {verb} ({time.perf_counter() - started:.0f} s so far)", flush=True)
+    summary = train(config, directory, resume=status == "partial", show_progress=show_progress)
+    print(
+        f"{head}: best valid ppl {summary['best_val_ppl']:.2f}, {summary['train_seconds']:.0f} s",
+        flush=True,
+    )
+    if wants_measure:
+        print(f"{head}: measuring both effects of dropout on it", flush=True)
+        measure_run(directory, data=data, **measure)

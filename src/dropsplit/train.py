@@ -232,6 +232,7 @@ def train(
     dry_run: bool = False,
     corpus: Corpus | None = None,
     interrupt_at_step: int | None = None,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Train, evaluate and checkpoint; returns the summary.
 
@@ -242,6 +243,7 @@ def train(
         dry_run: Stop after 3 steps with a shortened evaluation.
         corpus: A preloaded corpus (default: loaded from the config).
         interrupt_at_step: Raise ``KeyboardInterrupt`` after this step (tests of resumption).
+        show_progress: Show a progress bar (on a terminal).
 
     Returns:
         The contents of ``summary.json``.
@@ -350,7 +352,7 @@ def train(
 
     per_epoch = max(1, (train_data.shape[0] - 1) // d.bptt)
     total = min(tc.epochs * per_epoch, max_steps) if max_steps else tc.epochs * per_epoch
-    bar = _progress_bar(total, progress.step, disable=rank != 0)
+    bar = _progress_bar(total, progress.step, disable=rank != 0 or not show_progress)
 
     def patience_spent() -> bool:  # early stopping: no better validation for `patience` evals
         history = progress.val_history
