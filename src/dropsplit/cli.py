@@ -85,7 +85,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             flush=True,
         )
     only = set(args.only) if args.only else None
-    size = {"batches": 1, "gap_samples": 32, "noise_samples": 16} if args.quick else {}
+    size = {"batches": 1, "gap_samples": 16, "noise_samples": 8} if args.quick else {}
     measure = None if args.no_measure else size
     done = reproduce(suite, out, data=args.data, only=only, measure=measure, jobs=args.jobs)
     if not done:
