@@ -460,10 +460,8 @@ class Analytic(Method):
         + the one-draw estimate of lambda R + S) and ``surrogate`` carries its gradient.
         """
         self._require(model)
-        if self.gradient == "finite-difference":
-            return self._finite_difference_objective(model, forward_fn, batch)
-        if self.gradient == "hvp-difference":
-            return self._hvp_difference_objective(model, forward_fn, batch)
+        if self.gradient != "double-backward":
+            return self._estimator_objective(model, forward_fn, batch)
         names = site_names(model)
         out, ctx = gated_forward(model, forward_fn, batch, self.loss, self.grouping)
         summed = self.loss.summed(out.logits, out.targets)
@@ -495,54 +493,40 @@ class Analytic(Method):
             value = value + noise
         return Objective(value, stats["loss"], out.aux, stats)
 
-    def _hvp_difference_objective(self, model, forward_fn, batch):
+    def _estimator_objective(self, model, forward_fn, batch):
+        """The objective of an estimator path: its values, and its surrogate for the gradient."""
         (gen,) = self.spawn(1, model_device(model))
-        hvp = hvp_difference_step(
-            model,
-            forward_fn,
-            batch,
-            self.loss,
-            curvature=self.explicit,
-            implicit=self.implicit,
-            step=self.hvp_step,
-            grouping=self.grouping,
-            generator=gen,
-            explicit_scale=self.explicit_scale,
-            implicit_scale=self.implicit_scale,
-        )
-        stats = {"loss": hvp.loss}
-        value = hvp.loss
-        if self.explicit is not None:
-            stats.update(_site_stats(site_names(model), hvp.record, hvp.explicit_terms))
-            stats["explicit"] = torch.stack(hvp.explicit_terms).sum()
-            value = value + stats["explicit"]
+        common = {
+            "curvature": self.explicit,
+            "implicit": self.implicit,
+            "grouping": self.grouping,
+            "generator": gen,
+            "explicit_scale": self.explicit_scale,
+            "implicit_scale": self.implicit_scale,
+        }
+        stats = {}
+        if self.gradient == "hvp-difference":
+            est = hvp_difference_step(
+                model, forward_fn, batch, self.loss, step=self.hvp_step, **common
+            )
+            if self.explicit is not None:
+                stats.update(_site_stats(site_names(model), est.record, est.explicit_terms))
+                stats["explicit"] = torch.stack(est.explicit_terms).sum()
+        else:
+            est = finite_difference_step(
+                model,
+                forward_fn,
+                batch,
+                self.loss,
+                epsilon=self.fd_epsilon,
+                examples=self.fd_examples,
+                **common,
+            )
+            if self.explicit is not None:
+                stats["explicit"] = est.explicit
+        stats["loss"] = est.loss
+        value = est.loss + stats.get("explicit", 0.0)
         if self.implicit:
-            stats["implicit"] = hvp.implicit
-            value = value + hvp.implicit
-        return Objective(value, hvp.loss, hvp.aux, stats, surrogate=hvp.surrogate)
-
-    def _finite_difference_objective(self, model, forward_fn, batch):
-        (gen,) = self.spawn(1, model_device(model))
-        fd = finite_difference_step(
-            model,
-            forward_fn,
-            batch,
-            self.loss,
-            curvature=self.explicit,
-            implicit=self.implicit,
-            epsilon=self.fd_epsilon,
-            grouping=self.grouping,
-            generator=gen,
-            explicit_scale=self.explicit_scale,
-            implicit_scale=self.implicit_scale,
-            examples=self.fd_examples,
-        )
-        stats = {"loss": fd.loss}
-        value = fd.loss
-        if self.explicit is not None:
-            stats["explicit"] = fd.explicit
-            value = value + fd.explicit
-        if self.implicit:
-            stats["implicit"] = fd.implicit
-            value = value + fd.implicit
-        return Objective(value, fd.loss, fd.aux, stats, surrogate=fd.surrogate)
+            stats["implicit"] = est.implicit
+            value = value + est.implicit
+        return Objective(value, est.loss, est.aux, stats, surrogate=est.surrogate)
