@@ -37,7 +37,7 @@ from dropsplit.explicit import explicit_penalty, probe_function, site_gradients
 from dropsplit.forward import ForwardFn, ForwardOutput, call_forward
 from dropsplit.losses import Loss
 from dropsplit.noise import explicit_coefficient, noise_variance, sample_rademacher
-from dropsplit.sites import SiteContext, site_context
+from dropsplit.sites import SiteContext, gated_forward, site_context
 
 HVP_CURVATURES = ("sampled", "label", "identity")
 
@@ -121,11 +121,7 @@ def hvp_difference_step(
             f"gradient='hvp-difference' supports explicit in {HVP_CURVATURES} or None, got "
             f"{curvature!r}"
         )
-    context = SiteContext("gate", grouping=grouping, twice=False)
-    with site_context(model, context) as ctx:
-        out = call_forward(forward_fn, model, batch, loss)
-    if not ctx.record:
-        raise ValueError("the forward pass used none of the model's dropout sites")
+    out, ctx = gated_forward(model, forward_fn, batch, loss, grouping, twice=False)
     n, gates, qs = out.n, ctx.gates, [site.p for site, _ in ctx.record]
     summed = loss.summed(out.logits, out.targets)
     regularizers = summed.new_zeros(())

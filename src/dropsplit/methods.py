@@ -35,7 +35,14 @@ from dropsplit.forward import (
 from dropsplit.hvp_difference import HVP_CURVATURES, hvp_difference_step
 from dropsplit.implicit import implicit_scalar
 from dropsplit.losses import Loss, get_loss
-from dropsplit.sites import GROUPINGS, SiteContext, require_sites, site_context, site_names
+from dropsplit.sites import (
+    GROUPINGS,
+    SiteContext,
+    gated_forward,
+    require_sites,
+    site_context,
+    site_names,
+)
 
 NONFINITE = ("error", "warn")
 GRADIENTS = ("double-backward", "finite-difference", "hvp-difference")
@@ -109,30 +116,6 @@ def untile_aux(aux: Any, k: int, dim: int) -> Any:
     if isinstance(aux, dict):
         return {key: untile_aux(v, k, dim) for key, v in aux.items()}
     return aux
-
-
-def gated_forward(
-    model: nn.Module,
-    forward_fn: ForwardFn,
-    batch: Any,
-    loss: Loss,
-    grouping: str,
-    active=None,
-    twice: bool = True,
-) -> tuple[ForwardOutput, SiteContext]:
-    """A clean forward with a gate on every (active) site call (see :mod:`dropsplit.sites`).
-
-    ``twice=False`` when the gate gradients will not be differentiated again.
-
-    Raises:
-        ValueError: If the forward used none of the sites.
-    """
-    context = SiteContext("gate", grouping=grouping, active=active, twice=twice)
-    with site_context(model, context) as ctx:
-        out = call_forward(forward_fn, model, batch, loss)
-    if not ctx.record:
-        raise ValueError("the forward pass used none of the model's dropout sites")
-    return out, ctx
 
 
 def add_implicit_noise(

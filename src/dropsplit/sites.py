@@ -26,11 +26,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from dropsplit.forward import ForwardFn, ForwardOutput, call_forward
+from dropsplit.losses import Loss
 from dropsplit.noise import (
     check_probability,
     mask_shape,
@@ -374,6 +377,30 @@ def site_context(model: nn.Module, context: SiteContext) -> Iterator[SiteContext
 def gates_live() -> bool:
     """Whether a ``"gate"`` context is live (the forward will be differentiated twice)."""
     return _LIVE_GATES[0] > 0
+
+
+def gated_forward(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    loss: Loss,
+    grouping: str,
+    active=None,
+    twice: bool = True,
+) -> tuple[ForwardOutput, SiteContext]:
+    """A clean forward with a gate on every (active) site call (mode ``"gate"``).
+
+    ``twice=False`` when the gate gradients will not be differentiated again.
+
+    Raises:
+        ValueError: If the forward used none of the sites.
+    """
+    context = SiteContext("gate", grouping=grouping, active=active, twice=twice)
+    with site_context(model, context) as ctx:
+        out = call_forward(forward_fn, model, batch, loss)
+    if not ctx.record:
+        raise ValueError("the forward pass used none of the model's dropout sites")
+    return out, ctx
 
 
 _CONVERSIONS = {
