@@ -251,3 +251,33 @@ def test_patience_stops_when_validation_stops_improving(tmp_path, monkeypatch):
     assert summary["test_loss"] == 2.2  # the next value: the test evaluation
     with pytest.raises(ValueError, match="train.patience must be >= 0"):
         tiny("train.patience=-1")
+
+
+def test_min_epochs_holds_off_early_stopping(tmp_path, monkeypatch):
+    """The same scripted losses: with min_epochs=6 the run outlasts its plateau and improves."""
+    import dropsplit.train as train_module
+
+    losses = iter([3.0, 2.0, 2.5, 2.1, 2.2, 1.0, 1.5, 1.6, 0.5])
+    monkeypatch.setattr(train_module, "evaluate", lambda *args: next(losses))
+    config = tiny(
+        "train.max_steps=0",
+        "train.eval_every=0",
+        "train.epochs=9",
+        "train.patience=2",
+        "train.min_epochs=6",
+    )
+    summary = train(config, tmp_path / "run")
+    assert [m["val_loss"] for m in metrics(tmp_path / "run")] == [
+        3.0,
+        2.0,
+        2.5,
+        2.1,
+        2.2,
+        1.0,
+        1.5,
+        1.6,
+    ]
+    assert summary["epochs"] == 8 and summary["best_val_loss"] == 1.0
+    assert summary["test_loss"] == 0.5
+    with pytest.raises(ValueError, match="train.min_epochs must be >= 0"):
+        tiny("train.min_epochs=-1")

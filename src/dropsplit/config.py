@@ -88,6 +88,7 @@ class TrainConfig:
     eval_every: int = 0
     max_eval_batches: int = 0
     patience: int = 0
+    min_epochs: int = 0
     checkpoint_every: int = 100
     log_every: int = 50
     divergence: str = "skip"
@@ -135,7 +136,13 @@ POSITIVE = {
     "train.log_every",
     "train.divergence_factor",
 }
-NON_NEGATIVE = {"train.max_steps", "train.eval_every", "train.max_eval_batches", "train.patience"}
+NON_NEGATIVE = {
+    "train.max_steps",
+    "train.eval_every",
+    "train.max_eval_batches",
+    "train.patience",
+    "train.min_epochs",
+}
 PROBABILITIES = {
     "model.p_input",
     "model.p_hidden",

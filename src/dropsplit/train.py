@@ -356,7 +356,8 @@ def train(
 
     def patience_spent() -> bool:  # early stopping: no better validation for `patience` evals
         history = progress.val_history
-        if not tc.patience or not history:
+        # never before `min_epochs`: a run can sit on its initial plateau for dozens of epochs
+        if not tc.patience or not history or progress.epoch - 1 < tc.min_epochs:
             return False
         return len(history) - 1 - history.index(min(history)) >= tc.patience
 
