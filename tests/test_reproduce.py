@@ -312,3 +312,20 @@ def test_shipped_suites_load_and_every_run_config_is_valid(name):
         config = load_config(suite.base, list(spec.overrides))
         assert config.train.seed == 1111 + spec.seed
     assert suite.description
+
+
+def test_curve_goes_on_with_the_seeds_left_after_early_stopping():
+    """Seeds stopped early: the mean curve runs to the longest seed, over the seeds left."""
+    from dropsplit.report import Run, _curve
+
+    def run(seed, ppls):
+        metrics = [
+            {"epoch": e + 1, "seconds": 60.0 * (e + 1), "val_ppl": v} for e, v in enumerate(ppls)
+        ]
+        return Run("r", "g", seed, "r", {}, metrics, Path("."))
+
+    xs, mean, low, high = _curve([run(0, [9.0, 7.0]), run(1, [11.0, 5.0, 4.0, 3.0])], "epoch")
+    assert xs == [1, 2, 3, 4]
+    assert mean == [10.0, 6.0, 4.0, 3.0]
+    assert low == [9.0, 5.0, 4.0, 3.0] and high == [11.0, 7.0, 4.0, 3.0]
+    assert _curve([run(0, [9.0, 7.0])], "minutes")[0] == [1.0, 2.0]

@@ -472,15 +472,18 @@ REFERENCES = {
 def _curve(
     runs: list[Run], x_key: str
 ) -> tuple[list[float], list[float], list[float], list[float]]:
-    """Mean, min and max validation perplexity over seeds at each evaluation."""
-    length = min(len(r.metrics) for r in runs)
+    """Mean, min and max validation perplexity at each evaluation over the seeds that reached it.
+
+    Early stopping ends seeds at different epochs; the curve goes on with the seeds left.
+    """
     xs, mean, low, high = [], [], [], []
-    for i in range(length):
-        vals = [r.metrics[i]["val_ppl"] for r in runs]
+    for i in range(max(len(r.metrics) for r in runs)):
+        reached = [r.metrics[i] for r in runs if i < len(r.metrics)]
+        vals = [m["val_ppl"] for m in reached]
         if x_key == "minutes":
-            xs.append(statistics.fmean(r.metrics[i]["seconds"] / 60 for r in runs))
+            xs.append(statistics.fmean(m["seconds"] / 60 for m in reached))
         else:
-            xs.append(statistics.fmean(r.metrics[i]["epoch"] for r in runs))
+            xs.append(statistics.fmean(m["epoch"] for m in reached))
         mean.append(statistics.fmean(vals))
         low.append(min(vals))
         high.append(max(vals))
