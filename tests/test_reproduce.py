@@ -237,6 +237,14 @@ def test_verdict_dropout_k_monotone_worsening():
     assert _verdict(no_effect, "a").verdict == "not reproduced"
     one_seed = _stats(dropout_1=[100], dropout_4=[110])
     assert _verdict(one_seed, "a").verdict == "inconclusive"
+    # a one-seed Dropout_8 beside three-seed runs: the verdict rests on Dropout_4 ...
+    added = _stats(dropout_1=100, dropout_4=106, dropout_8=[108])
+    assert _verdict(added, "a").verdict == "reproduced"
+    assert "Dropout_4 - Dropout_1 = +6.00" in _verdict(added, "a").effect
+    assert "explicit - Dropout_4" in _verdict({**added, **_stats(explicit=103)}, "c").effect
+    # ... but a clear reversal at k = 8 still counts against it
+    reversal = _stats(dropout_1=100, dropout_4=106, dropout_8=[90])
+    assert _verdict(reversal, "a").verdict == "not reproduced"
 
 
 def test_verdict_difference_noise_and_explicit_and_replacement():

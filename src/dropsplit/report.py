@@ -216,6 +216,15 @@ def _dropout_k_names(stats: dict[str, Stat], prefix: str = "dropout-") -> list[s
     return sorted(names, key=lambda n: int(n[len(prefix) :]))
 
 
+def _largest_k(stats: dict[str, Stat], ks: list[str]) -> str:
+    """The largest k with two or more seeds (a comparison with a standard error), else the largest.
+
+    A one-seed Dropout_8 added to a three-seed suite must not turn its verdicts into one-seed ones.
+    """
+    seeded = [n for n in ks[1:] if stats[n].n > 1]
+    return seeded[-1] if seeded else ks[-1]
+
+
 def verdicts(stats: dict[str, Stat], main_fraction: str | None = None) -> list[Verdict]:
     """One verdict per paper claim (a)-(f) from the mean best validation perplexities.
 
@@ -230,9 +239,10 @@ def verdicts(stats: dict[str, Stat], main_fraction: str | None = None) -> list[V
         out.append(Verdict("a", "not run", "needs dropout-1 and a larger k"))
     else:
         steps = [Comparison(stats[a], stats[b]) for a, b in zip(ks, ks[1:], strict=False)]
-        total = Comparison(stats[ks[0]], stats[ks[-1]])
-        means = ", ".join(f"k={n.split('-')[1]}: {stats[n].mean:.2f}" for n in ks)
-        effect = f"{means}; Dropout_{ks[-1].split('-')[1]} - Dropout_1 = {total.text()}"
+        end = _largest_k(stats, ks)
+        total = Comparison(stats[ks[0]], stats[end])
+        means = ", ".join(f"k={n.split('-')[1]}: {stats[n].mean:.2f} ({stats[n].n})" for n in ks)
+        effect = f"{means}; Dropout_{end.split('-')[1]} - Dropout_1 = {total.text()}"
         no_reversal = all(s.diff > 0 or not s.clear() for s in steps)
         if total.diff > 0 and total.clear() and no_reversal:
             v = REPRODUCED if total.se is not None else INCONCLUSIVE
@@ -260,7 +270,7 @@ def verdicts(stats: dict[str, Stat], main_fraction: str | None = None) -> list[V
             v = REPRODUCED if back.se is not None else INCONCLUSIVE
         out.append(Verdict("b", v, effect))
     # (c) explicit only between Dropout_1 and the largest k
-    largest = ks[-1] if len(ks) > 1 else "dropout-8"
+    largest = _largest_k(stats, ks) if len(ks) > 1 else "dropout-8"
     miss = _missing(["dropout-1", largest, "explicit"], stats, "c")
     if miss:
         out.append(miss)
