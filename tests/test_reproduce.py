@@ -257,6 +257,7 @@ def test_verdict_difference_noise_and_explicit_and_replacement():
         analytic=101,
     )
     assert _verdict(stats, "b").verdict == "reproduced"
+    assert "recovers 92 % of the gap" in _verdict(stats, "b").effect  # (106 - 100.5) / 6
     assert _verdict(stats, "c").verdict == "reproduced"
     assert _verdict(stats, "d").verdict == "reproduced"
     stats = _stats(
@@ -268,6 +269,7 @@ def test_verdict_difference_noise_and_explicit_and_replacement():
         analytic=110,
     )
     assert _verdict(stats, "b").verdict == "not reproduced"
+    assert "recovers 0 % of the gap" in _verdict(stats, "b").effect
     assert _verdict(stats, "c").verdict == "not reproduced"
     assert _verdict(stats, "d").verdict == "not reproduced"
     assert _verdict(_stats(dropout_1=100), "b").verdict == "not run"

@@ -262,6 +262,8 @@ def verdicts(stats: dict[str, Stat], main_fraction: str | None = None) -> list[V
             f"(Dropout_4 + difference) - Dropout_1 = {back.text()}; "
             f"Dropout_4 - Dropout_1 = {gap.text()}"
         )
+        if gap.diff > 0:
+            effect += f"; the noise recovers {100 * (1 - back.diff / gap.diff):.0f} % of the gap"
         if not gap.clear():
             v = INCONCLUSIVE  # nothing to recover at this scale
         elif back.clear() and back.diff > 0:
