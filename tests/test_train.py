@@ -244,7 +244,13 @@ def test_patience_stops_when_validation_stops_improving(tmp_path, monkeypatch):
 
     losses = iter([3.0, 2.0, 2.5, 2.1, 2.2, 1.0, 1.0])
     monkeypatch.setattr(train_module, "evaluate", lambda *args: next(losses))
-    config = tiny("train.max_steps=0", "train.eval_every=0", "train.epochs=6", "train.patience=2")
+    config = tiny(
+        "train.max_steps=0",
+        "train.eval_every=0",
+        "train.epochs=6",
+        "train.patience=2",
+        "data.train_fraction=0.02",  # 10 steps an epoch: the losses are scripted
+    )
     summary = train(config, tmp_path / "run")
     assert [m["val_loss"] for m in metrics(tmp_path / "run")] == [3.0, 2.0, 2.5, 2.1]
     assert summary["epochs"] == 4 and summary["best_val_loss"] == 2.0
@@ -265,6 +271,7 @@ def test_min_epochs_holds_off_early_stopping(tmp_path, monkeypatch):
         "train.epochs=9",
         "train.patience=2",
         "train.min_epochs=6",
+        "data.train_fraction=0.02",
     )
     summary = train(config, tmp_path / "run")
     assert [m["val_loss"] for m in metrics(tmp_path / "run")] == [
