@@ -339,3 +339,6 @@ def test_curve_goes_on_with_the_seeds_left_after_early_stopping():
     assert mean == [10.0, 6.0, 4.0, 3.0]
     assert low == [9.0, 5.0, 4.0, 3.0] and high == [11.0, 7.0, 4.0, 3.0]
     assert _curve([run(0, [9.0, 7.0])], "minutes")[0] == [1.0, 2.0]
+    # against wall time: epochs times the mean pace (1 and 2 min/epoch), monotone
+    slow = Run("r", "g", 2, "r", {}, [{"epoch": 1, "seconds": 120.0, "val_ppl": 8.0}], Path("."))
+    assert _curve([slow, run(1, [11.0, 5.0])], "minutes")[0] == [1.5, 3.0]

@@ -486,16 +486,17 @@ def _curve(
 ) -> tuple[list[float], list[float], list[float], list[float]]:
     """Mean, min and max validation perplexity at each evaluation over the seeds that reached it.
 
-    Early stopping ends seeds at different epochs; the curve goes on with the seeds left.
+    Early stopping ends seeds at different epochs; the curve goes on with the seeds left. Against
+    wall time, an evaluation sits at its epoch times the seeds' mean pace (minutes per epoch over
+    each whole run), so the curve never runs backwards when a slow seed ends.
     """
+    pace = statistics.fmean(r.metrics[-1]["seconds"] / 60 / r.metrics[-1]["epoch"] for r in runs)
     xs, mean, low, high = [], [], [], []
     for i in range(max(len(r.metrics) for r in runs)):
         reached = [r.metrics[i] for r in runs if i < len(r.metrics)]
         vals = [m["val_ppl"] for m in reached]
-        if x_key == "minutes":
-            xs.append(statistics.fmean(m["seconds"] / 60 for m in reached))
-        else:
-            xs.append(statistics.fmean(m["epoch"] for m in reached))
+        epoch = statistics.fmean(m["epoch"] for m in reached)
+        xs.append(epoch * pace if x_key == "minutes" else epoch)
         mean.append(statistics.fmean(vals))
         low.append(min(vals))
         high.append(max(vals))
@@ -527,7 +528,8 @@ def plot_groups(groups: dict[str, list[Run]], out: Path) -> list[str]:
         bests = [min(m["val_ppl"] for m in r.metrics) for n in names for r in groups[n]]
         # the region where the runs compete: up to 25 % above the worst run's best value
         top = min(max(values), 1.25 * max(bests))
-        for ax, xlabel in zip(axes, ("epoch", "training wall time (min)"), strict=True):
+        xlabels = ("epoch", "training wall time (min; the seeds' mean pace)")
+        for ax, xlabel in zip(axes, xlabels, strict=True):
             ax.set_xlabel(xlabel)
             ax.set_ylabel("validation perplexity")
             ax.set_ylim(0.98 * min(values), top)
