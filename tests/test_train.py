@@ -238,29 +238,16 @@ def test_eval_command(tmp_path, capsys):
     assert "valid: loss" in capsys.readouterr().out
 
 
-def test_patience_stops_when_validation_stops_improving(tmp_path, monkeypatch):
-    """Early stopping: two epochs without a better validation loss end the run (scripted)."""
-    import dropsplit.train as train_module
-
-    losses = iter([3.0, 2.0, 2.5, 2.1, 2.2, 1.0, 1.0])
-    monkeypatch.setattr(train_module, "evaluate", lambda *args: next(losses))
-    config = tiny(
-        "train.max_steps=0",
-        "train.eval_every=0",
-        "train.epochs=6",
-        "train.patience=2",
-        "data.train_fraction=0.02",  # 10 steps an epoch: the losses are scripted
-    )
-    summary = train(config, tmp_path / "run")
-    assert [m["val_loss"] for m in metrics(tmp_path / "run")] == [3.0, 2.0, 2.5, 2.1]
-    assert summary["epochs"] == 4 and summary["best_val_loss"] == 2.0
-    assert summary["test_loss"] == 2.2  # the next value: the test evaluation
-    with pytest.raises(ValueError, match="train.patience must be >= 0"):
-        tiny("train.patience=-1")
-
-
-def test_min_epochs_holds_off_early_stopping(tmp_path, monkeypatch):
-    """The same scripted losses: with min_epochs=6 the run outlasts its plateau and improves."""
+@pytest.mark.parametrize(
+    ("min_epochs", "logged", "test_loss"),
+    [
+        (0, [3.0, 2.0, 2.5, 2.1], 2.2),  # two epochs without a better loss end the run
+        (6, [3.0, 2.0, 2.5, 2.1, 2.2, 1.0, 1.5, 1.6], 0.5),  # it outlasts its plateau, improves
+    ],
+    ids=["patience-alone", "min-epochs-6"],
+)
+def test_early_stopping_on_scripted_losses(tmp_path, monkeypatch, min_epochs, logged, test_loss):
+    """Patience 2 on scripted validation losses; ``min_epochs`` holds the stop off."""
     import dropsplit.train as train_module
 
     losses = iter([3.0, 2.0, 2.5, 2.1, 2.2, 1.0, 1.5, 1.6, 0.5])
@@ -270,21 +257,16 @@ def test_min_epochs_holds_off_early_stopping(tmp_path, monkeypatch):
         "train.eval_every=0",
         "train.epochs=9",
         "train.patience=2",
-        "train.min_epochs=6",
-        "data.train_fraction=0.02",
+        f"train.min_epochs={min_epochs}",
+        "data.train_fraction=0.02",  # 10 steps an epoch: the losses are scripted
     )
     summary = train(config, tmp_path / "run")
-    assert [m["val_loss"] for m in metrics(tmp_path / "run")] == [
-        3.0,
-        2.0,
-        2.5,
-        2.1,
-        2.2,
-        1.0,
-        1.5,
-        1.6,
-    ]
-    assert summary["epochs"] == 8 and summary["best_val_loss"] == 1.0
-    assert summary["test_loss"] == 0.5
-    with pytest.raises(ValueError, match="train.min_epochs must be >= 0"):
-        tiny("train.min_epochs=-1")
+    assert [m["val_loss"] for m in metrics(tmp_path / "run")] == logged
+    assert summary["epochs"] == len(logged) and summary["best_val_loss"] == min(logged)
+    assert summary["test_loss"] == test_loss  # the next value: the test evaluation
+
+
+@pytest.mark.parametrize("key", ["train.patience", "train.min_epochs"])
+def test_early_stopping_settings_are_not_negative(key):
+    with pytest.raises(ValueError, match=f"{key} must be >= 0"):
+        tiny(f"{key}=-1")
