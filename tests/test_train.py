@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dropsplit.cli import main
-from dropsplit.config import load_config
-from dropsplit.train import Averager, train
+from dropsplit.config import OptimConfig, load_config
+from dropsplit.train import Averager, build_optimizer, train
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "synthetic-tiny.toml"
@@ -28,6 +28,24 @@ def tiny(*overrides):
     return load_config(TINY, list(overrides))
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_weight_decay_is_coupled_for_adam_and_decoupled_for_adamw(name):
+    # with a zero loss gradient, Adam's first step normalizes the penalty's gradient wd * theta
+    # to lr * sign(theta); AdamW shrinks the weights by the factor 1 - lr * wd
+    lr, wd = 0.01, 0.1
+    theta = torch.tensor([2.0, -0.5, 1e-3], dtype=torch.float64)
+    param = torch.nn.Parameter(theta.clone())
+    optimizer = build_optimizer(OptimConfig(name=name, lr=lr, weight_decay=wd), [param])
+    param.grad = torch.zeros_like(param)
+    optimizer.step()
+    if name == "adam":
+        g = wd * theta
+        expected = theta - lr * g / (g.abs() + 1e-8)
+    else:
+        expected = theta * (1 - lr * wd)
+    torch.testing.assert_close(param.detach(), expected)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -39,6 +57,7 @@ def tiny(*overrides):
         ["method.name=analytic"],
         ["method.name=analytic", "method.explicit=label", "method.implicit=false"],
         ["optim.name=adam", "optim.lr=0.003"],
+        ["optim.name=adamw", "optim.lr=0.003", "optim.weight_decay=0.1"],
         ["optim.name=ntasgd", "optim.nonmono=1"],
     ],
     ids=[
@@ -50,6 +69,7 @@ def tiny(*overrides):
         "analytic",
         "label",
         "adam",
+        "adamw",
         "ntasgd",
     ],
 )

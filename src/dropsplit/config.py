@@ -69,7 +69,11 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimizer: SGD with AWD's settings, Adam, or NT-ASGD (SGD, then averaging)."""
+    """Optimizer: SGD with AWD's settings, Adam, AdamW or NT-ASGD (SGD, then averaging).
+
+    ``weight_decay`` is the l2 penalty's coefficient, added to the gradient (coupled), for SGD and
+    Adam; AdamW decays the weights apart from the adaptive step (decoupled, Loshchilov & Hutter).
+    """
 
     name: str = "sgd"
     lr: float = 30.0
@@ -116,7 +120,7 @@ CHOICES = {
     "method.explicit": ("sampled", "exact", "label", "identity", "none"),
     "method.grouping": ("mask", "element"),
     "method.gradient": ("double-backward", "finite-difference", "hvp-difference"),
-    "optim.name": ("sgd", "adam", "ntasgd"),
+    "optim.name": ("sgd", "adam", "adamw", "ntasgd"),
     "train.divergence": ("skip", "restore"),
 }
 POSITIVE = {

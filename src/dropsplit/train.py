@@ -83,9 +83,11 @@ def build_model(config: Config, vocab_size: int) -> AWDLSTM:
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
-    """SGD (also the first phase of NT-ASGD) or Adam."""
+    """SGD (also the first phase of NT-ASGD), Adam or AdamW."""
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -371,7 +373,7 @@ def train(
             tick = time.perf_counter()
             if state is None:
                 state = model.init_state(d.batch_size)
-            if config.optim.name != "adam":  # AWD: lr scales with the window length
+            if config.optim.name not in ("adam", "adamw"):  # AWD: lr scales with the window length
                 for group in optimizer.param_groups:
                     group["lr"] = config.optim.lr * x.shape[0] / d.bptt
             result = method.step(trained, lm_forward, (x, y, state))
