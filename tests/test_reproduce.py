@@ -199,6 +199,16 @@ def test_cli_reproduce_quick_prints_the_report(suite_file, tmp_path, capsys):
     assert report.read_bytes() == before
 
 
+def test_unknown_run_names_are_an_error(suite_file, tmp_path, capsys):
+    out = tmp_path / "runs"
+    args = ["reproduce", "--suite", str(suite_file), "--out", str(out), "--only", "dropout-3"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no run named dropout-3" in err
+    assert "its runs: dropout-1, dropout-2, analytic, explicit" in err
+    assert not out.exists()
+
+
 def test_default_run_directory_follows_the_suite():
     from dropsplit.cli import default_out
 

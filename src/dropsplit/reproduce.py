@@ -173,9 +173,16 @@ def reproduce(
 
     Returns:
         The run directories of the suite that are finished.
+
+    Raises:
+        ValueError: If ``jobs`` is not a positive int or ``only`` names a run the suite lacks.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    unknown = sorted(set(only or ()) - {r.name for r in suite.runs})
+    if unknown:  # a typo would otherwise train nothing, silently
+        names = ", ".join(dict.fromkeys(r.name for r in suite.runs))
+        raise ValueError(f"{suite.path} has no run named {', '.join(unknown)}; its runs: {names}")
     out = Path(out)
     todo = [r for r in suite.runs if only is None or r.name in only]
     started = time.perf_counter()
