@@ -285,6 +285,21 @@ def test_verdict_difference_noise_and_explicit_and_replacement():
     assert _verdict(_stats(dropout_1=100), "b").verdict == "not run"
 
 
+def test_verdict_analytic_noise_tracks_dropout_1():
+    stats = _stats(dropout_1=100, dropout_4=106, dropout_4_analytic=101.5, dropout_8=110)
+    v = _verdict(stats, "Fig. 4")
+    assert v.verdict == "reproduced"
+    assert "dropout-4 + analytic noise - Dropout_1 = +1.50" in v.effect
+    assert "recovers 75 % of the gap" in v.effect  # 1 - 1.5 / 6
+    stats["dropout-8-analytic"] = Stat([109.0, 110.0, 111.0])
+    v = _verdict(stats, "Fig. 4")
+    assert v.verdict == "not reproduced" and "recovers 0 % of the gap" in v.effect
+    one_seed = _stats(dropout_1=100, dropout_2_analytic=[100.5])
+    v = _verdict(one_seed, "Fig. 4")
+    assert v.verdict == "inconclusive" and "recovers" not in v.effect  # no Dropout_2 run
+    assert _verdict(_stats(dropout_1=100), "Fig. 4").verdict == "not run"
+
+
 def test_estimator_finding_compares_each_estimator_with_the_main_runs():
     stats = _stats(analytic_exact=99, analytic=100, analytic_fd=110, explicit=104, explicit_fd=115)
     v = _verdict(stats, "estimator")

@@ -372,7 +372,11 @@ def _tracks_dropout_1(stats: dict[str, Stat]) -> Verdict:
     parts, verdict = [], REPRODUCED
     for name in names:
         c = Comparison(stats["dropout-1"], stats[f"{name}-analytic"])
-        parts.append(f"{name} + analytic noise - Dropout_1 = {c.text()}")
+        part = f"{name} + analytic noise - Dropout_1 = {c.text()}"
+        if name in stats:  # how much of Dropout_k's own gap the noise closes, as in (b)
+            gap = stats[name].mean - stats["dropout-1"].mean
+            part += f" (recovers {100 * (1 - c.diff / gap):.0f} % of the gap)" if gap > 0 else ""
+        parts.append(part)
         if c.clear() and c.diff > 0:
             verdict = NOT_REPRODUCED
         elif c.se is None and verdict == REPRODUCED:
