@@ -521,13 +521,17 @@ def plot_groups(groups: dict[str, list[Run]], out: Path) -> list[str]:
             continue
         names += [n for n in REFERENCES.get(group, []) if n in groups and n not in names]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for name in names:
+        # matplotlib's default cycle (tab10) repeats after 10 lines: two runs would share a colour
+        palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        for i, name in enumerate(names):
             runs = groups[name]
+            color = palette(i % palette.N)
             for ax, x_key in zip(axes, ("epoch", "minutes"), strict=True):
                 xs, mean, low, high = _curve(runs, x_key)
-                (line,) = ax.plot(xs, mean, marker=".", label=f"{runs[0].label} ({len(runs)})")
+                label = f"{runs[0].label} ({len(runs)})"
+                ax.plot(xs, mean, marker=".", color=color, label=label)
                 if len(runs) > 1:
-                    ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
+                    ax.fill_between(xs, low, high, color=color, alpha=0.15)
         values = [v for n in names for r in groups[n] for v in (m["val_ppl"] for m in r.metrics)]
         bests = [min(m["val_ppl"] for m in r.metrics) for n in names for r in groups[n]]
         # the region where the runs compete: up to 25 % above the worst run's best value
