@@ -367,3 +367,24 @@ def test_curve_goes_on_with_the_seeds_left_after_early_stopping():
     # against wall time: epochs times the mean pace (1 and 2 min/epoch), monotone
     slow = Run("r", "g", 2, "r", {}, [{"epoch": 1, "seconds": 120.0, "val_ppl": 8.0}], Path("."))
     assert _curve([slow, run(1, [11.0, 5.0])], "minutes")[0] == [1.5, 3.0]
+
+
+@pytest.mark.parametrize("n_runs", [3, 13], ids=["few-runs", "more-than-ten"])
+def test_every_curve_of_a_figure_has_its_own_colour(tmp_path, monkeypatch, n_runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dropsplit.report import Run, plot_groups
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its lines
+    metrics = [{"epoch": e, "seconds": 60.0 * e, "val_ppl": 10.0 - e} for e in (1, 2)]
+    groups = {
+        f"r{i}": [Run(f"r{i}", "ablations", 0, f"r{i}", {}, metrics, tmp_path)]
+        for i in range(n_runs)
+    }
+    assert plot_groups(groups, tmp_path) == ["fig6_ablations.png"]
+    colours = [line.get_color() for line in figures[0].axes[0].get_lines()]
+    assert len(colours) == n_runs and len(set(map(str, colours))) == n_runs
