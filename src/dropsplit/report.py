@@ -216,6 +216,11 @@ def _dropout_k_names(stats: dict[str, Stat], prefix: str = "dropout-") -> list[s
     return sorted(names, key=lambda n: int(n[len(prefix) :]))
 
 
+def _recovers(gap: float, left: float) -> str:
+    """``recovers P % of the gap``: the share of a positive ``gap`` to Dropout_1 that is closed."""
+    return f"recovers {100 * (1 - left / gap):.0f} % of the gap"
+
+
 def _largest_k(stats: dict[str, Stat], ks: list[str]) -> str:
     """The largest k with two or more seeds (a comparison with a standard error), else the largest.
 
@@ -263,7 +268,7 @@ def verdicts(stats: dict[str, Stat], main_fraction: str | None = None) -> list[V
             f"Dropout_4 - Dropout_1 = {gap.text()}"
         )
         if gap.diff > 0:
-            effect += f"; the noise recovers {100 * (1 - back.diff / gap.diff):.0f} % of the gap"
+            effect += f"; the noise {_recovers(gap.diff, back.diff)}"
         if not gap.clear():
             v = INCONCLUSIVE  # nothing to recover at this scale
         elif back.clear() and back.diff > 0:
@@ -375,7 +380,7 @@ def _tracks_dropout_1(stats: dict[str, Stat]) -> Verdict:
         part = f"{name} + analytic noise - Dropout_1 = {c.text()}"
         if name in stats:  # how much of Dropout_k's own gap the noise closes, as in (b)
             gap = stats[name].mean - stats["dropout-1"].mean
-            part += f" (recovers {100 * (1 - c.diff / gap):.0f} % of the gap)" if gap > 0 else ""
+            part += f" ({_recovers(gap, c.diff)})" if gap > 0 else ""
         parts.append(part)
         if c.clear() and c.diff > 0:
             verdict = NOT_REPRODUCED
