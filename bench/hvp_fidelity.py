@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 import dropsplit as ds
+from dropsplit.core.forward import trainable_parameters
 from dropsplit.data import batchify, bptt_batches
-from dropsplit.forward import trainable_parameters
 from dropsplit.models.awd import lm_forward
-from dropsplit.runs import load_run
+from dropsplit.training.runs import load_run
 
 
 def gradient(method, model, batch):

@@ -1,8 +1,8 @@
-"""Step cost of every method: see :mod:`dropsplit.benchmark` (same as ``dropsplit bench``)."""
+"""Step cost of every method: see :mod:`dropsplit.experiments.benchmark` (``dropsplit bench``)."""
 
 import sys
 
-from dropsplit.benchmark import main
+from dropsplit.experiments.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

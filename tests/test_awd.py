@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import dropsplit as ds
+from dropsplit.core.sites import SiteContext, site_context
 from dropsplit.models.awd import AWDLSTM, lm_forward
-from dropsplit.sites import SiteContext, site_context
 
 
 def small_lm(implementation="loop", **kw):
@@ -90,7 +90,7 @@ def test_dropout_k_batch_duplication_equals_the_loop_on_the_lm(lstm):
 
 def test_benchmark_reference_model_is_the_same_lm_on_nn_lstm():
     """The benchmark's nn.LSTM reference computes our model's logits (with dropout off)."""
-    from dropsplit.benchmark import PlainAWD
+    from dropsplit.experiments.benchmark import PlainAWD
 
     model = small_lm("fused")
     x, _, state = lm_batch(model)

@@ -235,9 +235,9 @@ def test_mask_grouping_predicts_the_locked_dropout_gap(seed):
 @pytest.mark.parametrize("name", PROBLEMS)
 def test_joint_site_gradients_equal_separate_backward_passes(name):
     """One batched backward gives the gradients (and their derivatives) of two backward passes."""
-    from dropsplit.explicit import joint_site_gradients, site_gradients
-    from dropsplit.losses import get_loss
-    from dropsplit.methods import gated_forward
+    from dropsplit.core.explicit import joint_site_gradients, site_gradients
+    from dropsplit.core.forward import gated_forward
+    from dropsplit.core.losses import get_loss
 
     pb = make_problem(name)
     loss = get_loss("cross_entropy")

@@ -6,7 +6,7 @@ from torch import nn
 
 import dropsplit as ds
 from dropsplit.cli import main
-from dropsplit.inspect_model import format_effects, measure_effects, subspace_alignment, top_eigen
+from dropsplit.measure.effects import format_effects, measure_effects, subspace_alignment, top_eigen
 
 
 def test_top_eigen_matches_the_dense_eigendecomposition():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dropsplit.losses import get_loss
+from dropsplit.core.losses import get_loss
 
 
 @pytest.mark.parametrize("label_sets", [1, 2, 3], ids=["one-set", "two-sets", "three-sets"])

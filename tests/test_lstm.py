@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 import dropsplit as ds
+from dropsplit.core.sites import SiteContext, site_context
 from dropsplit.models.lstm import LSTM, LSTMLayer
-from dropsplit.sites import SiteContext, site_context
 
 IMPLS = ["fused", "loop"]
 
@@ -139,19 +139,28 @@ def test_double_backward_on_cuda(impl):
 
 
 def test_gate_context_is_live_only_inside_its_block():
-    from dropsplit.models.toy import TinyRNNLM
-    from dropsplit.sites import gates_live
+    """The model learns of a live gate context from its own layers' attribute, not a global."""
+    from dropsplit.models.awd import AWDLSTM
 
-    model = TinyRNNLM(vocab=5, embedding=3, hidden=4, p_input=0.2, p_weight=0.2, p_output=0.2)
-    assert not gates_live()
+    model = AWDLSTM(5, 3, 4, 2, p_input=0.2, p_hidden=0.2, p_output=0.2, p_weight=0.2)
+    layers = [m for m in model.modules() if isinstance(m, LSTMLayer)]
+
+    def live():
+        values = {layer.differentiated_twice for layer in layers}
+        assert len(values) == 1
+        return values.pop()
+
+    assert layers and not live()
     with site_context(model, SiteContext("gate")):
-        assert gates_live()
+        assert live()
         with site_context(model, SiteContext("off")):
-            assert gates_live()
-    assert not gates_live()
+            assert live()
+    assert not live()
+    with site_context(model, SiteContext("gate", twice=False)):
+        assert not live()
     with pytest.raises(RuntimeError), site_context(model, SiteContext("gate")):
         raise RuntimeError("forward failed")
-    assert not gates_live()
+    assert not live()
 
 
 @pytest.mark.parametrize("method", ["analytic-sampled", "analytic-implicit-only"])

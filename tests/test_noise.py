@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dropsplit.noise import (
+from dropsplit.core.noise import (
     check_probability,
     explicit_coefficient,
     mask_shape,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dropsplit.cli import main
-from dropsplit.config import load_config
-from dropsplit.report import Stat, verdicts, write_report
-from dropsplit.reproduce import load_suite, reproduce, run_status
+from dropsplit.experiments.report import Stat, verdicts, write_report
+from dropsplit.experiments.reproduce import load_suite, reproduce, run_status
+from dropsplit.training.config import load_config
 
 BASE = """
 [data]
@@ -351,7 +351,7 @@ def test_shipped_suites_load_and_every_run_config_is_valid(name):
 
 def test_curve_goes_on_with_the_seeds_left_after_early_stopping():
     """Seeds stopped early: the mean curve runs to the longest seed, over the seeds left."""
-    from dropsplit.report import Run, _curve
+    from dropsplit.experiments.report import Run, _curve
 
     def run(seed, ppls):
         metrics = [
@@ -376,7 +376,7 @@ def test_every_curve_of_a_figure_has_its_own_colour(tmp_path, monkeypatch, n_run
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dropsplit.report import Run, plot_groups
+    from dropsplit.experiments.report import Run, plot_groups
 
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its lines

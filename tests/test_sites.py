@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import dropsplit as ds
-from dropsplit.sites import SiteContext, site_context
+from dropsplit.core.sites import SiteContext, site_context
 
 
 def test_dropout_matches_nn_dropout_in_distribution():

@@ -4,11 +4,24 @@ Wei, Kakade & Ma, "The Implicit and Explicit Regularization Effects of Dropout",
 """
 
 from dropsplit import oracles
-from dropsplit.losses import CrossEntropy, SquaredError
-from dropsplit.measure import GapEstimate, explicit_gap, explicit_regularizer, gradient_noise
+from dropsplit.core.losses import CrossEntropy, SquaredError
+from dropsplit.core.noise import explicit_coefficient, noise_variance, sample_multiplier
+from dropsplit.core.sites import (
+    DropConnect,
+    Dropout,
+    Site,
+    convert,
+    named_sites,
+    site_context,
+    sites,
+)
+from dropsplit.measure.quantities import (
+    GapEstimate,
+    explicit_gap,
+    explicit_regularizer,
+    gradient_noise,
+)
 from dropsplit.methods import Analytic, DropoutK, Method, NoDropout, StepResult
-from dropsplit.noise import explicit_coefficient, noise_variance, sample_multiplier
-from dropsplit.sites import DropConnect, Dropout, Site, convert, named_sites, site_context, sites
 
 __version__ = "0.1.0"
 

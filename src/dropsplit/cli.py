@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dropsplit.demo import print_report, run_demo
+    from dropsplit.experiments.demo import print_report, run_demo
 
     numbers = run_demo(train_steps=args.steps, q=args.q, seed=args.seed)
     print_report(numbers)
@@ -21,8 +21,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dropsplit.config import load_config
-    from dropsplit.train import train
+    from dropsplit.training.config import load_config
+    from dropsplit.training.train import train
 
     overrides = list(args.set or [])
     if args.data:
@@ -41,8 +41,8 @@ def _eval(args: argparse.Namespace) -> int:
     import math
 
     from dropsplit.data import batchify
-    from dropsplit.runs import load_run
-    from dropsplit.train import evaluate
+    from dropsplit.training.runs import load_run
+    from dropsplit.training.train import evaluate
 
     run = Path(args.run)
     config, corpus, model = load_run(run, args.data)
@@ -55,8 +55,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _measure(args: argparse.Namespace) -> int:
-    from dropsplit.inspect_model import format_effects
-    from dropsplit.runs import measure_run
+    from dropsplit.measure.effects import format_effects
+    from dropsplit.training.runs import measure_run
 
     result, out, figures = measure_run(
         Path(args.run),
@@ -73,8 +73,8 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from dropsplit.report import write_report
-    from dropsplit.reproduce import load_suite, reproduce
+    from dropsplit.experiments.report import write_report
+    from dropsplit.experiments.reproduce import load_suite, reproduce
 
     suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds)
     out = Path(args.out or default_out(args.suite, args.quick))
@@ -114,8 +114,8 @@ def _report_command(out, suite: str | None, quick: bool, seeds: int | None) -> s
 
 
 def _report(args: argparse.Namespace) -> int:
-    from dropsplit.report import write_report
-    from dropsplit.reproduce import load_suite
+    from dropsplit.experiments.report import write_report
+    from dropsplit.experiments.reproduce import load_suite
 
     suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds) if args.suite else None
     command = _report_command(args.out, args.suite, args.quick, args.seeds)
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seeds", type=int, help="seeds per run the suite was run with")
     report.set_defaults(handler=_report)
 
-    # `dropsplit bench ...` is handed to dropsplit.benchmark whole (see main)
+    # `dropsplit bench ...` is handed to dropsplit.experiments.benchmark whole (see main)
     sub.add_parser("bench", help="time and memory per step of every method (see --help)")
 
     ev = sub.add_parser("eval", help="perplexity of a run's best weights")
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dropsplit`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
-        from dropsplit.benchmark import main as bench_main
+        from dropsplit.experiments.benchmark import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -147,8 +147,6 @@ def load_corpus(
     if not 0.0 < train_fraction <= 1.0:
         raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
     if name == "synthetic":
-        from dropsplit.models.toy import markov_corpus
-
         ids = markov_corpus(vocab=16, length=60_000, seed=1234)
         vocab = Vocabulary([str(i) for i in range(16)])
         n = ids.numel()
@@ -219,3 +217,30 @@ def bptt_batches(
         length = min(sequence_length(bptt, variable, generator), data.shape[0] - 1 - i)
         yield i, data[i : i + length], data[i + 1 : i + 1 + length]
         i += length
+
+
+def markov_corpus(
+    vocab: int = 8, length: int = 20_000, concentration: float = 0.3, seed: int = 0
+) -> torch.Tensor:
+    """Token stream from a random second-order Markov source (a synthetic language).
+
+    Each context ``(x_{t-2}, x_{t-1})`` has its own next-token distribution drawn from a
+    symmetric Dirichlet, so the best model is uncertain and ``H_out`` is far from zero.
+
+    Returns:
+        ``[length]`` int64 tokens.
+    """
+    g = torch.Generator().manual_seed(seed)
+    gamma = torch.distributions.Gamma(torch.full((vocab,), concentration), torch.ones(vocab))
+    with torch.random.fork_rng():  # Gamma sampling takes no generator; keep the global RNG
+        torch.manual_seed(seed)
+        table = gamma.sample((vocab, vocab))
+    table = table / table.sum(-1, keepdim=True)
+    tokens = torch.empty(length, dtype=torch.long)
+    tokens[:2] = torch.randint(0, vocab, (2,), generator=g)
+    u = torch.rand(length, generator=g)
+    cdf = table.cumsum(-1)
+    for t in range(2, length):
+        row = cdf[tokens[t - 2], tokens[t - 1]]
+        tokens[t] = min(int(torch.searchsorted(row, u[t] * row[-1], right=True)), vocab - 1)
+    return tokens

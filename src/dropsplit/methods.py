@@ -17,35 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropsplit.explicit import (
-    CURVATURES,
-    curvature_probe,
-    explicit_terms,
-    joint_site_gradients,
-    site_gradients,
-)
-from dropsplit.finite_difference import FD_CURVATURES, finite_difference_step
-from dropsplit.forward import (
+from dropsplit.core.explicit import CURVATURES
+from dropsplit.core.forward import (
     ForwardFn,
-    ForwardOutput,
     call_forward,
+    mean_loss,
     model_device,
     trainable_parameters,
 )
-from dropsplit.hvp_difference import HVP_CURVATURES, hvp_difference_step
-from dropsplit.implicit import implicit_scalar
-from dropsplit.losses import Loss, get_loss
-from dropsplit.sites import (
-    GROUPINGS,
-    SiteContext,
-    gated_forward,
-    require_sites,
-    site_context,
-    site_names,
-)
+from dropsplit.core.losses import Loss, get_loss
+from dropsplit.core.sites import GROUPINGS, SiteContext, require_sites, site_context, site_names
+from dropsplit.estimators import Estimate, EstimatorSpec, get_estimator
 
 NONFINITE = ("error", "warn")
-GRADIENTS = ("double-backward", "finite-difference", "hvp-difference")
 
 
 @dataclass
@@ -91,11 +75,6 @@ def _choice(value: Any, options: tuple, argument: str) -> Any:
     return value
 
 
-def mean_loss(out: ForwardOutput, loss: Loss) -> torch.Tensor:
-    """Token-mean loss of a forward output."""
-    return loss.summed(out.logits, out.targets) / out.n
-
-
 def tile_batch(batch: Any, k: int, dim: int) -> Any:
     """Repeat every tensor of a (nested) batch ``k`` times along ``dim``."""
     if isinstance(batch, torch.Tensor):
@@ -118,21 +97,6 @@ def untile_aux(aux: Any, k: int, dim: int) -> Any:
     return aux
 
 
-def add_implicit_noise(
-    out: ForwardOutput,
-    record: list,
-    label_gradients: list[torch.Tensor],
-    generator: torch.Generator,
-    variance_scale: float,
-) -> torch.Tensor:
-    """The scalar ``S`` of xi_approx summed over the recorded site calls (Sec. 3.2)."""
-    terms = [
-        implicit_scalar(g, site.p, out.n, generator, variance_scale)
-        for (site, _), g in zip(record, label_gradients, strict=True)
-    ]
-    return torch.stack(terms).sum()
-
-
 def _check_hvp_step(hvp_step: Any) -> float:
     if isinstance(hvp_step, bool) or not isinstance(hvp_step, (int, float)):
         raise TypeError(f"hvp_step must be a number, got {type(hvp_step).__name__}")
@@ -141,12 +105,20 @@ def _check_hvp_step(hvp_step: Any) -> float:
     return float(hvp_step)
 
 
-def _site_stats(names: dict, record: list, terms: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``explicit/<site>``: the explicit terms summed per site (a site may be called often)."""
+def _estimate_stats(names: dict, est: Estimate) -> dict[str, torch.Tensor]:
+    """The stats of an estimate: ``explicit``, ``explicit/<site>`` and ``implicit``.
+
+    ``explicit/<site>`` sums the terms of a site's calls (a site may be called often).
+    """
     stats: dict[str, torch.Tensor] = {}
-    for (site, _), term in zip(record, terms, strict=True):
-        key = f"explicit/{names[site]}"
-        stats[key] = stats.get(key, 0.0) + term.detach()
+    if est.explicit_terms is not None:
+        for (site, _), term in zip(est.record, est.explicit_terms, strict=True):
+            key = f"explicit/{names[site]}"
+            stats[key] = stats.get(key, 0.0) + term
+    if est.explicit is not None:
+        stats["explicit"] = est.explicit
+    if est.implicit is not None:
+        stats["implicit"] = est.implicit
     return stats
 
 
@@ -210,7 +182,12 @@ class Method:
         Raises:
             FloatingPointError: On a non-finite objective when ``nonfinite="error"``.
         """
-        obj = self.objective(model, forward_fn, batch)
+        with torch.profiler.record_function(f"dropsplit.{type(self).__name__}.step"):
+            return self._step(model, forward_fn, batch)
+
+    def _step(self, model: nn.Module, forward_fn: ForwardFn, batch: Any) -> StepResult:
+        with torch.profiler.record_function(f"dropsplit.{type(self).__name__}.objective"):
+            obj = self.objective(model, forward_fn, batch)
         params = trainable_parameters(model)
         for p in params:
             p.grad = None
@@ -226,7 +203,8 @@ class Method:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             stats["nonfinite"] = 1.0
             return StepResult(stats["loss"], obj.aux, stats, finite=False)
-        (obj.value if obj.surrogate is None else obj.surrogate).backward()
+        with torch.profiler.record_function(f"dropsplit.{type(self).__name__}.backward"):
+            (obj.value if obj.surrogate is None else obj.surrogate).backward()
         return StepResult(stats["loss"], obj.aux, stats)
 
     def _require(self, model: nn.Module) -> None:
@@ -266,9 +244,10 @@ class DropoutK(Method):
         tile: ``tile(batch, k)`` for batch duplication (default: :func:`tile_batch`).
         untile: ``untile(aux, k)`` mapping the tiled aux back (default: last replica).
         grouping: Mask grouping of the analytic noise.
-        gradient: How the analytic noise is differentiated: ``"double-backward"`` (exact) or
-            ``"hvp-difference"`` (:mod:`dropsplit.hvp_difference`: the same draws, one-sided
-            differences along them, no double backward).
+        gradient: How the analytic noise is differentiated, a separable estimator of
+            :data:`dropsplit.estimators.ESTIMATORS`: ``"double-backward"`` (exact) or
+            ``"hvp-difference"`` (the same draws, one-sided differences along them, no double
+            backward). Unused without ``noise="analytic"``.
         hvp_step: Largest gate displacement of ``"hvp-difference"``.
         **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`.
     """
@@ -296,7 +275,8 @@ class DropoutK(Method):
         self.noise = _choice(noise, (None, "difference", "analytic"), "noise")
         self.implementation = _choice(implementation, ("loop", "batch"), "implementation")
         self.grouping = _choice(grouping, GROUPINGS, "grouping")
-        self.gradient = _choice(gradient, ("double-backward", "hvp-difference"), "gradient")
+        get_estimator(gradient, None, separable=self.noise == "analytic")
+        self.gradient = gradient
         self.hvp_step = _check_hvp_step(hvp_step)
         self.batch_dim = batch_dim
         self.tile = tile or (lambda b, k: tile_batch(b, k, batch_dim))
@@ -327,7 +307,7 @@ class DropoutK(Method):
         device = model_device(model)
         value, aux = self.dropout_loss(model, forward_fn, batch, self.spawn(self.k, device))
         stats = {"loss": value.detach()}
-        scale = 1.0 - 1.0 / self.k
+        scale = self.noise_variance_scale
         if self.noise == "difference" and scale > 0:
             ga, gb = self.spawn(2, device)
             loss_a, _ = self.dropout_loss(model, forward_fn, batch, [ga])
@@ -335,30 +315,26 @@ class DropoutK(Method):
             noise = math.sqrt(scale) * (loss_a - loss_b) / math.sqrt(2.0)
             stats["noise"] = noise.detach()
             value = value + noise
-        elif self.noise == "analytic" and scale > 0 and self.gradient == "hvp-difference":
-            (gen,) = self.spawn(1, device)
-            hvp = hvp_difference_step(
-                model,
-                forward_fn,
-                batch,
-                self.loss,
-                curvature=None,
-                implicit=True,
-                step=self.hvp_step,
-                grouping=self.grouping,
-                generator=gen,
-                implicit_scale=scale,
-            )
-            stats["implicit"] = hvp.implicit
-            value = value + hvp.regularizers
         elif self.noise == "analytic" and scale > 0:
-            out, ctx = gated_forward(model, forward_fn, batch, self.loss, self.grouping)
-            grads = site_gradients(self.loss.summed(out.logits, out.targets), ctx.gates, True)
             (gen,) = self.spawn(1, device)
-            noise = add_implicit_noise(out, ctx.record, grads, gen, scale)
-            stats["implicit"] = noise.detach()
-            value = value + noise
+            spec = EstimatorSpec(
+                self.loss,
+                None,
+                True,
+                grouping=self.grouping,
+                implicit_scale=scale,
+                hvp_step=self.hvp_step,
+            )
+            est = get_estimator(self.gradient).estimate(model, forward_fn, batch, spec, gen)
+            assert est.regularizers is not None and est.implicit is not None  # separable
+            stats["implicit"] = est.implicit
+            value = value + est.regularizers
         return Objective(value, stats["loss"], aux, stats)
+
+    @property
+    def noise_variance_scale(self) -> float:
+        """``1 - 1/k``: the share of dropout's noise variance that Dropout_k lacks (Alg. 3-4)."""
+        return 1.0 - 1.0 / self.k
 
 
 class Analytic(Method):
@@ -373,19 +349,19 @@ class Analytic(Method):
         implicit_scale: Multiplies each site's noise variance ``v = q / (1-q)``.
         grouping: ``"mask"`` (exact for the mask the site really uses) or ``"element"`` (the
             original code's per-element squares).
-        gradient: ``"double-backward"`` (exact gradients) or ``"finite-difference"``: the
-            estimator of :mod:`dropsplit.finite_difference` (two antithetic forwards, one
-            backward, no double backward; every explicit kind but ``"exact"``), or
-            ``"hvp-difference"``: :mod:`dropsplit.hvp_difference` (the exact path's values and
-            draws, gradients by one-sided differences along the exact directions: error
-            ``O(hvp_step)``, no double backward; every explicit kind but ``"exact"``).
+        gradient: A key of :data:`dropsplit.estimators.ESTIMATORS`: ``"double-backward"``
+            (exact gradients), ``"hvp-difference"`` (the exact path's values and draws,
+            gradients by one-sided differences along the exact directions: error
+            ``O(hvp_step)``, no double backward) or ``"finite-difference"`` (two antithetic
+            forwards, one backward, no double backward); both estimators take every explicit
+            kind but ``"exact"``.
         fd_epsilon: Step of the finite differences, relative to each site's noise standard
             deviation ``sqrt(q / (1-q))``.
         hvp_step: Largest gate displacement of ``"hvp-difference"`` (``1e-3``: the smallest
             error in float32, about 1e-4 of the gradient's norm on the test problems).
         fd_examples: ``fd_examples(out)`` gives the example index of each target, so the
             finite-difference explicit term squares one slope per example (much less noise;
-            see :mod:`dropsplit.finite_difference`), e.g.
+            see :mod:`dropsplit.estimators.finite_difference`), e.g.
             :func:`dropsplit.models.awd.sequence_examples`. ``None``: one slope per batch.
         **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`.
     """
@@ -415,7 +391,8 @@ class Analytic(Method):
         self.explicit_scale = float(explicit_scale)
         self.implicit_scale = float(implicit_scale)
         self.grouping = _choice(grouping, GROUPINGS, "grouping")
-        self.gradient = _choice(gradient, GRADIENTS, "gradient")
+        self.estimator = get_estimator(gradient, self.explicit)
+        self.gradient = gradient
         if isinstance(fd_epsilon, bool) or not isinstance(fd_epsilon, (int, float)):
             raise TypeError(f"fd_epsilon must be a number, got {type(fd_epsilon).__name__}")
         if not 0.0 < fd_epsilon <= 1.0:
@@ -423,12 +400,6 @@ class Analytic(Method):
         self.fd_epsilon = float(fd_epsilon)
         self.hvp_step = _check_hvp_step(hvp_step)
         self.fd_examples = fd_examples
-        supported = {"finite-difference": FD_CURVATURES, "hvp-difference": HVP_CURVATURES}
-        if explicit not in (*supported.get(gradient, CURVATURES), None):
-            raise ValueError(
-                f"gradient={gradient!r} supports explicit in {supported[gradient]} or None, "
-                f"got {explicit!r}"
-            )
 
     def __repr__(self) -> str:
         return (
@@ -439,77 +410,22 @@ class Analytic(Method):
     def objective(self, model, forward_fn, batch):
         """Clean loss plus the scaled explicit terms plus the implicit scalar ``S``.
 
-        With ``gradient="finite-difference"`` the value is the estimator's (loss + O(eps^2)
-        + the one-draw estimate of lambda R + S) and ``surrogate`` carries its gradient.
+        The value is the estimator's (for ``"finite-difference"``: loss + O(eps^2) + the
+        one-draw estimate of lambda R + S) and ``surrogate`` carries its gradient.
         """
         self._require(model)
-        if self.gradient != "double-backward":
-            return self._estimator_objective(model, forward_fn, batch)
-        names = site_names(model)
-        out, ctx = gated_forward(model, forward_fn, batch, self.loss, self.grouping)
-        summed = self.loss.summed(out.logits, out.targets)
-        value = summed / out.n
-        stats = {"loss": value.detach()}
         (gen,) = self.spawn(1, model_device(model))
-        label_grads = probe_grads = None
-        needs_label = self.implicit or self.explicit == "label"
-        if needs_label and self.explicit in ("sampled", "identity"):
-            # both gate gradients from one backward through the model
-            probe = curvature_probe(self.explicit, out, self.loss, gen)
-            label_grads, probe_grads = joint_site_gradients(
-                [summed, probe], out.logits, ctx.gates, create_graph=True
-            )
-        elif needs_label:
-            label_grads = site_gradients(summed, ctx.gates, create_graph=True)
-        if self.explicit is not None:
-            terms = explicit_terms(
-                out, ctx.record, self.loss, self.explicit, gen, True, label_grads, probe_grads
-            )
-            terms = [self.explicit_scale * term for term in terms]
-            explicit = torch.stack(terms).sum()
-            stats.update(_site_stats(names, ctx.record, terms))
-            stats["explicit"] = explicit.detach()
-            value = value + explicit
-        if self.implicit:
-            noise = add_implicit_noise(out, ctx.record, label_grads, gen, self.implicit_scale)
-            stats["implicit"] = noise.detach()
-            value = value + noise
-        return Objective(value, stats["loss"], out.aux, stats)
-
-    def _estimator_objective(self, model, forward_fn, batch):
-        """The objective of an estimator path: its values, and its surrogate for the gradient."""
-        (gen,) = self.spawn(1, model_device(model))
-        common = {
-            "curvature": self.explicit,
-            "implicit": self.implicit,
-            "grouping": self.grouping,
-            "generator": gen,
-            "explicit_scale": self.explicit_scale,
-            "implicit_scale": self.implicit_scale,
-        }
-        stats = {}
-        if self.gradient == "hvp-difference":
-            est = hvp_difference_step(
-                model, forward_fn, batch, self.loss, step=self.hvp_step, **common
-            )
-            if self.explicit is not None:
-                stats.update(_site_stats(site_names(model), est.record, est.explicit_terms))
-                stats["explicit"] = torch.stack(est.explicit_terms).sum()
-        else:
-            est = finite_difference_step(
-                model,
-                forward_fn,
-                batch,
-                self.loss,
-                epsilon=self.fd_epsilon,
-                examples=self.fd_examples,
-                **common,
-            )
-            if self.explicit is not None:
-                stats["explicit"] = est.explicit
-        stats["loss"] = est.loss
-        value = est.loss + stats.get("explicit", 0.0)
-        if self.implicit:
-            stats["implicit"] = est.implicit
-            value = value + est.implicit
-        return Objective(value, est.loss, est.aux, stats, surrogate=est.surrogate)
+        spec = EstimatorSpec(
+            self.loss,
+            self.explicit,
+            self.implicit,
+            grouping=self.grouping,
+            explicit_scale=self.explicit_scale,
+            implicit_scale=self.implicit_scale,
+            hvp_step=self.hvp_step,
+            fd_epsilon=self.fd_epsilon,
+            fd_examples=self.fd_examples,
+        )
+        est = self.estimator.estimate(model, forward_fn, batch, spec, gen)
+        stats = {"loss": est.loss, **_estimate_stats(site_names(model), est)}
+        return Objective(est.value, est.loss, est.aux, stats, surrogate=est.surrogate)

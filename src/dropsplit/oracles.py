@@ -18,12 +18,22 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
-from dropsplit.forward import ForwardFn, call_forward, flat_gradient, trainable_parameters
-from dropsplit.losses import Loss, get_loss
-from dropsplit.measure import select_sites
-from dropsplit.methods import gated_forward
-from dropsplit.noise import explicit_coefficient, noise_variance
-from dropsplit.sites import SiteContext, named_sites, require_sites, site_context
+from dropsplit.core.forward import (
+    ForwardFn,
+    call_forward,
+    flat_gradient,
+    gated_forward,
+    trainable_parameters,
+)
+from dropsplit.core.losses import Loss, get_loss
+from dropsplit.core.noise import explicit_coefficient, noise_variance
+from dropsplit.core.sites import (
+    SiteContext,
+    named_sites,
+    require_sites,
+    select_sites,
+    site_context,
+)
 
 MAX_CONFIGURATIONS = 2**16
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dropsplit.core.sites import DropConnect, Dropout
 from dropsplit.models.lstm import LSTMLayer, State
-from dropsplit.sites import DropConnect, Dropout
 
 
 class Embedding(nn.Embedding):

@@ -1,7 +1,7 @@
 """An LSTM that supports double backward, ``torch.func`` and DropConnect on ``W_hh``.
 
 Each layer is an :class:`LSTMLayer` with ``nn.LSTM``'s parameter layout, wrapped in a
-:class:`~dropsplit.sites.DropConnect` site on ``weight_hh`` (no ``WeightDrop`` hack: the masked
+:class:`~dropsplit.core.sites.DropConnect` site on ``weight_hh`` (no ``WeightDrop`` hack: the masked
 weight is passed to the layer for one call through ``functional_call``).
 
 Two implementations give the same values and gradients:
@@ -9,7 +9,8 @@ Two implementations give the same values and gradients:
 * ``"fused"`` (default): ``nn.LSTM``'s own kernel (``torch.lstm``) called with the (masked)
   weights. On the CPU it is differentiable twice, but autograd differentiates its backward as
   thousands of small ops, slower than differentiating the loop; so on the CPU a forward under a
-  live gate context (:func:`~dropsplit.sites.gates_live`: a method will double backward) runs
+  live gate context (its ``differentiated_twice`` attribute, set by
+  :func:`~dropsplit.core.sites.site_context`: a method will double backward) runs
   the loop. On CUDA, cuDNN cannot do double backward, so cuDNN is switched off for the call
   whenever gradients are recorded (and used in ``no_grad``).
 * ``"loop"``: a time loop of plain tensor ops: works under ``torch.func`` transforms (``vmap``,
@@ -26,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from dropsplit.sites import DropConnect, gates_live
+from dropsplit.core.sites import DropConnect
 
 State = tuple[torch.Tensor, torch.Tensor]
 IMPLEMENTATIONS = ("fused", "loop")
@@ -50,6 +51,7 @@ class LSTMLayer(nn.Module):
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.implementation = implementation
+        self.differentiated_twice = False  # set by site_context while a method gates the sites
         bound = 1 / math.sqrt(hidden_size)
         gates = 4 * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(gates, input_size).uniform_(-bound, bound))
@@ -70,7 +72,7 @@ class LSTMLayer(nn.Module):
         if state is None:
             zeros = x.new_zeros(1, x.shape[1], self.hidden_size)
             state = (zeros, zeros)
-        twice = x.device.type == "cpu" and gates_live()
+        twice = x.device.type == "cpu" and self.differentiated_twice
         if self.implementation == "fused" and not twice:
             if self.weight_hh.dim() == 3:
                 return self._fused_replicas(x, state)

@@ -11,10 +11,10 @@ import math
 import torch
 from torch import nn
 
+from dropsplit.core.sites import DropConnect, Dropout
 from dropsplit.models.awd import lm_forward
-from dropsplit.sites import DropConnect, Dropout
 
-__all__ = ["ElmanRNN", "TinyRNNLM", "lm_forward", "markov_corpus"]
+__all__ = ["ElmanRNN", "TinyRNNLM", "lm_forward"]
 
 
 class ElmanRNN(nn.Module):
@@ -99,30 +99,3 @@ class TinyRNNLM(nn.Module):
         x = self.input_dropout(self.embedding(tokens))
         out, h = self.rnn(x, h)
         return self.head(self.output_dropout(out)), h
-
-
-def markov_corpus(
-    vocab: int = 8, length: int = 20_000, concentration: float = 0.3, seed: int = 0
-) -> torch.Tensor:
-    """Token stream from a random second-order Markov source (a synthetic language).
-
-    Each context ``(x_{t-2}, x_{t-1})`` has its own next-token distribution drawn from a
-    symmetric Dirichlet, so the best model is uncertain and ``H_out`` is far from zero.
-
-    Returns:
-        ``[length]`` int64 tokens.
-    """
-    g = torch.Generator().manual_seed(seed)
-    gamma = torch.distributions.Gamma(torch.full((vocab,), concentration), torch.ones(vocab))
-    with torch.random.fork_rng():  # Gamma sampling takes no generator; keep the global RNG
-        torch.manual_seed(seed)
-        table = gamma.sample((vocab, vocab))
-    table = table / table.sum(-1, keepdim=True)
-    tokens = torch.empty(length, dtype=torch.long)
-    tokens[:2] = torch.randint(0, vocab, (2,), generator=g)
-    u = torch.rand(length, generator=g)
-    cdf = table.cumsum(-1)
-    for t in range(2, length):
-        row = cdf[tokens[t - 2], tokens[t - 1]]
-        tokens[t] = min(int(torch.searchsorted(row, u[t] * row[-1], right=True)), vocab - 1)
-    return tokens

@@ -26,10 +26,10 @@ import torch.distributed as dist
 from torch import nn
 
 import dropsplit as ds
-from dropsplit.config import Config, MethodConfig, OptimConfig, to_dict, to_toml
 from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
 from dropsplit.methods import Method
 from dropsplit.models.awd import AWDLSTM, detach_state, lm_forward, sequence_examples
+from dropsplit.training.config import Config, MethodConfig, OptimConfig, to_dict, to_toml
 
 
 def build_method(cfg: MethodConfig, seed: int) -> Method:

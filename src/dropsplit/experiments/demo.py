@@ -12,7 +12,8 @@ import time
 import torch
 
 import dropsplit as ds
-from dropsplit.models.toy import TinyRNNLM, lm_forward, markov_corpus
+from dropsplit.data import markov_corpus
+from dropsplit.models.toy import TinyRNNLM, lm_forward
 
 
 def lm_batches(tokens: torch.Tensor, batch: int, steps: int, generator: torch.Generator):

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from dropsplit.config import Config, load_config
 from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
 from dropsplit.models.awd import AWDLSTM
+from dropsplit.training.config import Config, load_config
 
 
 def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, AWDLSTM]:
@@ -23,7 +23,7 @@ def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, AWDLST
     Raises:
         FileNotFoundError: If the run has no ``best.pt`` yet.
     """
-    from dropsplit.train import build_model
+    from dropsplit.training.train import build_model
 
     config = load_config(run / "config.toml", [f'data.path="{data}"'] if data else [])
     d = config.data
@@ -46,14 +46,14 @@ def measure_run(
     out: str | Path | None = None,
     data: str | None = None,
 ) -> tuple[dict[str, Any], Path, list[str]]:
-    """:func:`~dropsplit.inspect_model.measure_effects` on validation batches of a trained run.
+    """:func:`~dropsplit.measure.effects.measure_effects` on validation batches of a trained run.
 
     Writes ``measure.json`` and the figures to ``out`` (default ``RUN/measure``).
 
     Returns:
         ``(measurement, out directory, figure file names)``.
     """
-    from dropsplit.inspect_model import measure_effects, plot_effects
+    from dropsplit.measure.effects import measure_effects, plot_effects
     from dropsplit.models.awd import lm_forward
 
     config, corpus, model = load_run(run, data)

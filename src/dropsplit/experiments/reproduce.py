@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dropsplit.config import load_config
+from dropsplit.training.config import load_config
 
 BASE_SEED = 1111
 
@@ -164,7 +164,7 @@ def reproduce(
         out: Output directory of the runs.
         data: Data directory (default ``$DROPSPLIT_DATA``).
         only: Names of the runs to train (default all).
-        measure: Keyword arguments of :func:`~dropsplit.runs.measure_run` for the Dropout_1
+        measure: Keyword arguments of :func:`~dropsplit.training.runs.measure_run` for the Dropout_1
             run of seed 0, measured as soon as it is finished (``None``: no measurement).
         jobs: Runs trained at once, each in its own process with ``1 / jobs`` of the torch
             threads (small models use two cores better as two one-thread runs than as one
@@ -220,8 +220,8 @@ def _run_one(
     show_progress: bool = True,
 ) -> None:
     """Train (or resume, or skip) one run of the suite, then measure it if it is MEASURED."""
-    from dropsplit.runs import measure_run
-    from dropsplit.train import train
+    from dropsplit.training.runs import measure_run
+    from dropsplit.training.train import train
 
     directory = out / spec.directory
     status = run_status(directory)

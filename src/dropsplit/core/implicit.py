@@ -14,10 +14,11 @@ dropout gradient noise. With Dropout_k the variance is scaled by ``1 - 1/k``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-from dropsplit.noise import noise_variance, sample_rademacher
+from dropsplit.core.noise import noise_variance, sample_rademacher
 
 
 def implicit_scalar(
@@ -44,3 +45,29 @@ def implicit_scalar(
         label_gradient.shape, generator, label_gradient.dtype, label_gradient.device
     )
     return math.sqrt(variance_scale * noise_variance(q)) / n * (r * label_gradient).sum()
+
+
+def implicit_scalar_sum(
+    record: Sequence[tuple[object, torch.Tensor]],
+    label_gradients: Sequence[torch.Tensor],
+    n: int,
+    generator: torch.Generator,
+    variance_scale: float = 1.0,
+) -> torch.Tensor:
+    """The whole scalar ``S`` of xi_approx: :func:`implicit_scalar` summed over the site calls.
+
+    Args:
+        record: ``(site, gate)`` per site call of a gated forward.
+        label_gradients: True-label gate gradient per site call.
+        n: Number of targets ``N``.
+        generator: Source of the signs ``r`` (drawn in call order).
+        variance_scale: ``s``, multiplies every site's noise variance.
+
+    Returns:
+        ``S``; its gradient with respect to the weights is one draw of xi_approx.
+    """
+    terms = [
+        implicit_scalar(g, site.p, n, generator, variance_scale)  # type: ignore[attr-defined]
+        for (site, _), g in zip(record, label_gradients, strict=True)
+    ]
+    return torch.stack(terms).sum()

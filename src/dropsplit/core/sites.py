@@ -1,6 +1,6 @@
 """Dropout sites: the places where dropout noise acts, and how a method drives them.
 
-A site multiplies a tensor by ``1 + eta`` (see :mod:`dropsplit.noise`). Outside of a method a
+A site multiplies a tensor by ``1 + eta`` (see :mod:`dropsplit.core.noise`). Outside of a method a
 site behaves like ``nn.Dropout``: it samples a mask in training mode and is the identity in
 eval mode. A method (or a measurement) takes over all sites of a model for one forward pass with
 :func:`site_context`, choosing one of the modes:
@@ -14,27 +14,25 @@ eval mode. A method (or a measurement) takes over all sites of a model for one f
 * ``"fixed"``: multiply by given multipliers, in call order (replays, enumeration, oracles).
 * ``"perturb"``: multiply by ``1 + epsilon * sqrt(v) * s`` with Rademacher signs ``s``, one
   per mask group and ``v = q / (1 - q)`` the site's noise variance: a small antithetic probe of
-  the sites for the finite-difference estimator (:mod:`dropsplit.finite_difference`).
+  the sites for the finite-difference estimator (:mod:`dropsplit.estimators.finite_difference`).
 
-While a ``"gate"`` context is live (and ``twice``, the default), :func:`gates_live` is true:
-the method will differentiate the gate gradients again, and a module may pick a kernel that is
-cheaper to differentiate twice.
+While a ``"gate"`` context is live (and ``twice``, the default), every module of the model with a
+``differentiated_twice`` attribute finds it set: the method will differentiate the gate gradients
+again, and the module may pick a kernel that is cheaper to differentiate twice. Models learn it
+from their own attribute, never from a method's state.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from dropsplit.forward import ForwardFn, ForwardOutput, call_forward
-from dropsplit.losses import Loss
-from dropsplit.noise import (
+from dropsplit.core.noise import (
     check_probability,
     mask_shape,
     noise_variance,
@@ -331,6 +329,23 @@ def site_names(model: nn.Module) -> dict[Site, str]:
     return {s: n for n, s in named_sites(model)}
 
 
+def select_sites(model: nn.Module, names: Iterable[str] | None) -> frozenset[Site] | None:
+    """The sites named in ``names`` (``None``: all).
+
+    Raises:
+        ValueError: For a name that is not a site of the model.
+    """
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    by_name = dict(named_sites(model))
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown site(s) {unknown}; the model's sites are {sorted(by_name)}")
+    return frozenset(by_name[n] for n in names)
+
+
 def require_sites(model: nn.Module, method: str) -> list[Site]:
     """Return the sites of ``model`` or raise a clear error naming ``method``.
 
@@ -346,12 +361,14 @@ def require_sites(model: nn.Module, method: str) -> list[Site]:
     return found
 
 
-_LIVE_GATES = [0]  # gate contexts entered and not yet left (nesting allowed)
-
-
 @contextlib.contextmanager
 def site_context(model: nn.Module, context: SiteContext) -> Iterator[SiteContext]:
     """Drive every site of ``model`` by ``context`` for the duration of the block.
+
+    Modules of ``model`` that have a ``differentiated_twice`` attribute are told, through it,
+    whether the forward will be differentiated twice (a ``"gate"`` context with ``twice``), so
+    they can pick a kernel that is cheaper to differentiate twice; nested contexts keep an
+    outer ``True``.
 
     Args:
         model: The model whose sites take part.
@@ -364,43 +381,18 @@ def site_context(model: nn.Module, context: SiteContext) -> Iterator[SiteContext
     previous = [s._context for s in found]
     for s in found:
         s._context = context
-    gating = context.mode == "gate" and context.twice
-    _LIVE_GATES[0] += gating
+    aware = [m for m in model.modules() if hasattr(m, "differentiated_twice")]
+    previous_twice = [m.differentiated_twice for m in aware]
+    twice = context.mode == "gate" and context.twice
+    for m, prev in zip(aware, previous_twice, strict=True):
+        m.differentiated_twice = prev or twice
     try:
         yield context
     finally:
-        _LIVE_GATES[0] -= gating
-        for s, prev in zip(found, previous, strict=True):
-            s._context = prev
-
-
-def gates_live() -> bool:
-    """Whether a ``"gate"`` context is live (the forward will be differentiated twice)."""
-    return _LIVE_GATES[0] > 0
-
-
-def gated_forward(
-    model: nn.Module,
-    forward_fn: ForwardFn,
-    batch: Any,
-    loss: Loss,
-    grouping: str,
-    active=None,
-    twice: bool = True,
-) -> tuple[ForwardOutput, SiteContext]:
-    """A clean forward with a gate on every (active) site call (mode ``"gate"``).
-
-    ``twice=False`` when the gate gradients will not be differentiated again.
-
-    Raises:
-        ValueError: If the forward used none of the sites.
-    """
-    context = SiteContext("gate", grouping=grouping, active=active, twice=twice)
-    with site_context(model, context) as ctx:
-        out = call_forward(forward_fn, model, batch, loss)
-    if not ctx.record:
-        raise ValueError("the forward pass used none of the model's dropout sites")
-    return out, ctx
+        for m, prev in zip(aware, previous_twice, strict=True):
+            m.differentiated_twice = prev
+        for s, prev_context in zip(found, previous, strict=True):
+            s._context = prev_context
 
 
 _CONVERSIONS = {

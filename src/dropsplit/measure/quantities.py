@@ -14,17 +14,26 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from dropsplit.explicit import CURVATURES, explicit_terms, site_gradients
-from dropsplit.forward import (
+from dropsplit.core.explicit import CURVATURES, explicit_terms, site_gradients
+from dropsplit.core.forward import (
     ForwardFn,
     call_forward,
     flat_gradient,
+    gated_forward,
+    mean_loss,
     model_device,
     trainable_parameters,
 )
-from dropsplit.losses import Loss, get_loss
-from dropsplit.methods import add_implicit_noise, gated_forward, mean_loss
-from dropsplit.sites import GROUPINGS, SiteContext, named_sites, require_sites, site_context
+from dropsplit.core.implicit import implicit_scalar_sum
+from dropsplit.core.losses import Loss, get_loss
+from dropsplit.core.sites import (
+    GROUPINGS,
+    SiteContext,
+    named_sites,
+    require_sites,
+    select_sites,
+    site_context,
+)
 
 NOISE_KINDS = ("dropout", "difference", "analytic")
 
@@ -41,23 +50,6 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     return torch.Generator(device=device).manual_seed(seed)
-
-
-def select_sites(model: nn.Module, names: Iterable[str] | None) -> frozenset | None:
-    """The sites named in ``names`` (``None``: all).
-
-    Raises:
-        ValueError: For a name that is not a site of the model.
-    """
-    if names is None:
-        return None
-    if isinstance(names, str):
-        names = [names]
-    by_name = dict(named_sites(model))
-    unknown = [n for n in names if n not in by_name]
-    if unknown:
-        raise ValueError(f"unknown site(s) {unknown}; the model's sites are {sorted(by_name)}")
-    return frozenset(by_name[n] for n in names)
 
 
 def _positive_int(value: Any, argument: str, minimum: int = 1) -> int:
@@ -232,7 +224,7 @@ def gradient_noise(
     grads = site_gradients(loss.summed(out.logits, out.targets), ctx.gates, create_graph=True)
     return torch.stack(
         [
-            flat_gradient(add_implicit_noise(out, ctx.record, grads, gen, 1.0), params, True)
+            flat_gradient(implicit_scalar_sum(ctx.record, grads, out.n, gen), params, True)
             for _ in range(samples)
         ]
     )

@@ -1,4 +1,4 @@
-r"""A finite-difference estimator of the analytic step: no double backward (issue 5).
+r"""A finite-difference estimator of the analytic step: no double backward (ours).
 
 Perturb every site antithetically along one random sign direction scaled per site,
 
@@ -8,7 +8,7 @@ Perturb every site antithetically along one random sign direction scaled per sit
 one sign per mask group (the grouping rule), and run the forward at ``m_+`` and at ``m_-``.
 With ``P`` the curvature probe (summed loss at labels drawn from the model for ``"sampled"``,
 at the true labels for ``"label"``, ``<u, F> / sqrt(C)`` with fixed Rademacher ``u`` for
-``"identity"``; see :func:`~dropsplit.explicit.curvature_probe`) and ``L`` the summed
+``"identity"``; see :func:`~dropsplit.core.explicit.curvature_probe`) and ``L`` the summed
 true-label loss,
 
 .. math::
@@ -36,94 +36,77 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from dropsplit.forward import ForwardFn, ForwardOutput, call_forward
-from dropsplit.losses import Loss
-from dropsplit.noise import sample_rademacher
-from dropsplit.sites import SiteContext, site_context
+from dropsplit.core.forward import ForwardFn, call_forward
+from dropsplit.core.noise import sample_rademacher
+from dropsplit.core.sites import SiteContext, site_context
+from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature
 
-FD_CURVATURES = ("sampled", "label", "identity")
+CURVATURES = ("sampled", "label", "identity")
+SEPARABLE = False  # the antithetic loss stands in for the clean loss: no regularizer-only part
+__all__ = ["CURVATURES", "SEPARABLE", "FiniteDifferenceEstimate", "estimate"]
 
 
 @dataclass
-class FiniteDifference:
-    """One draw of the finite-difference estimator.
+class FiniteDifferenceEstimate(Estimate):
+    """An :class:`~dropsplit.estimators.base.Estimate` with the draw's directions and probe.
 
     Attributes:
-        surrogate: Scalar whose gradient is the estimated gradient of the objective.
-        loss: Antithetic mean of the two token-mean losses (clean loss + O(eps^2)).
-        explicit: Estimate of the scaled explicit term ``explicit_scale * lambda R``.
-        implicit: The implicit scalar ``S`` (zero mean; its gradient is the noise).
         directions: Per site call, ``sqrt(v) * s`` (the perturbation is ``1 +- eps * it``).
         probe: The per-target probe as a function of the logits, with this draw's labels or
-            ``u``: for
-            ``"sampled"`` the labels are drawn from the model at ``m_+`` (the O(eps) shift of
-            that law is odd in ``s`` and cancels in expectation).
-        aux: The ``aux`` of the ``m_+`` forward.
+            ``u``: for ``"sampled"`` the labels are drawn from the model at ``m_+`` (the O(eps)
+            shift of that law is odd in ``s`` and cancels in expectation).
     """
 
-    surrogate: torch.Tensor
-    loss: torch.Tensor
-    explicit: torch.Tensor
-    implicit: torch.Tensor
-    directions: list[torch.Tensor]
-    probe: Callable[[torch.Tensor], torch.Tensor]
-    aux: Any
+    directions: list[torch.Tensor] = field(default_factory=list)
+    probe: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def finite_difference_step(
+def estimate(
     model: nn.Module,
     forward_fn: ForwardFn,
     batch: Any,
-    loss: Loss,
-    *,
-    curvature: str | None,
-    implicit: bool,
-    epsilon: float,
-    grouping: str,
+    spec: EstimatorSpec,
     generator: torch.Generator,
-    explicit_scale: float = 1.0,
-    implicit_scale: float = 1.0,
-    examples: Callable[[ForwardOutput], torch.Tensor] | None = None,
-) -> FiniteDifference:
+) -> FiniteDifferenceEstimate:
     r"""Run the two antithetic passes and build the surrogate of Analytic's objective.
+
+    ``spec.fd_epsilon`` is the step relative to each site's noise standard deviation
+    ``sqrt(v)``; with ``spec.fd_examples`` (``examples(out)``: the example index of each
+    target) the explicit term squares one slope per example (see the module doc).
 
     Args:
         model: The model (its sites are perturbed).
         forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
         batch: Passed to ``forward_fn``.
-        loss: The loss family.
-        curvature: ``"sampled"``, ``"label"`` or ``None`` (no explicit term).
-        implicit: Add the implicit noise.
-        epsilon: Step relative to each site's noise standard deviation ``sqrt(v)``.
-        grouping: ``"mask"`` or ``"element"``: one sign per mask group or per element.
+        spec: The terms, their scales, the step and the example map.
         generator: Source of the signs and the probe labels.
-        explicit_scale: Multiplies ``lambda``.
-        implicit_scale: Multiplies the noise variance ``v``.
-        examples: ``examples(out)`` gives the example index of each target: the explicit term
-            then squares one slope per example (see the module doc). ``None``: one slope.
 
     Returns:
         The estimator's draw; backpropagate ``surrogate``.
     """
-    if curvature not in (*FD_CURVATURES, None):
-        raise ValueError(
-            f"gradient='finite-difference' supports explicit in {FD_CURVATURES} or None, got "
-            f"{curvature!r}"
-        )
-    with site_context(
-        model, SiteContext("perturb", [generator], grouping=grouping, epsilon=epsilon)
-    ) as plus_ctx:
+    check_curvature("finite-difference", CURVATURES, spec.explicit)
+    loss, curvature, epsilon, examples = spec.loss, spec.explicit, spec.fd_epsilon, spec.fd_examples
+    explicit_scale, implicit_scale = spec.explicit_scale, spec.implicit_scale
+    with (
+        torch.profiler.record_function("dropsplit.finite_difference.forward_plus"),
+        site_context(
+            model, SiteContext("perturb", [generator], grouping=spec.grouping, epsilon=epsilon)
+        ) as plus_ctx,
+    ):
         plus = call_forward(forward_fn, model, batch, loss)
     if not plus_ctx.record:
         raise ValueError("the forward pass used none of the model's dropout sites")
     minus_multipliers = [2.0 - m for m in plus_ctx.gates]
-    with site_context(model, SiteContext("fixed", multipliers=minus_multipliers)):
+    with (
+        torch.profiler.record_function("dropsplit.finite_difference.forward_minus"),
+        site_context(model, SiteContext("fixed", multipliers=minus_multipliers)),
+    ):
         minus = call_forward(forward_fn, model, batch, loss)
     n = plus.n
     ids = torch.zeros(n, dtype=torch.long, device=plus.logits.device)
@@ -154,22 +137,25 @@ def finite_difference_step(
     summed_plus, summed_minus = loss_plus.sum(), loss_minus.sum()
     mean_loss = (summed_plus + summed_minus) / (2 * n)
     surrogate = mean_loss
-    explicit = implicit_value = surrogate.new_zeros(())
+    explicit = implicit_value = None
     if curvature is not None:
         slopes = (probe_plus - probe_minus) / (2 * epsilon)  # per target
         slopes = slopes.new_zeros(int(ids.max()) + 1).index_add(0, ids, slopes)  # per example
         explicit = explicit_scale * slopes.detach().pow(2).sum() / (2 * n)
         surrogate = surrogate + explicit_scale * (slopes.detach() * slopes).sum() / n
-    if implicit:
+    if spec.implicit:
         slope = (summed_plus - summed_minus) / (2 * epsilon)
         implicit_value = math.sqrt(implicit_scale) / n * slope
         surrogate = surrogate + implicit_value
-    return FiniteDifference(
+    return FiniteDifferenceEstimate(
         surrogate=surrogate,
+        regularizers=None,
         loss=mean_loss.detach(),
         explicit=explicit,
-        implicit=implicit_value.detach(),
+        explicit_terms=None,
+        implicit=None if implicit_value is None else implicit_value.detach(),
+        record=plus_ctx.record,
+        aux=plus.aux,
         directions=[(m - 1.0) / epsilon for m in plus_ctx.gates],
         probe=probe,
-        aux=plus.aux,
     )

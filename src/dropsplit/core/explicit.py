@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dropsplit.forward import ForwardOutput
-from dropsplit.losses import Loss
-from dropsplit.noise import explicit_coefficient, sample_rademacher
+from dropsplit.core.forward import ForwardOutput
+from dropsplit.core.losses import Loss
+from dropsplit.core.noise import explicit_coefficient, sample_rademacher
 
 CURVATURES = ("sampled", "exact", "label", "identity")
 MAX_EXACT_JACOBIAN_ROWS = 50_000

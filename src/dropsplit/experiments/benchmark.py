@@ -226,7 +226,7 @@ def memory_rows(size: str, names, device: str = "cpu") -> dict[str, float]:
             [
                 sys.executable,
                 "-m",
-                "dropsplit.benchmark",
+                "dropsplit.experiments.benchmark",
                 "--size",
                 size,
                 "--device",

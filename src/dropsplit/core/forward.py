@@ -1,4 +1,7 @@
-"""The user's side of the contract: ``forward_fn(model, batch) -> (logits, targets[, aux])``."""
+"""The forward contract, ``forward_fn(model, batch) -> (logits, targets[, aux])``.
+
+Also the clean and gated forwards that every estimator, method and measurement builds on.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropsplit.losses import Loss
+from dropsplit.core.losses import Loss
+from dropsplit.core.sites import Site, SiteContext, site_context
 
 ForwardFn = Callable[[nn.Module, Any], tuple]
 
@@ -86,3 +90,32 @@ def flat_gradient(
             for p, g in zip(params, grads, strict=True)
         ]
     )
+
+
+def mean_loss(out: ForwardOutput, loss: Loss) -> torch.Tensor:
+    """Token-mean loss of a forward output."""
+    return loss.summed(out.logits, out.targets) / out.n
+
+
+def gated_forward(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    loss: Loss,
+    grouping: str,
+    active: frozenset[Site] | None = None,
+    twice: bool = True,
+) -> tuple[ForwardOutput, SiteContext]:
+    """A clean forward with a gate on every (active) site call (mode ``"gate"``).
+
+    ``twice=False`` when the gate gradients will not be differentiated again.
+
+    Raises:
+        ValueError: If the forward used none of the sites.
+    """
+    context = SiteContext("gate", grouping=grouping, active=active, twice=twice)
+    with site_context(model, context) as ctx:
+        out = call_forward(forward_fn, model, batch, loss)
+    if not ctx.record:
+        raise ValueError("the forward pass used none of the model's dropout sites")
+    return out, ctx

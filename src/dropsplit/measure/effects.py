@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropsplit.explicit import MAX_EXACT_JACOBIAN_ROWS
-from dropsplit.forward import ForwardFn
-from dropsplit.losses import get_loss
-from dropsplit.measure import explicit_gap, explicit_regularizer, gradient_noise
-from dropsplit.sites import named_sites
+from dropsplit.core.explicit import MAX_EXACT_JACOBIAN_ROWS
+from dropsplit.core.forward import ForwardFn, call_forward
+from dropsplit.core.losses import get_loss
+from dropsplit.core.sites import SiteContext, named_sites, site_context
+from dropsplit.measure.quantities import explicit_gap, explicit_regularizer, gradient_noise
 
 KINDS = ("dropout", "difference", "analytic")
 
@@ -52,9 +52,6 @@ def subspace_alignment(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _n_targets(model, forward_fn, batch, loss) -> tuple[int, int]:
-    from dropsplit.forward import call_forward
-    from dropsplit.sites import SiteContext, site_context
-
     with torch.no_grad(), site_context(model, SiteContext("off")):
         out = call_forward(forward_fn, model, batch, loss)
     return out.logits.shape

@@ -592,7 +592,8 @@ def write_report(
     Args:
         directories: Run directories (``OUT/<name>/seed<i>``).
         out: Report directory.
-        suite: The :class:`~dropsplit.reproduce.Suite` (lists runs not run yet; optional).
+        suite: The :class:`~dropsplit.experiments.reproduce.Suite` (lists runs not yet run;
+            optional).
         command: The command printed in the report as the way to regenerate it.
 
     Returns:

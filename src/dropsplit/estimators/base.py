@@ -1,0 +1,91 @@
+"""What every gradient estimator takes and returns: one shape for all of them.
+
+An estimator is a module with
+
+* ``CURVATURES``: the explicit kinds it supports (besides ``None``, no explicit term);
+* ``SEPARABLE``: whether its surrogate splits into the clean loss plus a part that carries the
+  regularizers alone (``Estimate.regularizers``), so that Dropout_k can add that part to its
+  dropout loss (Alg. 4);
+* ``estimate(model, forward_fn, batch, spec, generator) -> Estimate``.
+
+:data:`dropsplit.estimators.ESTIMATORS` maps each ``gradient=`` name to its module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dropsplit.core.forward import ForwardOutput
+from dropsplit.core.losses import Loss
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """The analytic terms to estimate and the estimator's own settings.
+
+    Attributes:
+        loss: The loss family.
+        explicit: Curvature of the explicit term (``None``: no explicit term).
+        implicit: Add the implicit scalar ``S`` of xi_approx.
+        grouping: ``"mask"`` or ``"element"``.
+        explicit_scale: Multiplies each site's ``lambda``.
+        implicit_scale: Multiplies each site's noise variance ``v``.
+        hvp_step: Largest gate displacement of ``"hvp-difference"``.
+        fd_epsilon: Step of ``"finite-difference"``, relative to the noise's standard deviation.
+        fd_examples: ``fd_examples(out)``: example index of each target (``"finite-difference"``).
+    """
+
+    loss: Loss
+    explicit: str | None
+    implicit: bool
+    grouping: str = "mask"
+    explicit_scale: float = 1.0
+    implicit_scale: float = 1.0
+    hvp_step: float = 1e-3
+    fd_epsilon: float = 0.05
+    fd_examples: Callable[[ForwardOutput], torch.Tensor] | None = None
+
+
+@dataclass
+class Estimate:
+    """One draw of an estimator.
+
+    Attributes:
+        surrogate: Scalar whose gradient is the estimated gradient of loss + regularizers.
+        regularizers: The part of ``surrogate`` that carries the explicit and implicit terms
+            (``None`` for an estimator that is not ``SEPARABLE``).
+        loss: The token-mean data loss (detached).
+        explicit: The scaled explicit term ``explicit_scale * lambda R`` (detached; ``None``
+            without one).
+        explicit_terms: The same per recorded site call, when the estimator has them.
+        implicit: The implicit scalar ``S`` (detached; ``None`` without one).
+        record: ``(site, gate or multiplier)`` per site call of the estimator's first forward.
+        aux: The ``aux`` of that forward.
+    """
+
+    surrogate: torch.Tensor
+    regularizers: torch.Tensor | None
+    loss: torch.Tensor
+    explicit: torch.Tensor | None
+    explicit_terms: list[torch.Tensor] | None
+    implicit: torch.Tensor | None
+    record: list
+    aux: Any
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The objective's value: loss + explicit + implicit (detached)."""
+        value = self.loss + (0.0 if self.explicit is None else self.explicit)
+        return value if self.implicit is None else value + self.implicit
+
+
+def check_curvature(name: str, supported: tuple[str, ...], curvature: str | None) -> None:
+    """Raise a clear error when an estimator does not support ``curvature``."""
+    if curvature not in (*supported, None):
+        raise ValueError(
+            f"gradient={name!r} supports explicit in {supported} or None, got {curvature!r}"
+        )

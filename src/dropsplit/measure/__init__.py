@@ -1,0 +1,24 @@
+"""Measurements of both effects of dropout on any model with sites (no gradient step is taken).
+
+:mod:`~dropsplit.measure.quantities` holds the three quantities (the explicit gap, its predicted
+regularizer, draws of the gradient noise); :mod:`~dropsplit.measure.effects` runs them per site
+over several batches and summarizes, prints and plots the result.
+"""
+
+from dropsplit.measure.effects import format_effects, measure_effects, plot_effects
+from dropsplit.measure.quantities import (
+    GapEstimate,
+    explicit_gap,
+    explicit_regularizer,
+    gradient_noise,
+)
+
+__all__ = [
+    "GapEstimate",
+    "explicit_gap",
+    "explicit_regularizer",
+    "format_effects",
+    "gradient_noise",
+    "measure_effects",
+    "plot_effects",
+]
