@@ -19,9 +19,9 @@ with ``t`` chosen so that the largest gate moves by ``step``. The gradients are 
 double-backward path with the same labels and signs, up to :math:`O(t)` and rounding. Unlike
 :mod:`~dropsplit.estimators.finite_difference`, the direction ``d`` is the exact one (from one
 backward to the gates), so no products of random signs enter: the estimator has the exact
-path's noise, and the explicit term's value is exact. Cost: three forwards (the clean gated one, one along
-``d``, one along ``d'``), one backward to the gates and one through all three forwards, all with
-single-backward kernels; without the implicit term, two forwards.
+path's noise, and the explicit term's value is exact. Cost: three forwards (the clean gated
+one, one along ``d``, one along ``d'``), one backward to the gates and one through all three
+forwards, all with single-backward kernels; without the implicit term, two forwards.
 """
 
 from __future__ import annotations
