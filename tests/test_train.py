@@ -12,7 +12,7 @@ import torch
 
 from dropsplit.cli import main
 from dropsplit.training.config import OptimConfig, load_config
-from dropsplit.training.train import Averager, build_optimizer, train
+from dropsplit.training.trainer import Averager, build_optimizer, train
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "synthetic-tiny.toml"
@@ -180,7 +180,7 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
 
 
 def test_divergence_guard_skips_the_step(tmp_path, monkeypatch):
-    import dropsplit.training.train as tr
+    import dropsplit.training.trainer as tr
 
     real = tr.build_method
 
@@ -207,7 +207,7 @@ def test_divergence_guard_skips_the_step(tmp_path, monkeypatch):
 
 
 def test_divergence_guard_can_restore_the_checkpoint(tmp_path, monkeypatch):
-    import dropsplit.training.train as tr
+    import dropsplit.training.trainer as tr
 
     monkeypatch.setattr(tr, "diverged", lambda loss, progress, factor: progress.step == 7)
     with pytest.warns(RuntimeWarning, match="restored"):
@@ -268,7 +268,7 @@ def test_eval_command(tmp_path, capsys):
 )
 def test_early_stopping_on_scripted_losses(tmp_path, monkeypatch, min_epochs, logged, test_loss):
     """Patience 2 on scripted validation losses; ``min_epochs`` holds the stop off."""
-    import dropsplit.training.train as train_module
+    import dropsplit.training.trainer as train_module
 
     losses = iter([3.0, 2.0, 2.5, 2.1, 2.2, 1.0, 1.5, 1.6, 0.5])
     monkeypatch.setattr(train_module, "evaluate", lambda *args: next(losses))

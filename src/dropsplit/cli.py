@@ -22,7 +22,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from dropsplit.training.config import load_config
-    from dropsplit.training.train import train
+    from dropsplit.training.trainer import train
 
     overrides = list(args.set or [])
     if args.data:
@@ -42,7 +42,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from dropsplit.data import batchify
     from dropsplit.training.runs import load_run
-    from dropsplit.training.train import evaluate
+    from dropsplit.training.trainer import evaluate
 
     run = Path(args.run)
     config, corpus, model = load_run(run, args.data)

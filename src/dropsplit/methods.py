@@ -30,6 +30,8 @@ from dropsplit.core.sites import GROUPINGS, SiteContext, require_sites, site_con
 from dropsplit.estimators import Estimate, EstimatorSpec, get_estimator
 
 NONFINITE = ("error", "warn")
+NOISES = ("difference", "analytic")  # what DropoutK can add back (Alg. 3, Alg. 4)
+REPLICATIONS = ("loop", "batch")  # how DropoutK draws its k masks
 
 
 @dataclass
@@ -272,8 +274,8 @@ class DropoutK(Method):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k = k
-        self.noise = _choice(noise, (None, "difference", "analytic"), "noise")
-        self.implementation = _choice(implementation, ("loop", "batch"), "implementation")
+        self.noise = _choice(noise, (None, *NOISES), "noise")
+        self.implementation = _choice(implementation, REPLICATIONS, "implementation")
         self.grouping = _choice(grouping, GROUPINGS, "grouping")
         get_estimator(gradient, None, separable=self.noise == "analytic")
         self.gradient = gradient

@@ -221,7 +221,7 @@ def _run_one(
 ) -> None:
     """Train (or resume, or skip) one run of the suite, then measure it if it is MEASURED."""
     from dropsplit.training.runs import measure_run
-    from dropsplit.training.train import train
+    from dropsplit.training.trainer import train
 
     directory = out / spec.directory
     status = run_status(directory)

@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dropsplit.core.explicit import CURVATURES
+from dropsplit.core.sites import GROUPINGS
 from dropsplit.data import CORPORA
+from dropsplit.estimators import GRADIENTS
+from dropsplit.methods import NOISES, REPLICATIONS
+from dropsplit.models.lstm import IMPLEMENTATIONS
+
+METHOD_NAMES = ("none", "dropout", "analytic")  # NoDropout, DropoutK, Analytic
+OPTIMIZERS = ("sgd", "adam", "adamw", "ntasgd")
+DIVERGENCE_ACTIONS = ("skip", "restore")
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Which gradient maker, with its options (see :mod:`dropsplit.methods`)."""
+    """Which gradient maker, with its options (see :mod:`dropsplit.methods`).
+
+    The choices of each key come from the library's own constants (:data:`CHOICES`).
+    """
 
     name: str = "dropout"
     k: int = 1
@@ -113,15 +125,15 @@ class Config:
 
 CHOICES = {
     "data.corpus": CORPORA,
-    "model.implementation": ("fused", "loop"),
-    "method.name": ("none", "dropout", "analytic"),
-    "method.noise": ("none", "difference", "analytic"),
-    "method.implementation": ("loop", "batch"),
-    "method.explicit": ("sampled", "exact", "label", "identity", "none"),
-    "method.grouping": ("mask", "element"),
-    "method.gradient": ("double-backward", "finite-difference", "hvp-difference"),
-    "optim.name": ("sgd", "adam", "adamw", "ntasgd"),
-    "train.divergence": ("skip", "restore"),
+    "model.implementation": IMPLEMENTATIONS,
+    "method.name": METHOD_NAMES,
+    "method.noise": ("none", *NOISES),
+    "method.implementation": REPLICATIONS,
+    "method.explicit": (*CURVATURES, "none"),
+    "method.grouping": GROUPINGS,
+    "method.gradient": GRADIENTS,
+    "optim.name": OPTIMIZERS,
+    "train.divergence": DIVERGENCE_ACTIONS,
 }
 POSITIVE = {
     "method.fd_epsilon",

@@ -10,6 +10,7 @@ import torch
 
 from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
 from dropsplit.models.awd import AWDLSTM
+from dropsplit.training.build import build_model
 from dropsplit.training.config import Config, load_config
 
 
@@ -23,8 +24,6 @@ def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, AWDLST
     Raises:
         FileNotFoundError: If the run has no ``best.pt`` yet.
     """
-    from dropsplit.training.train import build_model
-
     config = load_config(run / "config.toml", [f'data.path="{data}"'] if data else [])
     d = config.data
     corpus = load_corpus(d.corpus, d.path or None, d.train_fraction)

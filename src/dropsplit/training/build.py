@@ -1,0 +1,70 @@
+"""What a config builds: the model, the method and the optimizer (shared by training and runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from dropsplit.methods import Analytic, DropoutK, Method, NoDropout
+from dropsplit.models.awd import AWDLSTM, sequence_examples
+from dropsplit.training.config import Config, MethodConfig, OptimConfig
+
+
+def build_method(cfg: MethodConfig, seed: int) -> Method:
+    """The gradient maker a config names (non-finite objectives are reported, not raised)."""
+    if cfg.name == "none":
+        return NoDropout(seed=seed, nonfinite="warn")
+    if cfg.name == "dropout":
+        return DropoutK(
+            cfg.k,
+            None if cfg.noise == "none" else cfg.noise,
+            implementation=cfg.implementation,
+            batch_dim=1,
+            grouping=cfg.grouping,
+            gradient=cfg.gradient,
+            hvp_step=cfg.hvp_step,
+            seed=seed,
+            nonfinite="warn",
+        )
+    return Analytic(
+        None if cfg.explicit == "none" else cfg.explicit,
+        cfg.implicit,
+        explicit_scale=cfg.explicit_scale,
+        implicit_scale=cfg.implicit_scale,
+        grouping=cfg.grouping,
+        gradient=cfg.gradient,
+        fd_epsilon=cfg.fd_epsilon,
+        hvp_step=cfg.hvp_step,
+        fd_examples=sequence_examples if cfg.fd_per_example else None,
+        seed=seed,
+        nonfinite="warn",
+    )
+
+
+def build_model(config: Config, vocab_size: int) -> AWDLSTM:
+    """The AWD-style LM of a config."""
+    m = config.model
+    return AWDLSTM(
+        vocab_size,
+        m.embedding_size,
+        m.hidden_size,
+        m.layers,
+        p_input=m.p_input,
+        p_hidden=m.p_hidden,
+        p_output=m.p_output,
+        p_weight=m.p_weight,
+        p_embedding=m.p_embedding,
+        tie_weights=m.tie_weights,
+        implementation=m.implementation,
+    )
+
+
+def build_optimizer(cfg: OptimConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD (also the first phase of NT-ASGD), Adam or AdamW."""
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
