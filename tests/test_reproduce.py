@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dropsplit.cli import main
-from dropsplit.experiments.report import Stat, verdicts, write_report
+from dropsplit.experiments.claims import Stat, judge_claims
+from dropsplit.experiments.report import write_report
 from dropsplit.experiments.reproduce import load_suite, reproduce, run_status
 from dropsplit.training.config import load_config
 
@@ -233,7 +234,7 @@ def _stats(**means):
 
 
 def _verdict(stats, claim):
-    return next(v for v in verdicts(stats) if v.claim == claim)
+    return next(v for v in judge_claims(stats) if v.claim == claim)
 
 
 def test_verdict_dropout_k_monotone_worsening():
@@ -322,7 +323,7 @@ def test_verdict_data_size_uses_the_main_pair_at_its_fraction():
         dropout_1=100, dropout_4=106, **{"data_0.05_dropout_1": 120, "data_0.05_dropout_4": 135}
     )
     stats.update(_stats(**{"data_0.3_dropout_1": 90, "data_0.3_dropout_4": 91}))
-    v = next(v for v in verdicts(stats, main_fraction="0.1") if v.claim == "f")
+    v = next(v for v in judge_claims(stats, main_fraction="0.1") if v.claim == "f")
     assert v.verdict == "reproduced"
     assert "fraction 0.1" in v.effect
 
@@ -388,3 +389,22 @@ def test_every_curve_of_a_figure_has_its_own_colour(tmp_path, monkeypatch, n_run
     assert plot_groups(groups, tmp_path) == ["fig6_ablations.png"]
     colours = [line.get_color() for line in figures[0].axes[0].get_lines()]
     assert len(colours) == n_runs and len(set(map(str, colours))) == n_runs
+
+
+def test_a_new_claim_is_an_entry_not_a_branch():
+    """A claim on another architecture is one Claim: its runs, its judge; missing runs are named."""
+    from dropsplit.experiments.claims import Claim, finding
+
+    claim = Claim(
+        "qrnn-d",
+        "QRNN: the analytic replacement beats Dropout_1.",
+        "-",
+        finding(("qrnn-dropout-1", "qrnn-analytic")),
+        needs=("qrnn-dropout-1", "qrnn-analytic"),
+    )
+    (missing,) = judge_claims({"qrnn-dropout-1": Stat([5.0, 5.1])}, claims=(claim,))
+    assert missing.verdict == "not run" and missing.effect == "missing runs: qrnn-analytic"
+    stats = {"qrnn-dropout-1": Stat([5.0, 5.1]), "qrnn-analytic": Stat([4.0, 4.1])}
+    (found,) = judge_claims(stats, claims=(claim,))
+    assert found.verdict == "finding"
+    assert found.effect == "qrnn-analytic - qrnn-dropout-1 = -1.00 ± 0.10"

@@ -5,10 +5,7 @@
 and writes ``DIR/REPORT.md``, ``DIR/summary.csv`` and the figures from those copies only, so
 running it again on ``DIR/runs/*/*`` regenerates every file byte for byte.
 
-Verdict rules (stated in the report too): runs are compared by their best validation
-perplexity, mean over seeds; a difference is *clear* when it exceeds twice its standard error
-(seed standard deviations, at least two seeds per side); with one seed the report says so and
-the verdict is at most *inconclusive* unless the difference exceeds 5 %.
+The claims and their verdict rules are data: :mod:`~dropsplit.experiments.claims`.
 """
 
 from __future__ import annotations
@@ -16,46 +13,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import shutil
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-COPIED = ("run.json", "summary.json", "metrics.jsonl", "measure/measure.json")
-REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
-SINGLE_SEED_MARGIN = 0.05
+from dropsplit.experiments.claims import CLAIMS, Stat, judge_claims
 
-# the paper's numbers, where it gives them (paper.md section 5); [G]: the official code on Tolstoy
-PAPER = {
-    "a": "PTB: worse as k grows; Dropout_32 still beats no dropout (~120 best val ppl). "
-    "[G]: Dropout_1 83.0, Dropout_4 89.2, Dropout_8 91.6, no reg 118.6",
-    "b": "Dropout_4 + xi~ back to Dropout_1 (qualitative)",
-    "c": "R_approx beats Dropout_32, trails Dropout_1 (qualitative). [G]: explicit only 87.0 "
-    "vs Dropout_1 83.0, Dropout_8 91.6",
-    "d": "R_approx + xi_approx matches dropout (qualitative). [G]: 77.4 vs Dropout_1 83.0",
-    "e": "PTB (slides): identity H 108.76, l2 112.04, R-tilde 84.06, R_approx 84.52",
-    "f": "WT103: Dropout_1 34.24, Dropout_2 33.35, Dropout_4 32.74, Dropout_8 32.78 "
-    "(no implicit effect with much data)",
-    "Fig. 4": "tracks Dropout_1 (qualitative). [G]: Dropout_8 + implicit 83.1 vs Dropout_1 83.0",
-    "grouping": "the original code squares per element",
-    "estimator": "-",
-}
-CLAIMS = {
-    "a": "Best validation perplexity gets worse monotonically with k (Dropout_k, k = 1, 2, 4, 8).",
-    "b": "Dropout_4 + sqrt(3/4) two-sample difference noise is within noise of Dropout_1.",
-    "c": "Clean loss + R_approx (explicit only) beats the largest-k Dropout_k but trails "
-    "Dropout_1.",
-    "d": "R_approx + xi_approx (the analytic replacement) comes close to Dropout_1.",
-    "e": "Identity H_out, tuned, is about as good as the best l2 and worse than R_approx.",
-    "f": "With more data the Dropout_k - Dropout_1 gap shrinks.",
-    "Fig. 4": "Dropout_k + sqrt(1 - 1/k) xi_approx tracks Dropout_1.",
-    "grouping": "(ours) Per-element squares (the original code) against the mask grouping rule.",
-    "estimator": "(ours) Gradient estimators of the analytic step: HVP differences (the main "
-    "runs) against exact double backward (`-exact`) and finite differences (`-fd`).",
-}
+COPIED = ("run.json", "summary.json", "metrics.jsonl", "measure/measure.json")
 
 
 @dataclass
@@ -70,34 +37,6 @@ class Run:
     metrics: list[dict[str, Any]]
     directory: Path
     measure: dict[str, Any] | None = None
-
-
-@dataclass
-class Stat:
-    """Mean and spread of a quantity over the seeds of a run."""
-
-    values: list[float] = field(default_factory=list)
-
-    @property
-    def n(self) -> int:
-        """Number of seeds."""
-        return len(self.values)
-
-    @property
-    def mean(self) -> float:
-        """Mean over seeds."""
-        return statistics.fmean(self.values)
-
-    @property
-    def sd(self) -> float:
-        """Sample standard deviation (0 with one seed)."""
-        return statistics.stdev(self.values) if self.n > 1 else 0.0
-
-    def text(self, digits: int = 2) -> str:
-        """``mean ± sd (n)``."""
-        if self.n == 1:
-            return f"{self.mean:.{digits}f} (1 seed)"
-        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} ({self.n})"
 
 
 def load_runs(directories: Iterable[str | Path]) -> list[Run]:
@@ -161,274 +100,6 @@ def by_name(runs: list[Run]) -> dict[str, list[Run]]:
 def stat(runs: list[Run], key: str = "best_val_ppl") -> Stat:
     """Mean and spread of a summary field over seeds."""
     return Stat([float(r.summary[key]) for r in runs])
-
-
-@dataclass
-class Comparison:
-    """``b - a`` of best validation perplexity with its standard error."""
-
-    a: Stat
-    b: Stat
-
-    @property
-    def diff(self) -> float:
-        """Difference of the means."""
-        return self.b.mean - self.a.mean
-
-    @property
-    def se(self) -> float | None:
-        """Standard error of the difference (``None`` with fewer than two seeds a side)."""
-        if self.a.n < 2 or self.b.n < 2:
-            return None
-        return math.sqrt(self.a.sd**2 / self.a.n + self.b.sd**2 / self.b.n)
-
-    def clear(self) -> bool:
-        """Whether ``|diff|`` exceeds 2 s.e. (or 5 % of ``a`` with one seed)."""
-        if self.se is None:
-            return abs(self.diff) > SINGLE_SEED_MARGIN * self.a.mean
-        return abs(self.diff) > 2 * self.se
-
-    def text(self) -> str:
-        """``+d ± 2se`` or ``+d (1 seed)``."""
-        if self.se is None:
-            return f"{self.diff:+.2f} (1 seed)"
-        return f"{self.diff:+.2f} ± {2 * self.se:.2f}"
-
-
-@dataclass
-class Verdict:
-    """A claim's verdict, effect and the runs it rests on."""
-
-    claim: str
-    verdict: str
-    effect: str
-
-
-def _missing(needed: list[str], stats: dict[str, Stat], claim: str) -> Verdict | None:
-    absent = [n for n in needed if n not in stats]
-    if absent:
-        return Verdict(claim, "not run", f"missing runs: {', '.join(absent)}")
-    return None
-
-
-def _dropout_k_names(stats: dict[str, Stat], prefix: str = "dropout-") -> list[str]:
-    names = [n for n in stats if n.startswith(prefix) and n[len(prefix) :].isdigit()]
-    return sorted(names, key=lambda n: int(n[len(prefix) :]))
-
-
-def _recovers(gap: float, left: float) -> str:
-    """``recovers P % of the gap``: the share of a positive ``gap`` to Dropout_1 that is closed."""
-    return f"recovers {100 * (1 - left / gap):.0f} % of the gap"
-
-
-def _largest_k(stats: dict[str, Stat], ks: list[str]) -> str:
-    """The largest k with two or more seeds (a comparison with a standard error), else the largest.
-
-    A one-seed Dropout_8 added to a three-seed suite must not turn its verdicts into one-seed ones.
-    """
-    seeded = [n for n in ks[1:] if stats[n].n > 1]
-    return seeded[-1] if seeded else ks[-1]
-
-
-def verdicts(stats: dict[str, Stat], main_fraction: str | None = None) -> list[Verdict]:
-    """One verdict per paper claim (a)-(f) from the mean best validation perplexities.
-
-    Args:
-        stats: Best validation perplexity per run name.
-        main_fraction: Training fraction of the main runs (for the data-size claim).
-    """
-    out = []
-    ks = _dropout_k_names(stats)
-    # (a) monotone worsening with k
-    if len(ks) < 2 or ks[0] != "dropout-1":
-        out.append(Verdict("a", "not run", "needs dropout-1 and a larger k"))
-    else:
-        steps = [Comparison(stats[a], stats[b]) for a, b in zip(ks, ks[1:], strict=False)]
-        end = _largest_k(stats, ks)
-        total = Comparison(stats[ks[0]], stats[end])
-        means = ", ".join(f"k={n.split('-')[1]}: {stats[n].mean:.2f} ({stats[n].n})" for n in ks)
-        effect = f"{means}; Dropout_{end.split('-')[1]} - Dropout_1 = {total.text()}"
-        no_reversal = all(s.diff > 0 or not s.clear() for s in steps)
-        if total.diff > 0 and total.clear() and no_reversal:
-            v = REPRODUCED if total.se is not None else INCONCLUSIVE
-        elif total.clear() and total.diff < 0:
-            v = NOT_REPRODUCED
-        else:
-            v = INCONCLUSIVE if total.se is None else NOT_REPRODUCED
-        out.append(Verdict("a", v, effect))
-    # (b) difference noise brings Dropout_4 back to Dropout_1
-    miss = _missing(["dropout-1", "dropout-4", "dropout-4-difference"], stats, "b")
-    if miss:
-        out.append(miss)
-    else:
-        back = Comparison(stats["dropout-1"], stats["dropout-4-difference"])
-        gap = Comparison(stats["dropout-1"], stats["dropout-4"])
-        effect = (
-            f"(Dropout_4 + difference) - Dropout_1 = {back.text()}; "
-            f"Dropout_4 - Dropout_1 = {gap.text()}"
-        )
-        if gap.diff > 0:
-            effect += f"; the noise {_recovers(gap.diff, back.diff)}"
-        if not gap.clear():
-            v = INCONCLUSIVE  # nothing to recover at this scale
-        elif back.clear() and back.diff > 0:
-            v = NOT_REPRODUCED
-        else:
-            v = REPRODUCED if back.se is not None else INCONCLUSIVE
-        out.append(Verdict("b", v, effect))
-    # (c) explicit only between Dropout_1 and the largest k
-    largest = _largest_k(stats, ks) if len(ks) > 1 else "dropout-8"
-    miss = _missing(["dropout-1", largest, "explicit"], stats, "c")
-    if miss:
-        out.append(miss)
-    else:
-        vs_one = Comparison(stats["dropout-1"], stats["explicit"])
-        vs_k = Comparison(stats[largest], stats["explicit"])
-        k = largest.split("-")[1]
-        effect = f"explicit - Dropout_1 = {vs_one.text()}; explicit - Dropout_{k} = {vs_k.text()}"
-        beats_k = vs_k.diff < 0 and vs_k.clear()
-        trails_one = vs_one.diff > 0 and vs_one.clear()
-        if beats_k and trails_one:
-            v = REPRODUCED if vs_one.se is not None else INCONCLUSIVE
-        elif (vs_k.diff > 0 and vs_k.clear()) or (vs_one.diff < 0 and vs_one.clear()):
-            v = NOT_REPRODUCED
-        else:
-            v = INCONCLUSIVE
-        out.append(Verdict("c", v, effect))
-    # (d) the analytic replacement close to Dropout_1
-    miss = _missing(["dropout-1", "analytic"], stats, "d")
-    if miss:
-        out.append(miss)
-    else:
-        c = Comparison(stats["dropout-1"], stats["analytic"])
-        rel = c.diff / stats["dropout-1"].mean
-        effect = f"analytic - Dropout_1 = {c.text()} ({100 * rel:+.1f} %)"
-        close = abs(rel) <= 0.02 or not c.clear()
-        if close or c.diff < 0:
-            v = REPRODUCED if c.se is not None else INCONCLUSIVE
-        else:
-            v = NOT_REPRODUCED
-        out.append(Verdict("d", v, effect))
-    # (e) identity H tuned ~ l2 tuned, worse than R_approx
-    identity = _best(stats, "identity-")
-    l2 = _best(stats, "l2-")
-    if identity is None or l2 is None or "explicit" not in stats:
-        out.append(Verdict("e", "not run", "needs identity-*, l2-* and explicit runs"))
-    else:
-        vs_l2 = Comparison(stats[l2], stats[identity])
-        vs_r = Comparison(stats["explicit"], stats[identity])
-        effect = (
-            f"best identity ({identity}) {stats[identity].mean:.2f}, best l2 ({l2}) "
-            f"{stats[l2].mean:.2f}, R_approx {stats['explicit'].mean:.2f}; identity - l2 = "
-            f"{vs_l2.text()}; identity - R_approx = {vs_r.text()}"
-        )
-        like_l2 = abs(vs_l2.diff) <= 0.05 * stats[l2].mean
-        worse_than_r = vs_r.diff > 0 and vs_r.clear()
-        if like_l2 and worse_than_r:
-            v = REPRODUCED
-        elif vs_r.diff < 0 and vs_r.clear():
-            v = NOT_REPRODUCED
-        else:
-            v = INCONCLUSIVE
-        out.append(Verdict("e", v, effect))
-    # (f) the k gap shrinks with more data
-    fractions = _fraction_gaps(stats, main_fraction)
-    if len(fractions) < 2:
-        out.append(Verdict("f", "not run", "needs dropout-1 and dropout-k at two data sizes"))
-    else:
-        gaps = [(f, c) for f, c in fractions]
-        effect = "; ".join(f"fraction {f}: Dropout_k - Dropout_1 = {c.text()}" for f, c in gaps)
-        rel = [c.diff / c.a.mean for _, c in gaps]
-        shrinking = all(b < a for a, b in zip(rel, rel[1:], strict=False))
-        if shrinking and gaps[0][1].clear():
-            v = REPRODUCED if gaps[0][1].se is not None else INCONCLUSIVE
-        elif not shrinking and all(c.clear() for _, c in gaps):
-            v = NOT_REPRODUCED
-        else:
-            v = INCONCLUSIVE
-        out.append(Verdict("f", v, effect))
-    out.append(_tracks_dropout_1(stats))
-    # a verdict resting on a one-seed comparison is at most inconclusive
-    for v in out:
-        if "(1 seed)" in v.effect and v.verdict in (REPRODUCED, NOT_REPRODUCED):
-            v.verdict = f"{INCONCLUSIVE} (1 seed; leans {v.verdict})"
-    out.append(
-        _finding(
-            stats, "grouping", [("explicit", "explicit-element"), ("analytic", "analytic-element")]
-        )
-    )
-    estimators = [
-        ("analytic-exact", "analytic"),
-        ("analytic-exact", "analytic-fd"),
-        ("analytic", "analytic-fd"),
-        ("explicit", "explicit-fd"),
-    ]
-    out.append(_finding(stats, "estimator", estimators))
-    return out
-
-
-def _tracks_dropout_1(stats: dict[str, Stat]) -> Verdict:
-    """Fig. 4: every Dropout_k + analytic noise run close to Dropout_1."""
-    names = _dropout_k_names(
-        {n.removesuffix("-analytic"): s for n, s in stats.items() if n.endswith("-analytic")}
-    )
-    if "dropout-1" not in stats or not names:
-        return Verdict("Fig. 4", "not run", "needs dropout-1 and dropout-<k>-analytic runs")
-    parts, verdict = [], REPRODUCED
-    for name in names:
-        c = Comparison(stats["dropout-1"], stats[f"{name}-analytic"])
-        part = f"{name} + analytic noise - Dropout_1 = {c.text()}"
-        if name in stats:  # how much of Dropout_k's own gap the noise closes, as in (b)
-            gap = stats[name].mean - stats["dropout-1"].mean
-            part += f" ({_recovers(gap, c.diff)})" if gap > 0 else ""
-        parts.append(part)
-        if c.clear() and c.diff > 0:
-            verdict = NOT_REPRODUCED
-        elif c.se is None and verdict == REPRODUCED:
-            verdict = INCONCLUSIVE
-    return Verdict("Fig. 4", verdict, "; ".join(parts))
-
-
-def _finding(stats: dict[str, Stat], claim: str, pairs: list[tuple[str, str]]) -> Verdict:
-    """A comparison of ours with no paper verdict: the effect only."""
-    parts = [
-        f"{b} - {a} = {Comparison(stats[a], stats[b]).text()}"
-        for a, b in pairs
-        if a in stats and b in stats
-    ]
-    if not parts:
-        absent = sorted({n for pair in pairs for n in pair if n not in stats})
-        return Verdict(claim, "not run", "missing runs: " + ", ".join(absent))
-    return Verdict(claim, "finding", "; ".join(parts))
-
-
-def _best(stats: dict[str, Stat], prefix: str) -> str | None:
-    names = [n for n in stats if n.startswith(prefix)]
-    return min(names, key=lambda n: stats[n].mean) if names else None
-
-
-def _fraction_gaps(
-    stats: dict[str, Stat], main_fraction: str | None
-) -> list[tuple[str, Comparison]]:
-    """``[(fraction, Dropout_k vs Dropout_1)]`` by training fraction.
-
-    From runs named ``data-<fraction>-dropout-<k>``, plus the main suite's ``dropout-1`` and
-    ``dropout-<k>`` (same ``k``) at the main fraction.
-    """
-    pairs: dict[str, dict[str, Stat]] = {}
-    for name, s in stats.items():
-        if name.startswith("data-"):
-            _, fraction, rest = name.split("-", 2)
-            pairs.setdefault(fraction, {})[rest] = s
-    if main_fraction is not None and pairs and main_fraction not in pairs:
-        k_names = {n for p in pairs.values() for n in p}
-        pairs[main_fraction] = {n: stats[n] for n in k_names if n in stats}
-    out = []
-    for fraction in sorted(pairs, key=float):
-        ks = _dropout_k_names(pairs[fraction])
-        if len(ks) >= 2 and ks[0] == "dropout-1":
-            out.append((fraction, Comparison(pairs[fraction][ks[0]], pairs[fraction][ks[-1]])))
-    return out
 
 
 def summary_rows(groups: dict[str, list[Run]]) -> list[dict[str, Any]]:
@@ -581,6 +252,53 @@ def _measure_table(runs: list[Run]) -> list[str]:
     return lines
 
 
+def _verdict_lines(stats: dict[str, Stat], groups: dict[str, list[Run]]) -> list[str]:
+    """The verdict section: the rules, then one row per claim of :data:`CLAIMS`."""
+    lines = [
+        "## Verdicts",
+        "",
+        "Best validation perplexity, mean over seeds. A difference is *clear* when it exceeds "
+        "twice its standard error (seed standard deviations, two or more seeds a side); with one "
+        "seed a difference counts only beyond 5 %, and a verdict resting on one seed is at most "
+        "*inconclusive*. Effects are written `difference ± 2 s.e.`",
+        "",
+        "| claim | paper | our effect | verdict |",
+        "|---|---|---|---|",
+    ]
+    main = groups.get("dropout-1")
+    main_fraction = str(main[0].summary["config"]["data"]["train_fraction"]) if main else None
+    claims = {c.key: c for c in CLAIMS}
+    for v in judge_claims(stats, main_fraction):
+        c = claims[v.claim]
+        lines.append(f"| ({v.claim}) {c.statement} | {c.paper} | {v.effect} | **{v.verdict}** |")
+    return lines
+
+
+def _not_run_lines(suite: Any, runs: list[Run]) -> list[str]:
+    """The suite's runs (seed indices) that have no summary yet (nothing when all ran)."""
+    done = {(r.name, r.seed) for r in runs}
+    planned: dict[str, list[int]] = {}
+    for spec in suite.runs:
+        planned.setdefault(spec.name, []).append(spec.seed)
+    missing = {n: [i for i in seeds if (n, i) not in done] for n, seeds in planned.items()}
+    missing = {n: seeds for n, seeds in missing.items() if seeds}
+    if not missing:
+        return []
+    lines = [
+        "",
+        "## Not run yet",
+        "",
+        "The suite runs in the background across sessions; these runs (seed indices) were "
+        "not finished when the report was made.",
+        "",
+        "| run | seeds not run | seeds planned |",
+        "|---|---|---:|",
+    ]
+    for name, seeds in missing.items():
+        lines.append(f"| `{name}` | {', '.join(map(str, seeds))} | {len(planned[name])} |")
+    return lines
+
+
 def write_report(
     directories: Iterable[str | Path],
     out: str | Path,
@@ -618,23 +336,7 @@ def write_report(
     ]
     if suite is not None and suite.description:
         lines += [suite.description.strip(), ""]
-    lines += [
-        "## Verdicts",
-        "",
-        "Best validation perplexity, mean over seeds. A difference is *clear* when it exceeds "
-        "twice its standard error (seed standard deviations, two or more seeds a side); with one "
-        "seed a difference counts only beyond 5 %, and a verdict resting on one seed is at most "
-        "*inconclusive*. Effects are written `difference ± 2 s.e.`",
-        "",
-        "| claim | paper | our effect | verdict |",
-        "|---|---|---|---|",
-    ]
-    main = groups.get("dropout-1")
-    main_fraction = str(main[0].summary["config"]["data"]["train_fraction"]) if main else None
-    for v in verdicts(stats, main_fraction):
-        lines.append(
-            f"| ({v.claim}) {CLAIMS[v.claim]} | {PAPER[v.claim]} | {v.effect} | **{v.verdict}** |"
-        )
+    lines += _verdict_lines(stats, groups)
     lines += [
         "",
         "## All runs",
@@ -651,25 +353,7 @@ def write_report(
             f"{row['seconds_per_step'].mean:.3f} |"
         )
     if suite is not None:
-        done = {(r.name, r.seed) for r in runs}
-        planned: dict[str, list[int]] = {}
-        for spec in suite.runs:
-            planned.setdefault(spec.name, []).append(spec.seed)
-        missing = {n: [i for i in seeds if (n, i) not in done] for n, seeds in planned.items()}
-        missing = {n: seeds for n, seeds in missing.items() if seeds}
-        if missing:
-            lines += [
-                "",
-                "## Not run yet",
-                "",
-                "The suite runs in the background across sessions; these runs (seed indices) were "
-                "not finished when the report was made.",
-                "",
-                "| run | seeds not run | seeds planned |",
-                "|---|---|---:|",
-            ]
-            for name, seeds in missing.items():
-                lines.append(f"| `{name}` | {', '.join(map(str, seeds))} | {len(planned[name])} |")
+        lines += _not_run_lines(suite, runs)
     lines += ["", "## Figures", ""]
     for filename in figures:
         title = next(t for f, t in FIGURES.values() if f == filename)
