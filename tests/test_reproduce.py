@@ -407,4 +407,4 @@ def test_a_new_claim_is_an_entry_not_a_branch():
     stats = {"qrnn-dropout-1": Stat([5.0, 5.1]), "qrnn-analytic": Stat([4.0, 4.1])}
     (found,) = judge_claims(stats, claims=(claim,))
     assert found.verdict == "finding"
-    assert found.effect == "qrnn-analytic - qrnn-dropout-1 = -1.00 ± 0.10"
+    assert found.effect == "qrnn-analytic - qrnn-dropout-1 = -1.00 ± 0.14"
