@@ -138,3 +138,42 @@ def test_weight_replicas_need_a_module_that_accepts_them():
 def test_bad_site_arguments(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+@pytest.mark.parametrize(
+    "shared_dims, shape, batch_dim",
+    [((0,), (5, 4, 3), 1), ((), (4, 3), 0), ((-2, -1), (4, 2, 3, 3), 0), ((0, 1), (2, 3, 4), 2)],
+    ids=["locked-TBH", "elementwise", "channel-NCHW", "two-shared"],
+)
+def test_the_batch_dimension_is_the_first_unshared_one(shared_dims, shape, batch_dim):
+    """``ds.Dropout(p, shared_dims=(0,))`` is locked dropout for ``(T, B, H)`` as documented."""
+    site = ds.Dropout(0.4, shared_dims=shared_dims)
+    assert site.batch_dim_of(len(shape)) == batch_dim
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    with ds.site_context(site, ds.SiteContext("sample", gens)) as ctx:
+        site(torch.ones(shape))
+    (mask,) = ctx.gates
+    expected = [
+        1 if d % len(shape) in {s % len(shape) for s in shared_dims} else n
+        for d, n in enumerate(shape)
+    ]
+    assert list(mask.shape) == expected
+    half = shape[batch_dim] // 2
+    first, second = mask.split(half, dim=batch_dim)
+    assert not torch.equal(first, second)  # one mask per replica along the inferred batch dim
+
+
+def test_a_shared_batch_dimension_is_refused():
+    with pytest.raises(ValueError, match="batch_dim 0 cannot be one of shared_dims"):
+        ds.Dropout(0.4, shared_dims=(0,), batch_dim=0)
+    with pytest.raises(ValueError, match="no batch dimension left"):
+        ds.Dropout(0.4, shared_dims=(0, 1)).batch_dim_of(2)
+
+
+def test_public_modules_are_not_shadowed_and_names_are_exported():
+    import dropsplit.models as models
+
+    assert callable(ds.sites) and ds.SiteContext is not None
+    assert {"LSTM", "LSTMLayer", "AWDLSTM", "ElmanRNN", "TinyRNNLM"} <= set(models.__all__)
+    for name in ds.__all__:
+        assert getattr(ds, name) is not None

@@ -10,12 +10,13 @@ from dropsplit.core.sites import (
     DropConnect,
     Dropout,
     Site,
+    SiteContext,
     convert,
     named_sites,
     site_context,
     sites,
 )
-from dropsplit.measure.quantities import (
+from dropsplit.measure import (
     GapEstimate,
     explicit_gap,
     explicit_regularizer,
@@ -35,6 +36,8 @@ __all__ = [
     "Method",
     "NoDropout",
     "Site",
+    "SiteContext",
+    "SiteContext",
     "SquaredError",
     "StepResult",
     "convert",

@@ -184,7 +184,9 @@ class Dropout(Site):
         shared_dims: ``()`` elementwise, ``(0,)`` locked over time for ``(T, B, H)``,
             ``(2, 3)`` channel dropout for ``(N, C, H, W)``.
         batch_dim: The batch dimension of the input; Dropout_k by batch duplication draws an
-            independent mask for each replica along it.
+            independent mask for each replica along it. ``None`` (default): the first
+            dimension that is not shared, so ``Dropout(p, shared_dims=(0,))`` is locked dropout
+            for ``(T, B, H)`` as written.
         label: Name shown in stats and logs.
         generator: Generator used outside of a method (default: global RNG).
     """
@@ -194,32 +196,50 @@ class Dropout(Site):
         p: float = 0.5,
         shared_dims: Sequence[int] = (),
         *,
-        batch_dim: int = 0,
+        batch_dim: int | None = None,
         label: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(p, shared_dims, label=label, generator=generator)
-        if batch_dim in self.shared_dims:
+        if batch_dim is not None and batch_dim in self.shared_dims:
             raise ValueError(f"batch_dim {batch_dim} cannot be one of shared_dims")
         self.batch_dim = batch_dim
+
+    def batch_dim_of(self, ndim: int) -> int:
+        """The batch dimension for an input of ``ndim`` dimensions (given, or the first unshared).
+
+        Raises:
+            ValueError: If every dimension is shared or the given one is shared.
+        """
+        shared = {d % ndim for d in self.shared_dims}
+        if self.batch_dim is not None:
+            if self.batch_dim % ndim in shared:
+                raise ValueError(f"batch_dim {self.batch_dim} cannot be one of shared_dims")
+            return self.batch_dim % ndim
+        free = [d for d in range(ndim) if d not in shared]
+        if not free:
+            raise ValueError(
+                f"shared_dims {self.shared_dims} cover all {ndim} dims: no batch dimension left"
+            )
+        return free[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply dropout to ``x``."""
         return self.apply_noise(x)
 
     def _sample_replicas(self, x, generators):
-        r = len(generators)
-        size = x.shape[self.batch_dim]
+        r, dim = len(generators), self.batch_dim_of(x.dim())
+        size = x.shape[dim]
         if size % r:
             raise ValueError(
-                f"batch dimension {self.batch_dim} of size {size} is not a multiple of the "
+                f"batch dimension {dim} of size {size} is not a multiple of the "
                 f"{r} replicas of batch duplication"
             )
         shape = list(self.mask_shape(x.shape))
-        if shape[self.batch_dim] != 1:
-            shape[self.batch_dim] = size // r
+        if shape[dim] != 1:
+            shape[dim] = size // r
         parts = [sample_multiplier(shape, self.p, g, x.dtype, x.device) for g in generators]
-        return torch.cat(parts, dim=self.batch_dim) if r > 1 else parts[0]
+        return torch.cat(parts, dim=dim) if r > 1 else parts[0]
 
 
 class DropConnect(Site):
