@@ -1,4 +1,4 @@
-r"""The explicit regularizer R_approx under the mask grouping rule (paper Sec. 3.1, design.md).
+r"""The explicit regularizer R_approx under the mask grouping rule (paper Sec. 3.1).
 
 For a site with drop probability ``q``, coefficient :math:`\lambda = q/(2(1-q))` and mask
 groups ``m`` (elements of the site tensor ``h`` that share one mask value),

@@ -10,7 +10,7 @@ eval mode. A method (or a measurement) takes over all sites of a model for one f
   Dropout_k step draws the same masks whether it loops over replicas or duplicates the batch.
 * ``"gate"``: multiply by a leaf tensor of ones (a *gate*) with one entry per mask group.
   The gradient of a loss with respect to a gate is ``sum_{e in m} G_e h_e`` for each group ``m``:
-  exactly the quantity the mask grouping rule (design.md) squares or signs.
+  exactly the quantity the mask grouping rule (README, "Conventions") squares or signs.
 * ``"fixed"``: multiply by given multipliers, in call order (replays, enumeration, oracles).
 * ``"perturb"``: multiply by ``1 + epsilon * sqrt(v) * s`` with Rademacher signs ``s``, one
   per mask group and ``v = q / (1 - q)`` the site's noise variance: a small antithetic probe of
