@@ -277,7 +277,7 @@ class DropoutK(Method):
         self.noise = _choice(noise, (None, *NOISES), "noise")
         self.implementation = _choice(implementation, REPLICATIONS, "implementation")
         self.grouping = _choice(grouping, GROUPINGS, "grouping")
-        get_estimator(gradient, None, separable=self.noise == "analytic")
+        self.estimator = get_estimator(gradient, None, separable=self.noise == "analytic")
         self.gradient = gradient
         self.hvp_step = _check_hvp_step(hvp_step)
         self.batch_dim = batch_dim
@@ -327,7 +327,7 @@ class DropoutK(Method):
                 implicit_scale=scale,
                 hvp_step=self.hvp_step,
             )
-            est = get_estimator(self.gradient).estimate(model, forward_fn, batch, spec, gen)
+            est = self.estimator.estimate(model, forward_fn, batch, spec, gen)
             assert est.regularizers is not None and est.implicit is not None  # separable
             stats["implicit"] = est.implicit
             value = value + est.regularizers

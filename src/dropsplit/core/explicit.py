@@ -23,6 +23,7 @@ import torch
 from dropsplit.core.forward import ForwardOutput
 from dropsplit.core.losses import Loss
 from dropsplit.core.noise import explicit_coefficient, sample_rademacher
+from dropsplit.core.sites import Site
 
 CURVATURES = ("sampled", "exact", "label", "identity")
 MAX_EXACT_JACOBIAN_ROWS = 50_000
@@ -218,7 +219,7 @@ def exact_gauss_newton(
 
 def explicit_terms(
     out: ForwardOutput,
-    record: Sequence[tuple[object, torch.Tensor]],
+    record: Sequence[tuple[Site, torch.Tensor]],
     loss: Loss,
     curvature: str,
     generator: torch.Generator,

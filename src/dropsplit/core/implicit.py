@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from dropsplit.core.noise import noise_variance, sample_rademacher
+from dropsplit.core.sites import Site
 
 
 def implicit_scalar(
@@ -48,7 +49,7 @@ def implicit_scalar(
 
 
 def implicit_scalar_sum(
-    record: Sequence[tuple[object, torch.Tensor]],
+    record: Sequence[tuple[Site, torch.Tensor]],
     label_gradients: Sequence[torch.Tensor],
     n: int,
     generator: torch.Generator,
@@ -67,7 +68,7 @@ def implicit_scalar_sum(
         ``S``; its gradient with respect to the weights is one draw of xi_approx.
     """
     terms = [
-        implicit_scalar(g, site.p, n, generator, variance_scale)  # type: ignore[attr-defined]
+        implicit_scalar(g, site.p, n, generator, variance_scale)
         for (site, _), g in zip(record, label_gradients, strict=True)
     ]
     return torch.stack(terms).sum()
