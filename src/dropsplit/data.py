@@ -164,7 +164,11 @@ def load_corpus(
             s: tokenize(read_text(base, f"{folder}/{s}.txt.gz")) for s in ("train", "valid", "test")
         }
         vocab = Vocabulary(tokens["train"])
-        splits = tuple(vocab.encode(tokens[s]) for s in ("train", "valid", "test"))
+        splits = (
+            vocab.encode(tokens["train"]),
+            vocab.encode(tokens["valid"]),
+            vocab.encode(tokens["test"]),
+        )
     train, valid, test = splits
     keep = max(2, int(round(train_fraction * train.numel())))
     return Corpus(name, vocab, train[:keep], valid, test)
@@ -182,10 +186,12 @@ def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
     return ids[: steps * batch_size].view(batch_size, steps).T.contiguous()
 
 
-def sequence_length(bptt: int, variable: bool, generator: torch.Generator) -> int:
+def sequence_length(bptt: int, variable: bool, generator: torch.Generator | None) -> int:
     """AWD-LSTM's random BPTT length: ``N(bptt, 5)`` (``bptt/2`` w.p. 0.05), at least 5."""
     if not variable:
         return bptt
+    if generator is None:
+        raise ValueError("variable BPTT needs a generator")
     base = bptt if torch.rand((), generator=generator).item() >= 0.05 else bptt / 2
     length = int(base + 5 * torch.randn((), generator=generator).item())
     return max(5, length)
@@ -210,8 +216,6 @@ def bptt_batches(
     Yields:
         ``(start_row, inputs[L, B], targets[L, B])``.
     """
-    if variable and generator is None:
-        raise ValueError("variable BPTT needs a generator")
     i = start
     while i < data.shape[0] - 1:
         length = min(sequence_length(bptt, variable, generator), data.shape[0] - 1 - i)

@@ -244,16 +244,15 @@ def exact_noise_covariance(
     require_sites(model, "exact_noise_covariance")
     params = trainable_parameters(model)
     if kind == "dropout":
-        mean = None
-        second = None
+        mean = torch.zeros(())
+        second = torch.zeros(())
         for prob, mults in _mask_configurations(
             model, forward_fn, batch, loss, None, max_configurations
         ):
             out = _fixed_forward(model, forward_fn, batch, loss, mults, None)
             g = flat_gradient(loss.summed(out.logits, out.targets) / out.n, params).detach()
-            mean = prob * g if mean is None else mean + prob * g
-            outer = prob * torch.outer(g, g)
-            second = outer if second is None else second + outer
+            mean = mean + prob * g
+            second = second + prob * torch.outer(g, g)
         return second - torch.outer(mean, mean)
     if kind != "analytic":
         raise ValueError(f"kind must be 'dropout' or 'analytic', got {kind!r}")

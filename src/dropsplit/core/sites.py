@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -157,14 +158,17 @@ class Site(nn.Module):
         if ctx.mode == "gate":
             mult = torch.ones(shape, dtype=x.dtype, device=x.device, requires_grad=True)
         elif ctx.mode == "perturb":
+            assert ctx.generators  # checked by SiteContext
             signs = sample_rademacher(shape, ctx.generators[0], x.dtype, x.device)
             mult = 1.0 + ctx.epsilon * noise_variance(self.p) ** 0.5 * signs
         elif ctx.mode == "fixed":
+            assert ctx.multipliers is not None  # checked by SiteContext
             index = len(ctx.record)
             if index >= len(ctx.multipliers):
                 raise RuntimeError("the forward called more sites than multipliers were given")
             mult = ctx.multipliers[index]
         else:
+            assert ctx.generators  # checked by SiteContext
             mult = self._sample_replicas(x, ctx.generators)
         ctx.record.append((self, mult))
         return x * mult  # a weight site's [replicas, *shape] multiplier stacks the weights
@@ -401,7 +405,8 @@ def site_context(model: nn.Module, context: SiteContext) -> Iterator[SiteContext
     previous = [s._context for s in found]
     for s in found:
         s._context = context
-    aware = [m for m in model.modules() if hasattr(m, "differentiated_twice")]
+    # duck-typed: any module that declares the attribute is told
+    aware: list[Any] = [m for m in model.modules() if hasattr(m, "differentiated_twice")]
     previous_twice = [m.differentiated_twice for m in aware]
     twice = context.mode == "gate" and context.twice
     for m, prev in zip(aware, previous_twice, strict=True):
@@ -435,9 +440,8 @@ def convert(model: nn.Module) -> nn.Module:
     Returns:
         The converted model.
     """
-    kind = type(model)
-    if kind in _CONVERSIONS:
-        return Dropout(model.p, _CONVERSIONS[kind])
+    if isinstance(model, nn.modules.dropout._DropoutNd) and type(model) in _CONVERSIONS:
+        return Dropout(model.p, _CONVERSIONS[type(model)])
     for name, child in model.named_children():
         new = convert(child)
         if new is not child:

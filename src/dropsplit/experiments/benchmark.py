@@ -27,12 +27,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
+from typing import cast
 
 import torch
 from torch import nn
 
 import dropsplit as ds
 from dropsplit.models.awd import AWDLSTM, lm_forward, sequence_examples
+from dropsplit.models.lstm import LSTMLayer
 
 SIZES = {
     "small": {
@@ -69,19 +72,21 @@ def methods() -> dict[str, ds.Method]:
         out[f"Analytic({explicit}, implicit)"] = ds.Analytic(explicit, True, seed=0)
         out[f"Analytic({explicit})"] = ds.Analytic(explicit, False, seed=0)
     out["Analytic(implicit only)"] = ds.Analytic(None, True, seed=0)
-    fd = {"gradient": "finite-difference", "fd_examples": sequence_examples, "seed": 0}
+    fd = partial(ds.Analytic, gradient="finite-difference", fd_examples=sequence_examples, seed=0)
     for explicit, implicit in (("sampled", True), ("sampled", False), ("label", True)):
         tag = f"{explicit}, implicit" if implicit else explicit
-        out[f"Analytic({tag}) FD"] = ds.Analytic(explicit, implicit, **fd)
-    out["Analytic(implicit only) FD"] = ds.Analytic(None, True, **fd)
+        out[f"Analytic({tag}) FD"] = fd(explicit, implicit)
+    out["Analytic(implicit only) FD"] = fd(None, True)
     out["Analytic(sampled, implicit) FD one slope"] = ds.Analytic(
         "sampled", True, gradient="finite-difference", seed=0
     )
-    hvp = {"gradient": "hvp-difference", "seed": 0}
-    out["Analytic(sampled, implicit) HVP"] = ds.Analytic("sampled", True, **hvp)
-    out["Analytic(sampled) HVP"] = ds.Analytic("sampled", False, **hvp)
-    out["Analytic(implicit only) HVP"] = ds.Analytic(None, True, **hvp)
-    out["DropoutK(4) + analytic HVP"] = ds.DropoutK(4, "analytic", **hvp)
+    hvp = partial(ds.Analytic, gradient="hvp-difference", seed=0)
+    out["Analytic(sampled, implicit) HVP"] = hvp("sampled", True)
+    out["Analytic(sampled) HVP"] = hvp("sampled", False)
+    out["Analytic(implicit only) HVP"] = hvp(None, True)
+    out["DropoutK(4) + analytic HVP"] = ds.DropoutK(
+        4, "analytic", gradient="hvp-difference", seed=0
+    )
     return out
 
 
@@ -94,7 +99,7 @@ class PlainAWD(nn.Module):
         self.encoder, self.decoder = model.encoder, model.decoder
         self.lstms = nn.ModuleList()
         for site in model.rnns:
-            layer = site.module
+            layer = cast(LSTMLayer, site.module)
             lstm = nn.LSTM(layer.input_size, layer.hidden_size)
             with torch.no_grad():
                 for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
@@ -110,7 +115,7 @@ class PlainAWD(nn.Module):
         """Logits ``[T, B, V]`` with fresh masks, from a zero state."""
         x = self.locked(self.encoder(tokens))
         for i, lstm in enumerate(self.lstms):
-            w = lstm.weight_hh_l0
+            w = lstm.get_parameter("weight_hh_l0")
             mask = w.new_empty(w.shape).bernoulli_(1 - self.q) / (1 - self.q)
             x = torch.func.functional_call(lstm, {"weight_hh_l0": w * mask}, (x,))[0]
             if i < len(self.lstms) - 1:
@@ -134,7 +139,7 @@ def steps(size: str, device: str = "cpu") -> dict[str, Callable[[], object]]:
     """One training step (forward, backward, gradients written) per row name."""
     model, batch = problem(size, device)
     out: dict[str, Callable[[], object]] = {
-        name: (lambda m=m: m.step(model, lm_forward, batch)) for name, m in methods().items()
+        name: partial(m.step, model, lm_forward, batch) for name, m in methods().items()
     }
     plain = PlainAWD(model).to(device)
     x, y, _ = batch
@@ -294,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump({"size": args.size, "device": args.device, "peak_mib": memory}, f)
         return 0
     rows = time_steps(args.size, args.repeats, args.only, args.device)
-    memory = None if args.no_memory else memory_rows(args.size, rows, args.device)
-    table = markdown(rows, memory)
+    peak = None if args.no_memory else memory_rows(args.size, rows, args.device)
+    table = markdown(rows, peak)
     print(table)
     info = {
         "size": args.size,
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "command": "dropsplit bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "rows": {k: {**v, "peak_mib": (memory or {}).get(k)} for k, v in rows.items()},
+        "rows": {k: {**v, "peak_mib": (peak or {}).get(k)} for k, v in rows.items()},
     }
     if args.json:
         with open(args.json, "w") as f:

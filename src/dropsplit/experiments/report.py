@@ -228,11 +228,10 @@ def plot_groups(groups: dict[str, list[Run]], out: Path) -> list[str]:
 
 
 def _measure_table(runs: list[Run]) -> list[str]:
-    measured = [r for r in runs if r.measure is not None]
+    measured = [(r, r.measure) for r in runs if r.measure is not None]
     if not measured:
         return ["No measurement of a trained Dropout_1 model was found."]
-    run = measured[0]
-    m = run.measure
+    run, m = measured[0]
     lines = [
         f"Run `{run.name}/seed{run.seed}` (best weights), validation batches; gap: Monte-Carlo "
         f"over masks with the first-order control variate; prediction: lambda R with "

@@ -154,7 +154,7 @@ def reproduce(
     out: str | Path,
     data: str | None = None,
     only: set[str] | None = None,
-    measure: dict[str, int] | None = None,
+    measure: dict[str, Any] | None = None,
     jobs: int = 1,
 ) -> list[Path]:
     """Train every run of ``suite`` not finished yet (resuming interrupted ones).
@@ -215,7 +215,7 @@ def _run_one(
     base: Path,
     out: Path,
     data: str | None,
-    measure: dict[str, int] | None,
+    measure: dict[str, Any] | None,
     started: float,
     show_progress: bool = True,
 ) -> None:
@@ -229,7 +229,7 @@ def _run_one(
     if status == "done":
         print(f"{head}: finished, skipped", flush=True)
         if wants_measure and not (directory / "measure" / "measure.json").exists():
-            measure_run(directory, data=data, **measure)
+            measure_run(directory, data=data, **(measure or {}))
         return
     overrides = list(spec.overrides) + ([f'data.path="{data}"'] if data else [])
     config = load_config(base, overrides)
@@ -246,4 +246,4 @@ def _run_one(
     )
     if wants_measure:
         print(f"{head}: measuring both effects of dropout on it", flush=True)
-        measure_run(directory, data=data, **measure)
+        measure_run(directory, data=data, **(measure or {}))

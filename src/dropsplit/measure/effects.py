@@ -54,7 +54,8 @@ def subspace_alignment(a: torch.Tensor, b: torch.Tensor) -> float:
 def _n_targets(model, forward_fn, batch, loss) -> tuple[int, int]:
     with torch.no_grad(), site_context(model, SiteContext("off")):
         out = call_forward(forward_fn, model, batch, loss)
-    return out.logits.shape
+    rows, classes = out.logits.shape
+    return rows, classes
 
 
 def measure_effects(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 from torch import nn
@@ -112,6 +112,38 @@ def explicit_gap(
             draws.append(draw)
     values = torch.stack(draws).double()
     return GapEstimate(float(values.mean()), float(values.std() / math.sqrt(samples)))
+
+
+@overload
+def explicit_regularizer(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    curvature: str = ...,
+    *,
+    grouping: str = ...,
+    samples: int = ...,
+    sites: Iterable[str] | None = ...,
+    per_site: Literal[False] = ...,
+    seed: int | None = ...,
+    loss: str | Loss = ...,
+) -> float: ...
+
+
+@overload
+def explicit_regularizer(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    curvature: str = ...,
+    *,
+    grouping: str = ...,
+    samples: int = ...,
+    sites: Iterable[str] | None = ...,
+    per_site: Literal[True],
+    seed: int | None = ...,
+    loss: str | Loss = ...,
+) -> dict[str, float]: ...
 
 
 def explicit_regularizer(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,14 +202,15 @@ def from_dict(raw: dict[str, Any]) -> Config:
         ValueError: For an unknown section or key, a wrong type or a bad value.
     """
     sections = {f.name: f for f in dataclasses.fields(Config)}
+    defaults_config = Config()
     built = {}
     for name, values in raw.items():
         if name not in sections:
             raise ValueError(f"unknown config section [{name}]; sections are {sorted(sections)}")
         if not isinstance(values, dict):
             raise ValueError(f"config section [{name}] must be a table")
-    for name, section in sections.items():
-        cls = section.default_factory().__class__
+    for name in sections:
+        cls = type(getattr(defaults_config, name))
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         values = raw.get(name, {})
         for key in values:
@@ -238,7 +240,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, parsed
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load a TOML config and apply ``section.key=value`` overrides.
 
     Args:

@@ -57,7 +57,8 @@ def measure_run(
 
     config, corpus, model = load_run(run, data)
     valid = batchify(corpus.valid, config.data.eval_batch_size)
-    chosen, state = [], model.init_state(valid.shape[1])
+    chosen: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+    state = model.init_state(valid.shape[1])
     model.eval()
     with torch.no_grad():
         for _, x, y in bptt_batches(valid, config.data.bptt):

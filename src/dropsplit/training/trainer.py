@@ -205,7 +205,8 @@ class Trainer:
             self.trained = nn.parallel.DistributedDataParallel(self.model)
         self.bptt_gen = torch.Generator().manual_seed(tc.seed + 1)
         self.max_steps = 3 if dry_run else tc.max_steps
-        self.progress, self.state = Progress(), None
+        self.progress = Progress()
+        self.state: Any = None  # the model's recurrent state, carried across windows
         if resume and self.checkpoint_path.exists():
             self.resume()
         elif self.rank == 0:
