@@ -158,7 +158,7 @@ def test_nonfinite_objective_is_reported_not_stepped_on():
         (lambda: ds.DropoutK(2.5), TypeError, "k must be an int"),
         (lambda: ds.DropoutK(2, noise="gaussian"), ValueError, "noise must be one of"),
         (lambda: ds.DropoutK(2, implementation="fast"), ValueError, "implementation"),
-        (lambda: ds.Analytic(explicit="hessian"), ValueError, "explicit must be one of"),
+        (lambda: ds.Analytic(curvature="hessian"), ValueError, "curvature must be one of"),
         (lambda: ds.Analytic(grouping="time"), ValueError, "grouping must be one of"),
         (lambda: ds.Analytic(implicit="yes"), TypeError, "implicit must be a bool"),
         (lambda: ds.Analytic(explicit_scale=-1), ValueError, "explicit_scale"),
@@ -172,7 +172,7 @@ def test_nonfinite_objective_is_reported_not_stepped_on():
         "k-float",
         "noise",
         "implementation",
-        "explicit",
+        "curvature",
         "grouping",
         "implicit",
         "scale",
@@ -243,3 +243,12 @@ def test_unknown_site_name_in_a_measurement():
         ds.explicit_regularizer(pb.model, pb.forward_fn, pb.batch, "hessian")
     with pytest.raises(ValueError, match="kind must be one of"):
         ds.gradient_noise(pb.model, pb.forward_fn, pb.batch, "gaussian")
+
+
+def test_deprecated_explicit_keyword_is_curvature():
+    """``Analytic(explicit=...)`` still works, warns, and names the keyword the user gave."""
+    with pytest.warns(DeprecationWarning, match="curvature="):
+        old = ds.Analytic(explicit="label", implicit=False)
+    assert old.curvature == ds.Analytic(curvature="label", implicit=False).curvature == "label"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="explicit must be"):
+        ds.Analytic(explicit="hessian")

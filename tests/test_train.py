@@ -55,7 +55,7 @@ def test_weight_decay_is_coupled_for_adam_and_decoupled_for_adamw(name):
         ["method.k=2", "method.noise=difference"],
         ["method.k=2", "method.noise=analytic"],
         ["method.name=analytic"],
-        ["method.name=analytic", "method.explicit=label", "method.implicit=false"],
+        ["method.name=analytic", "method.curvature=label", "method.implicit=false"],
         ["optim.name=adam", "optim.lr=0.003"],
         ["optim.name=adamw", "optim.lr=0.003", "optim.weight_decay=0.1"],
         ["optim.name=ntasgd", "optim.nonmono=1"],
@@ -245,6 +245,14 @@ def test_averager_starts_on_the_non_monotone_criterion():
 def test_bad_config_values_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):
         tiny(override)
+
+
+def test_deprecated_config_key_explicit_is_read_as_curvature():
+    with pytest.warns(DeprecationWarning, match="method.curvature"):
+        old = tiny('method.explicit="label"')
+    assert old.method.curvature == tiny('method.curvature="label"').method.curvature == "label"
+    with pytest.raises(ValueError, match="both"):
+        load_config(TINY, ['method.explicit="label"', 'method.curvature="exact"'])
 
 
 def test_cli_reports_config_errors(capsys):

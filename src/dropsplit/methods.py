@@ -343,9 +343,12 @@ class Analytic(Method):
     """The analytic replacement of dropout (Alg. 2): clean loss + lambda R_approx + xi_approx.
 
     Args:
-        explicit: Curvature of the explicit term: ``"sampled"`` (labels drawn from the
-            softmax, unbiased for ``H_out``), ``"exact"`` (full ``H_out``, small ``C``),
-            ``"label"`` (true label: R-tilde), ``"identity"`` (``H_out = I / C``) or ``None``.
+        curvature: Curvature of the explicit term, the same word as in
+            :func:`~dropsplit.measure.quantities.explicit_regularizer`: ``"sampled"`` (labels
+            drawn from the softmax, unbiased for ``H_out``), ``"exact"`` (full ``H_out``, small
+            ``C``), ``"label"`` (true label: R-tilde), ``"identity"`` (``H_out = I / C``) or
+            ``None`` (no explicit term). The older keyword ``explicit=`` is accepted and
+            deprecated.
         implicit: Add the analytic gradient noise xi_approx.
         explicit_scale: Multiplies each site's ``lambda = q / (2(1-q))``.
         implicit_scale: Multiplies each site's noise variance ``v = q / (1-q)``.
@@ -370,7 +373,7 @@ class Analytic(Method):
 
     def __init__(
         self,
-        explicit: str | None = "sampled",
+        curvature: str | None = "sampled",
         implicit: bool = True,
         *,
         explicit_scale: float = 1.0,
@@ -382,8 +385,16 @@ class Analytic(Method):
         fd_examples=None,
         **kwargs,
     ) -> None:
+        keyword = "curvature"
+        if "explicit" in kwargs:
+            warnings.warn(
+                "Analytic(explicit=...) is deprecated: the keyword is curvature=",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            keyword, curvature = "explicit", kwargs.pop("explicit")
         super().__init__(**kwargs)
-        self.explicit = _choice(explicit, (*CURVATURES, None), "explicit")
+        self.curvature = _choice(curvature, (*CURVATURES, None), keyword)
         if not isinstance(implicit, bool):
             raise TypeError(f"implicit must be a bool, got {type(implicit).__name__}")
         self.implicit = implicit
@@ -393,7 +404,7 @@ class Analytic(Method):
         self.explicit_scale = float(explicit_scale)
         self.implicit_scale = float(implicit_scale)
         self.grouping = _choice(grouping, GROUPINGS, "grouping")
-        self.estimator = get_estimator(gradient, self.explicit)
+        self.estimator = get_estimator(gradient, self.curvature)
         self.gradient = gradient
         if isinstance(fd_epsilon, bool) or not isinstance(fd_epsilon, (int, float)):
             raise TypeError(f"fd_epsilon must be a number, got {type(fd_epsilon).__name__}")
@@ -405,7 +416,7 @@ class Analytic(Method):
 
     def __repr__(self) -> str:
         return (
-            f"Analytic(explicit={self.explicit!r}, implicit={self.implicit}, "
+            f"Analytic(curvature={self.curvature!r}, implicit={self.implicit}, "
             f"grouping={self.grouping!r}, gradient={self.gradient!r})"
         )
 
@@ -419,7 +430,7 @@ class Analytic(Method):
         (gen,) = self.spawn(1, model_device(model))
         spec = EstimatorSpec(
             self.loss,
-            self.explicit,
+            self.curvature,
             self.implicit,
             grouping=self.grouping,
             explicit_scale=self.explicit_scale,

@@ -31,23 +31,23 @@ __all__ = ["ESTIMATORS", "GRADIENTS", "Estimate", "EstimatorSpec", "get_estimato
 
 
 def get_estimator(
-    gradient: str, explicit: str | None = None, *, separable: bool = False
+    gradient: str, curvature: str | None = None, *, separable: bool = False
 ) -> ModuleType:
     """The estimator module named ``gradient``, checked against what the caller needs.
 
     Args:
         gradient: A key of :data:`ESTIMATORS`.
-        explicit: The explicit kind it must support (``None``: no explicit term).
+        curvature: The explicit term's curvature it must support (``None``: no explicit term).
         separable: Whether the caller adds the regularizers to its own loss (Dropout_k).
 
     Raises:
-        ValueError: For an unknown name, an unsupported explicit kind, or a non-separable
+        ValueError: For an unknown name, an unsupported curvature, or a non-separable
             estimator where a separable one is needed.
     """
     if gradient not in ESTIMATORS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     module = ESTIMATORS[gradient]
-    check_curvature(gradient, module.CURVATURES, explicit)
+    check_curvature(gradient, module.CURVATURES, curvature)
     if separable and not module.SEPARABLE:
         usable = tuple(name for name, m in ESTIMATORS.items() if m.SEPARABLE)
         raise ValueError(

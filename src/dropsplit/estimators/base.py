@@ -29,7 +29,7 @@ class EstimatorSpec:
 
     Attributes:
         loss: The loss family.
-        explicit: Curvature of the explicit term (``None``: no explicit term).
+        curvature: Curvature of the explicit term (``None``: no explicit term).
         implicit: Add the implicit scalar ``S`` of xi_approx.
         grouping: ``"mask"`` or ``"element"``.
         explicit_scale: Multiplies each site's ``lambda``.
@@ -40,7 +40,7 @@ class EstimatorSpec:
     """
 
     loss: Loss
-    explicit: str | None
+    curvature: str | None
     implicit: bool
     grouping: str = "mask"
     explicit_scale: float = 1.0
@@ -87,5 +87,5 @@ def check_curvature(name: str, supported: tuple[str, ...], curvature: str | None
     """Raise a clear error when an estimator does not support ``curvature``."""
     if curvature not in (*supported, None):
         raise ValueError(
-            f"gradient={name!r} supports explicit in {supported} or None, got {curvature!r}"
+            f"gradient={name!r} supports curvature in {supported} or None, got {curvature!r}"
         )

@@ -47,27 +47,27 @@ def estimate(
     Returns:
         The estimate; its surrogate is the exact objective.
     """
-    check_curvature("double-backward", CURVATURES, spec.explicit)
+    check_curvature("double-backward", CURVATURES, spec.curvature)
     loss = spec.loss
     with torch.profiler.record_function("dropsplit.double_backward.gated_forward"):
         out, ctx = gated_forward(model, forward_fn, batch, loss, spec.grouping)
     summed = loss.summed(out.logits, out.targets)
     surrogate = summed / out.n
     label_grads = probe_grads = None
-    needs_label = spec.implicit or spec.explicit == "label"
+    needs_label = spec.implicit or spec.curvature == "label"
     with torch.profiler.record_function("dropsplit.double_backward.gate_gradients"):
-        if needs_label and spec.explicit in ("sampled", "identity"):
+        if needs_label and spec.curvature in ("sampled", "identity"):
             # both gate gradients from one backward through the model
-            probe = curvature_probe(spec.explicit, out, loss, generator)
+            probe = curvature_probe(spec.curvature, out, loss, generator)
             label_grads, probe_grads = joint_site_gradients(
                 [summed, probe], out.logits, ctx.gates, create_graph=True
             )
         elif needs_label:
             label_grads = site_gradients(summed, ctx.gates, create_graph=True)
     regularizers = explicit = implicit = terms = None
-    if spec.explicit is not None:
+    if spec.curvature is not None:
         terms = explicit_terms(
-            out, ctx.record, loss, spec.explicit, generator, True, label_grads, probe_grads
+            out, ctx.record, loss, spec.curvature, generator, True, label_grads, probe_grads
         )
         terms = [spec.explicit_scale * term for term in terms]
         explicit = torch.stack(terms).sum()

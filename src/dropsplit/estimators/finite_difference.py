@@ -90,8 +90,13 @@ def estimate(
     Returns:
         The estimator's draw; backpropagate ``surrogate``.
     """
-    check_curvature("finite-difference", CURVATURES, spec.explicit)
-    loss, curvature, epsilon, examples = spec.loss, spec.explicit, spec.fd_epsilon, spec.fd_examples
+    check_curvature("finite-difference", CURVATURES, spec.curvature)
+    loss, curvature, epsilon, examples = (
+        spec.loss,
+        spec.curvature,
+        spec.fd_epsilon,
+        spec.fd_examples,
+    )
     explicit_scale, implicit_scale = spec.explicit_scale, spec.implicit_scale
     with (
         torch.profiler.record_function("dropsplit.finite_difference.forward_plus"),

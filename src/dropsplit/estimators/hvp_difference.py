@@ -82,7 +82,7 @@ def estimate(
     Raises:
         ValueError: On an unsupported curvature or a forward that uses no site.
     """
-    check_curvature("hvp-difference", CURVATURES, spec.explicit)
+    check_curvature("hvp-difference", CURVATURES, spec.curvature)
     loss, step = spec.loss, spec.hvp_step
     with torch.profiler.record_function("dropsplit.hvp_difference.gated_forward"):
         out, ctx = gated_forward(model, forward_fn, batch, loss, spec.grouping, twice=False)
@@ -90,8 +90,8 @@ def estimate(
     summed = loss.summed(out.logits, out.targets)
     regularizers = summed.new_zeros(())
     terms, explicit, implicit_value = None, None, None
-    if spec.explicit is not None:
-        probe = probe_function(spec.explicit, out, loss, generator)
+    if spec.curvature is not None:
+        probe = probe_function(spec.curvature, out, loss, generator)
         at_one = probe(out.logits)
         with torch.profiler.record_function("dropsplit.hvp_difference.gate_gradients"):
             grads = [g.detach() for g in site_gradients(at_one, gates, create_graph=False)]

@@ -29,7 +29,7 @@ def build_method(cfg: MethodConfig, seed: int) -> Method:
             nonfinite="warn",
         )
     return Analytic(
-        None if cfg.explicit == "none" else cfg.explicit,
+        None if cfg.curvature == "none" else cfg.curvature,
         cfg.implicit,
         explicit_scale=cfg.explicit_scale,
         implicit_scale=cfg.implicit_scale,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,7 @@ class MethodConfig:
     k: int = 1
     noise: str = "none"
     implementation: str = "loop"
-    explicit: str = "sampled"
+    curvature: str = "sampled"
     implicit: bool = True
     explicit_scale: float = 1.0
     implicit_scale: float = 1.0
@@ -130,7 +131,7 @@ CHOICES = {
     "method.name": METHOD_NAMES,
     "method.noise": ("none", *NOISES),
     "method.implementation": REPLICATIONS,
-    "method.explicit": (*CURVATURES, "none"),
+    "method.curvature": (*CURVATURES, "none"),
     "method.grouping": GROUPINGS,
     "method.gradient": GRADIENTS,
     "optim.name": OPTIMIZERS,
@@ -195,6 +196,26 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+RENAMED = {"method.explicit": "method.curvature"}  # old key -> its one word (deprecated)
+
+
+def _renamed(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each deprecated key of ``section`` under its new name (warned)."""
+    out = dict(values)
+    for old, new in RENAMED.items():
+        old_section, old_key = old.split(".")
+        if old_section != section or old_key not in out:
+            continue
+        new_key = new.split(".")[1]
+        if new_key in out:
+            raise ValueError(f"config has both {old} and {new}; keep {new}")
+        warnings.warn(
+            f"config key {old} is deprecated: use {new}", DeprecationWarning, stacklevel=3
+        )
+        out[new_key] = out.pop(old_key)
+    return out
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a :class:`Config` from nested dicts, checking every key and value.
 
@@ -212,7 +233,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     for name in sections:
         cls = type(getattr(defaults_config, name))
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        values = raw.get(name, {})
+        values = _renamed(name, raw.get(name, {}))
         for key in values:
             if key not in defaults:
                 raise ValueError(f"unknown config key {name}.{key}; keys are {sorted(defaults)}")
