@@ -252,3 +252,37 @@ def test_deprecated_explicit_keyword_is_curvature():
     assert old.curvature == ds.Analytic(curvature="label", implicit=False).curvature == "label"
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="explicit must be"):
         ds.Analytic(explicit="hessian")
+
+
+@pytest.mark.parametrize(
+    "shared_dims, batch_dim, expected",
+    [((0,), None, 1), ((), None, 0), ((0,), 2, 2), ((-1,), None, 0)],
+    ids=["locked-inferred", "elementwise", "given", "channel"],
+)
+def test_batch_duplication_reads_the_batch_dimension_from_the_sites(
+    shared_dims, batch_dim, expected
+):
+    model = torch.nn.Sequential(ds.Dropout(0.3, shared_dims, batch_dim=batch_dim))
+    assert ds.core.sites.site_batch_dim(model) == expected
+
+
+def test_disagreeing_sites_ask_for_a_batch_dim():
+    model = torch.nn.Sequential(ds.Dropout(0.3, (0,)), ds.Dropout(0.3))
+    with pytest.raises(ValueError, match="batch_dim"):
+        ds.core.sites.site_batch_dim(model)
+
+
+def test_batch_duplication_without_batch_dim_matches_the_loop():
+    """The LSTM LM's sites say its batch dimension is 1: no batch_dim argument is needed."""
+    from dropsplit.models.awd import AWDLSTM, lm_forward
+
+    torch.manual_seed(0)
+    model = AWDLSTM(11, 6, 8, 2)
+    x, y = torch.randint(0, 11, (5, 3)), torch.randint(0, 11, (5, 3))
+    grads = []
+    for impl in ("loop", "batch"):
+        model.zero_grad()
+        ds.DropoutK(3, implementation=impl, seed=4).step(model, lm_forward, (x, y, None))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -26,7 +26,14 @@ from dropsplit.core.forward import (
     trainable_parameters,
 )
 from dropsplit.core.losses import Loss, get_loss
-from dropsplit.core.sites import GROUPINGS, SiteContext, require_sites, site_context, site_names
+from dropsplit.core.sites import (
+    GROUPINGS,
+    SiteContext,
+    require_sites,
+    site_batch_dim,
+    site_context,
+    site_names,
+)
 from dropsplit.estimators import Estimate, EstimatorSpec, get_estimator
 
 NONFINITE = ("error", "warn")
@@ -242,7 +249,9 @@ class DropoutK(Method):
             ``"batch"`` (one forward on the batch tiled ``k`` times). Identical masks give
             identical gradients.
         batch_dim: Dimension along which the default ``tile`` repeats batch tensors and the
-            default ``untile`` slices aux tensors.
+            default ``untile`` slices aux tensors. ``None`` (default): the batch dimension the
+            model's dropout sites use (:func:`~dropsplit.core.sites.site_batch_dim`), e.g. 1
+            for the sequence-first LSTM and QRNN, 0 for the batch-first Transformer.
         tile: ``tile(batch, k)`` for batch duplication (default: :func:`tile_batch`).
         untile: ``untile(aux, k)`` mapping the tiled aux back (default: last replica).
         grouping: Mask grouping of the analytic noise.
@@ -260,7 +269,7 @@ class DropoutK(Method):
         noise: str | None = None,
         *,
         implementation: str = "loop",
-        batch_dim: int = 0,
+        batch_dim: int | None = None,
         tile=None,
         untile=None,
         grouping: str = "mask",
@@ -281,8 +290,8 @@ class DropoutK(Method):
         self.gradient = gradient
         self.hvp_step = _check_hvp_step(hvp_step)
         self.batch_dim = batch_dim
-        self.tile = tile or (lambda b, k: tile_batch(b, k, batch_dim))
-        self.untile = untile or (lambda a, k: untile_aux(a, k, batch_dim))
+        self.tile = tile
+        self.untile = untile
 
     def __repr__(self) -> str:
         return f"DropoutK(k={self.k}, noise={self.noise!r}, implementation={self.implementation!r})"
@@ -299,9 +308,12 @@ class DropoutK(Method):
                     out = call_forward(forward_fn, model, batch, self.loss)
                 losses.append(mean_loss(out, self.loss))
             return torch.stack(losses).mean(), out.aux
+        dim = site_batch_dim(model) if self.batch_dim is None else self.batch_dim
+        tiled = self.tile(batch, k) if self.tile else tile_batch(batch, k, dim)
         with site_context(model, SiteContext("sample", generators)):
-            out = call_forward(forward_fn, model, self.tile(batch, k), self.loss)
-        return mean_loss(out, self.loss), self.untile(out.aux, k)
+            out = call_forward(forward_fn, model, tiled, self.loss)
+        aux = self.untile(out.aux, k) if self.untile else untile_aux(out.aux, k, dim)
+        return mean_loss(out, self.loss), aux
 
     def objective(self, model, forward_fn, batch):
         """Mean of ``k`` dropout losses plus the optional ``sqrt(1 - 1/k)``-scaled noise."""

@@ -370,6 +370,28 @@ def select_sites(model: nn.Module, names: Iterable[str] | None) -> frozenset[Sit
     return frozenset(by_name[n] for n in names)
 
 
+def site_batch_dim(model: nn.Module) -> int:
+    """The batch dimension of the model's dropout sites, for batch duplication of its inputs.
+
+    Each :class:`Dropout` site's given ``batch_dim``, or its first dimension that is not
+    shared; 0 when the model has no activation site.
+
+    Raises:
+        ValueError: If the sites disagree.
+    """
+    dims = set()
+    for s in sites(model):
+        if isinstance(s, Dropout):
+            first_free = next(d for d in range(len(s.shared_dims) + 1) if d not in s.shared_dims)
+            dims.add(first_free if s.batch_dim is None else s.batch_dim)
+    if len(dims) > 1:
+        raise ValueError(
+            f"the model's dropout sites use batch dimensions {sorted(dims)}: give "
+            "DropoutK(batch_dim=...) (or tile=/untile=) for batch duplication"
+        )
+    return dims.pop() if dims else 0
+
+
 def require_sites(model: nn.Module, method: str) -> list[Site]:
     """Return the sites of ``model`` or raise a clear error naming ``method``.
 
