@@ -21,6 +21,8 @@ METHODS = {
     "analytic-noise": lambda seed: ds.DropoutK(2, "analytic", seed=seed),
     "analytic": lambda seed: ds.Analytic(seed=seed),
     "analytic-label": lambda seed: ds.Analytic("label", False, seed=seed),
+    "rdrop": lambda seed: ds.RDrop(0.5, seed=seed),
+    "fraternal": lambda seed: ds.Fraternal(0.25, seed=seed),
 }
 
 

@@ -16,6 +16,7 @@ LAYERS = [
     ["core.explicit", "core.implicit"],
     ["estimators"],
     ["methods"],
+    ["baselines"],
     ["measure", "oracles"],
     ["models"],
     ["data"],

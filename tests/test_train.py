@@ -59,6 +59,8 @@ def test_weight_decay_is_coupled_for_adam_and_decoupled_for_adamw(name):
         ["optim.name=adam", "optim.lr=0.003"],
         ["optim.name=adamw", "optim.lr=0.003", "optim.weight_decay=0.1"],
         ["optim.name=ntasgd", "optim.nonmono=1"],
+        ["method.name=rdrop", "method.alpha=1.0"],
+        ["method.name=fraternal", "method.kappa=0.25"],
     ],
     ids=[
         "none",
@@ -71,6 +73,8 @@ def test_weight_decay_is_coupled_for_adam_and_decoupled_for_adamw(name):
         "adam",
         "adamw",
         "ntasgd",
+        "rdrop",
+        "fraternal",
     ],
 )
 def test_every_method_trains_through_the_cli(tmp_path, overrides, capsys):
@@ -240,6 +244,7 @@ def test_averager_starts_on_the_non_monotone_criterion():
         ("optimizer.lr=1", r"unknown config section \[optimizer\]"),
         ("lr=1", "section.key"),
         ("data.train_fraction=0", "data.train_fraction"),
+        ("method.alpha=-1", "method.alpha must be >= 0"),
     ],
 )
 def test_bad_config_values_name_the_key(override, match):

@@ -4,6 +4,7 @@ Wei, Kakade & Ma, "The Implicit and Explicit Regularization Effects of Dropout",
 """
 
 from dropsplit import oracles
+from dropsplit.baselines import Fraternal, RDrop, matching_strength
 from dropsplit.core.losses import CrossEntropy, SquaredError
 from dropsplit.core.noise import explicit_coefficient, noise_variance, sample_multiplier
 from dropsplit.core.sites import (
@@ -32,11 +33,12 @@ __all__ = [
     "DropConnect",
     "Dropout",
     "DropoutK",
+    "Fraternal",
     "GapEstimate",
     "Method",
     "NoDropout",
+    "RDrop",
     "Site",
-    "SiteContext",
     "SiteContext",
     "SquaredError",
     "StepResult",
@@ -45,6 +47,7 @@ __all__ = [
     "explicit_gap",
     "explicit_regularizer",
     "gradient_noise",
+    "matching_strength",
     "named_sites",
     "noise_variance",
     "oracles",

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from dropsplit.baselines import Fraternal, RDrop
 from dropsplit.methods import Analytic, DropoutK, Method, NoDropout
 from dropsplit.models.awd import AWDLSTM, sequence_examples
 from dropsplit.training.config import Config, MethodConfig, OptimConfig
@@ -16,12 +17,15 @@ def build_method(cfg: MethodConfig, seed: int) -> Method:
     """The gradient maker a config names (non-finite objectives are reported, not raised)."""
     if cfg.name == "none":
         return NoDropout(seed=seed, nonfinite="warn")
+    if cfg.name == "rdrop":
+        return RDrop(cfg.alpha, seed=seed, nonfinite="warn")
+    if cfg.name == "fraternal":
+        return Fraternal(cfg.kappa, seed=seed, nonfinite="warn")
     if cfg.name == "dropout":
         return DropoutK(
             cfg.k,
             None if cfg.noise == "none" else cfg.noise,
             implementation=cfg.implementation,
-            batch_dim=1,
             grouping=cfg.grouping,
             gradient=cfg.gradient,
             hvp_step=cfg.hvp_step,

@@ -24,7 +24,8 @@ from dropsplit.estimators import GRADIENTS
 from dropsplit.methods import NOISES, REPLICATIONS
 from dropsplit.models.lstm import IMPLEMENTATIONS
 
-METHOD_NAMES = ("none", "dropout", "analytic")  # NoDropout, DropoutK, Analytic
+# NoDropout, DropoutK, Analytic, RDrop, Fraternal
+METHOD_NAMES = ("none", "dropout", "analytic", "rdrop", "fraternal")
 OPTIMIZERS = ("sgd", "adam", "adamw", "ntasgd")
 DIVERGENCE_ACTIONS = ("skip", "restore")
 
@@ -63,6 +64,10 @@ class ModelConfig:
 class MethodConfig:
     """Which gradient maker, with its options (see :mod:`dropsplit.methods`).
 
+    ``name``: ``"none"``, ``"dropout"`` (``k``, ``noise``, ``implementation``), ``"analytic"``
+    (``curvature``, ``implicit``, scales, ``gradient``), ``"rdrop"`` (``alpha``) or
+    ``"fraternal"`` (``kappa``) of :mod:`dropsplit.baselines`.
+
     The choices of each key come from the library's own constants (:data:`CHOICES`).
     """
 
@@ -79,6 +84,8 @@ class MethodConfig:
     fd_epsilon: float = 0.05
     fd_per_example: bool = True
     hvp_step: float = 1e-3
+    alpha: float = 0.5
+    kappa: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,8 @@ POSITIVE = {
     "train.divergence_factor",
 }
 NON_NEGATIVE = {
+    "method.alpha",
+    "method.kappa",
     "train.max_steps",
     "train.eval_every",
     "train.max_eval_batches",
