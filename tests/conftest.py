@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 import dropsplit as ds
+from dropsplit.models import awd
 from dropsplit.models.toy import TinyRNNLM, lm_forward
+from dropsplit.models.transformer import TransformerLM
 
 
 def pytest_addoption(parser):
@@ -78,10 +80,28 @@ def make_problem(name: str, seed: int = 0) -> Problem:
         tokens = torch.randint(0, 5, (4, 3))
         targets = torch.randint(0, 5, (4, 3))
         return Problem(name, model, lm_forward, (tokens, targets, None))
+    if name in LANGUAGE_MODELS:
+        model = LANGUAGE_MODELS[name]()
+        tokens = torch.randint(0, 5, (4, 3))
+        targets = torch.randint(0, 5, (4, 3))
+        return Problem(name, model, awd.lm_forward, (tokens, targets, None))
     raise KeyError(name)
 
 
-PROBLEMS = ["mlp-head", "mlp-two-sites", "rnn-locked"]
+def tiny_qrnn(**kwargs):
+    """Two QRNN layers (windows 2, 1) with every site of the AWD LM at q = 0.2."""
+    sites = dict(p_input=0.2, p_hidden=0.2, p_output=0.2, p_weight=0.2, p_embedding=0.2)
+    return awd.QRNNLM(5, 3, 4, 2, **{**sites, **kwargs})
+
+
+def tiny_transformer(**kwargs):
+    """One block, two heads, every site at q = 0.2."""
+    sites = dict(p_input=0.2, p_attention=0.2, p_attn_out=0.2, p_mlp_hidden=0.2, p_mlp_out=0.2)
+    return TransformerLM(5, 4, 1, 2, 8, mlp_width=6, **{**sites, "p_output": 0.2, **kwargs})
+
+
+LANGUAGE_MODELS = {"qrnn-lm": tiny_qrnn, "transformer-lm": tiny_transformer}
+PROBLEMS = ["mlp-head", "mlp-two-sites", "rnn-locked", *LANGUAGE_MODELS]
 
 
 @pytest.fixture(params=PROBLEMS)

@@ -90,7 +90,7 @@ def test_dropout_k_batch_duplication_equals_the_loop_on_the_lm(lstm):
 
 def test_benchmark_reference_model_is_the_same_lm_on_nn_lstm():
     """The benchmark's nn.LSTM reference computes our model's logits (with dropout off)."""
-    from dropsplit.experiments.benchmark import PlainAWD
+    from dropsplit.experiments.reference_models import PlainAWD
 
     model = small_lm("fused")
     x, _, state = lm_batch(model)

@@ -11,12 +11,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dropsplit as ds
-from dropsplit.models.awd import AWDLSTM, lm_forward
+from dropsplit.models.awd import AWDLSTM, QRNNLM, lm_forward
+from dropsplit.models.transformer import TransformerLM
 
 METHODS = {
     "none": lambda seed: ds.NoDropout(seed=seed),
     "dropout-2": lambda seed: ds.DropoutK(2, seed=seed),
-    "dropout-2-batch": lambda seed: ds.DropoutK(2, implementation="batch", batch_dim=1, seed=seed),
+    "dropout-2-batch": lambda seed: ds.DropoutK(2, implementation="batch", seed=seed),
     "difference": lambda seed: ds.DropoutK(2, "difference", seed=seed),
     "analytic-noise": lambda seed: ds.DropoutK(2, "analytic", seed=seed),
     "analytic": lambda seed: ds.Analytic(seed=seed),
@@ -26,16 +27,16 @@ METHODS = {
 }
 
 
-def make_model():
+MODELS = {
+    "lstm": lambda: AWDLSTM(11, 4, 5, 2, p_embedding=0.1, implementation="loop"),
+    "qrnn": lambda: QRNNLM(11, 4, 5, 2, p_embedding=0.1),
+    "transformer": lambda: TransformerLM(11, 4, 1, 2, 8, mlp_width=6, p_output=0.1),
+}
+
+
+def make_model(name="lstm"):
     torch.manual_seed(0)
-    return AWDLSTM(
-        vocab_size=11,
-        embedding_size=4,
-        hidden_size=5,
-        layers=2,
-        p_embedding=0.1,
-        implementation="loop",
-    )
+    return MODELS[name]()
 
 
 def rank_batch(model, rank):
@@ -50,12 +51,13 @@ def rank_batch(model, rank):
 def worker(rank, world, init_file, out_dir):
     torch.set_default_dtype(torch.float64)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model = make_model()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
     grads = {}
-    for name, make in METHODS.items():
-        make(seed=10 + rank).step(ddp, lm_forward, rank_batch(model, rank))
-        grads[name] = [p.grad.clone() for p in model.parameters()]
+    for model_name in MODELS:
+        model = make_model(model_name)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        for name, make in METHODS.items():
+            make(seed=10 + rank).step(ddp, lm_forward, rank_batch(model, rank))
+            grads[f"{model_name}/{name}"] = [p.grad.clone() for p in model.parameters()]
     torch.save(grads, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -63,21 +65,22 @@ def worker(rank, world, init_file, out_dir):
 def test_ddp_gradients_equal_the_mean_of_per_process_gradients(tmp_path):
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ddp = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for name, make in METHODS.items():
+    for key in ddp[0]:
+        model_name, name = key.split("/")
         reference = []
         for rank in range(2):
-            model = make_model()
-            make(seed=10 + rank).step(model, lm_forward, rank_batch(model, rank))
+            model = make_model(model_name)
+            METHODS[name](seed=10 + rank).step(model, lm_forward, rank_batch(model, rank))
             reference.append([p.grad.clone() for p in model.parameters()])
         for i, (a, b) in enumerate(zip(*reference, strict=True)):
             mean = (a + b) / 2
             for rank in range(2):
-                assert torch.allclose(ddp[rank][name][i], mean, rtol=1e-9, atol=1e-12), name
+                assert torch.allclose(ddp[rank][key][i], mean, rtol=1e-9, atol=1e-12), key
 
 
 def test_no_dropout_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ddp = torch.load(tmp_path / "rank0.pt", weights_only=True)["none"]
+    ddp = torch.load(tmp_path / "rank0.pt", weights_only=True)["lstm/none"]
     model = make_model()
     b0, b1 = rank_batch(model, 0), rank_batch(model, 1)
     batch = (torch.cat([b0[0], b1[0]], 1), torch.cat([b0[1], b1[1]], 1), model.init_state(6))
@@ -86,7 +89,10 @@ def test_no_dropout_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):
         assert torch.allclose(a, p.grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["method.name=dropout", "method.name=analytic"])
+@pytest.mark.parametrize(
+    "method",
+    ["method.name=dropout", "method.name=analytic", "model.name=transformer", "model.name=qrnn"],
+)
 def test_torchrun_trains_with_two_processes(tmp_path, method):
     root = Path(__file__).parents[1]
     cmd = [

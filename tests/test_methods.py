@@ -16,7 +16,7 @@ METHODS = {
     "no-dropout": lambda: ds.NoDropout(seed=0),
     "dropout-1": lambda: ds.DropoutK(1, seed=0),
     "dropout-3": lambda: ds.DropoutK(3, seed=0),
-    "dropout-3-batch": lambda: ds.DropoutK(3, implementation="batch", batch_dim=1, seed=0),
+    "dropout-3-batch": lambda: ds.DropoutK(3, implementation="batch", seed=0),
     "dropout-3-difference": lambda: ds.DropoutK(3, "difference", seed=0),
     "dropout-3-analytic": lambda: ds.DropoutK(3, "analytic", seed=0),
     "analytic-sampled": lambda: ds.Analytic("sampled", True, seed=0),
@@ -26,6 +26,8 @@ METHODS = {
     "analytic-implicit-only": lambda: ds.Analytic(None, True, seed=0),
     "analytic-element": lambda: ds.Analytic("sampled", True, grouping="element", seed=0),
     "analytic-scaled": lambda: ds.Analytic(explicit_scale=2.0, implicit_scale=0.5, seed=0),
+    "rdrop": lambda: ds.RDrop(0.7, seed=0),
+    "fraternal": lambda: ds.Fraternal(0.3, seed=0),
 }
 
 
@@ -42,8 +44,6 @@ def _objective_at(method, state, pb, params, base, direction, eps):
 @pytest.mark.parametrize("name", PROBLEMS)
 @pytest.mark.parametrize("method_name", list(METHODS))
 def test_step_gradient_is_the_derivative_of_the_objective(name, method_name):
-    if method_name == "dropout-3-batch" and name != "rnn-locked":
-        pytest.skip("batch duplication along dim 1 is for the sequence-first problem")
     pb = make_problem(name)
     method = METHODS[method_name]()
     state = copy.deepcopy(method.state_dict())

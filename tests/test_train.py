@@ -188,8 +188,8 @@ def test_divergence_guard_skips_the_step(tmp_path, monkeypatch):
 
     real = tr.build_method
 
-    def flaky(cfg, seed):
-        method = real(cfg, seed)
+    def flaky(cfg, seed, columns):
+        method = real(cfg, seed, columns)
         step = method.step
 
         def maybe_nan(model, forward_fn, batch):

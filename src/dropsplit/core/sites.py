@@ -25,6 +25,7 @@ from their own attribute, never from a method's state.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,6 +134,20 @@ class Site(nn.Module):
         """Shape of the mask for a tensor of ``shape``."""
         return mask_shape(shape, self.shared_dims)
 
+    @property
+    def acting(self) -> bool:
+        """Whether the site acts on its input now (else :meth:`apply_noise` returns it as is).
+
+        A module may take a faster path around a site that does not act (e.g. fused attention
+        when the attention-probability site is off).
+        """
+        if self.p == 0.0:
+            return False  # an inactive site adds no gate, mask or cost in any mode
+        ctx = self._context
+        if ctx is None:
+            return self.training
+        return ctx.mode != "off" and (ctx.active is None or self in ctx.active)
+
     def apply_noise(self, x: torch.Tensor) -> torch.Tensor:
         """Apply this site's noise to ``x`` according to the current context.
 
@@ -140,20 +155,16 @@ class Site(nn.Module):
             x: The tensor ``h`` the site acts on.
 
         Returns:
-            ``(1 + eta) * h`` in the current mode (``h`` itself when inactive).
+            ``(1 + eta) * h`` in the current mode (``h`` itself when the site does not act).
         """
+        if not self.acting:
+            return x
         ctx = self._context
-        if self.p == 0.0:
-            return x  # an inactive site adds no gate, mask or cost in any mode
         if ctx is None:
-            if not self.training:
-                return x
             mult = sample_multiplier(
                 self.mask_shape(x.shape), self.p, self.generator, x.dtype, x.device
             )
             return x * mult
-        if ctx.mode == "off" or (ctx.active is not None and self not in ctx.active):
-            return x
         shape = self.mask_shape(x.shape) if ctx.grouping == "mask" else tuple(x.shape)
         if ctx.mode == "gate":
             mult = torch.ones(shape, dtype=x.dtype, device=x.device, requires_grad=True)
@@ -450,22 +461,52 @@ _CONVERSIONS = {
 }
 
 
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, batch_dim: int | None = None) -> nn.Module:
     """Replace ``nn.Dropout`` / ``Dropout1d`` / ``Dropout2d`` / ``Dropout3d`` by ``ds.Dropout``.
 
     Channel dropout becomes a site whose mask is shared over the trailing spatial dims.
     The replacement happens in place; the (possibly new) root module is returned.
 
+    Dropout that is not a module cannot be taken over: a float ``dropout`` that a module passes
+    to a functional call (``nn.MultiheadAttention``'s attention dropout, so the attention inside
+    ``nn.TransformerEncoderLayer``; ``nn.LSTM`` / ``nn.GRU``'s between-layer dropout). It stays
+    plain dropout, outside the methods (not gated, replayed or counted in ``R_approx``), and a
+    warning names each such module. For a fully sited Transformer use
+    :class:`dropsplit.models.TransformerLM`, or set that dropout to 0 and add a site.
+
     Args:
         model: The model to convert.
+        batch_dim: Batch dimension of the new sites (``None``: their first dimension; give 1
+            for sequence-first ``[T, B, ...]`` activations, so Dropout_k tiles the right way).
 
     Returns:
         The converted model.
     """
+    converted = _replace_dropout(model, batch_dim)
+    floats = {name: getattr(m, "dropout", None) for name, m in converted.named_modules()}
+    untaken = [
+        f"{name or '(root)'} (dropout={p})"
+        for name, p in floats.items()
+        if isinstance(p, float) and p > 0
+    ]
+    if untaken:
+        warnings.warn(
+            "convert could not take over the dropout of "
+            + "; ".join(untaken)
+            + ": it is a float passed to a functional call, so it stays plain dropout outside "
+            "dropsplit's methods (set it to 0 and add a site, or use "
+            "dropsplit.models.TransformerLM for a fully sited Transformer)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return converted
+
+
+def _replace_dropout(model: nn.Module, batch_dim: int | None) -> nn.Module:
     if isinstance(model, nn.modules.dropout._DropoutNd) and type(model) in _CONVERSIONS:
-        return Dropout(model.p, _CONVERSIONS[type(model)])
+        return Dropout(model.p, _CONVERSIONS[type(model)], batch_dim=batch_dim)
     for name, child in model.named_children():
-        new = convert(child)
+        new = _replace_dropout(child, batch_dim)
         if new is not child:
             setattr(model, name, new)
     return model

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 import dropsplit as ds
-from dropsplit.models.awd import AWDLSTM, lm_forward, sequence_examples
-from dropsplit.models.lstm import LSTMLayer
+from dropsplit.experiments.reference_models import PlainAWD, PlainQRNN, PlainTransformer
+from dropsplit.models.awd import AWDLSTM, QRNNLM, column_examples, lm_forward
+from dropsplit.models.transformer import TransformerLM
 
 SIZES = {
     "small": {
@@ -57,22 +58,35 @@ SIZES = {
     # the character-level suite (configs/paper/base-char.toml)
     "char": {"vocab": 50, "embedding": 64, "hidden": 256, "layers": 2, "bptt": 70, "batch": 20},
 }
-REFERENCE = "nn.LSTM + plain dropout (reference)"
+# the Transformer at each size: width, MLP width, blocks, heads (as in the configs
+# paper/base-char-transformer.toml for "char" and ptb-small-transformer.toml for "small")
+TRANSFORMER_SIZES = {
+    "small": (200, 800, 3, 4),
+    "paper": (400, 1600, 3, 8),
+    "char": (128, 512, 2, 4),
+}
+MODELS = ("lstm", "qrnn", "transformer")
+REFERENCES = {
+    "lstm": "nn.LSTM + plain dropout (reference)",
+    "qrnn": "loop QRNN + plain dropout (reference)",
+    "transformer": "nn.TransformerEncoder + plain dropout (reference)",
+}
 
 
-def methods() -> dict[str, ds.Method]:
+def methods(batch_size: int) -> dict[str, ds.Method]:
     """Every method of the benchmark, by row name."""
     out = {"DropoutK(1)": ds.DropoutK(1, seed=0), "NoDropout": ds.NoDropout(seed=0)}
     for k in (2, 4, 8):
         out[f"DropoutK({k}) loop"] = ds.DropoutK(k, seed=0)
-        out[f"DropoutK({k}) batch"] = ds.DropoutK(k, implementation="batch", batch_dim=1, seed=0)
+        out[f"DropoutK({k}) batch"] = ds.DropoutK(k, implementation="batch", seed=0)
     out["DropoutK(4) + difference"] = ds.DropoutK(4, "difference", seed=0)
     out["DropoutK(4) + analytic"] = ds.DropoutK(4, "analytic", seed=0)
     for explicit in ("sampled", "label", "identity"):
         out[f"Analytic({explicit}, implicit)"] = ds.Analytic(explicit, True, seed=0)
         out[f"Analytic({explicit})"] = ds.Analytic(explicit, False, seed=0)
     out["Analytic(implicit only)"] = ds.Analytic(None, True, seed=0)
-    fd = partial(ds.Analytic, gradient="finite-difference", fd_examples=sequence_examples, seed=0)
+    examples = column_examples(batch_size)
+    fd = partial(ds.Analytic, gradient="finite-difference", fd_examples=examples, seed=0)
     for explicit, implicit in (("sampled", True), ("sampled", False), ("label", True)):
         tag = f"{explicit}, implicit" if implicit else explicit
         out[f"Analytic({tag}) FD"] = fd(explicit, implicit)
@@ -87,61 +101,54 @@ def methods() -> dict[str, ds.Method]:
     out["DropoutK(4) + analytic HVP"] = ds.DropoutK(
         4, "analytic", gradient="hvp-difference", seed=0
     )
+    out["RDrop(0.5)"] = ds.RDrop(0.5, seed=0)
+    out["Fraternal(0.25)"] = ds.Fraternal(0.25, seed=0)
     return out
 
 
-class PlainAWD(nn.Module):
-    """The same LM from ``nn.LSTM`` modules with hand-written locked dropout and DropConnect."""
-
-    def __init__(self, model: AWDLSTM, q: float = 0.4) -> None:
-        super().__init__()
-        self.q = q
-        self.encoder, self.decoder = model.encoder, model.decoder
-        self.lstms = nn.ModuleList()
-        for site in model.rnns:
-            layer = cast(LSTMLayer, site.module)
-            lstm = nn.LSTM(layer.input_size, layer.hidden_size)
-            with torch.no_grad():
-                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                    getattr(lstm, f"{name}_l0").copy_(getattr(layer, name))
-            self.lstms.append(lstm)
-
-    def locked(self, x: torch.Tensor) -> torch.Tensor:
-        """Locked dropout on ``x[T, B, H]``: one mask per sequence and unit."""
-        mask = x.new_empty(1, *x.shape[1:]).bernoulli_(1 - self.q) / (1 - self.q)
-        return x * mask
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits ``[T, B, V]`` with fresh masks, from a zero state."""
-        x = self.locked(self.encoder(tokens))
-        for i, lstm in enumerate(self.lstms):
-            w = lstm.get_parameter("weight_hh_l0")
-            mask = w.new_empty(w.shape).bernoulli_(1 - self.q) / (1 - self.q)
-            x = torch.func.functional_call(lstm, {"weight_hh_l0": w * mask}, (x,))[0]
-            if i < len(self.lstms) - 1:
-                x = self.locked(x)
-        return self.decoder(self.locked(x))
-
-
-def problem(size: str, device: str = "cpu"):
-    """The model and one batch of the given size."""
+def build(size: str, model: str = "lstm") -> AWDLSTM | QRNNLM | TransformerLM:
+    """The language model ``model`` at ``size`` (default sites: q = 0.4, Transformer 0.2)."""
     cfg = SIZES[size]
     torch.manual_seed(0)
+    sizes = (cfg["vocab"], cfg["embedding"], cfg["hidden"], cfg["layers"])
+    if model == "qrnn":
+        return QRNNLM(*sizes)
+    if model == "transformer":
+        width, mlp, blocks, heads = TRANSFORMER_SIZES[size]
+        return TransformerLM(
+            cfg["vocab"], width, blocks, heads, 2 * cfg["bptt"], mlp, *(0.2,) * 5, p_output=0.0
+        )
+    return AWDLSTM(*sizes)
+
+
+def reference(lm: nn.Module) -> nn.Module:
+    """The same model written the obvious way, with plain dropout."""
+    if isinstance(lm, QRNNLM):
+        return PlainQRNN(lm)
+    if isinstance(lm, TransformerLM):
+        return PlainTransformer(lm)
+    return PlainAWD(cast(AWDLSTM, lm))
+
+
+def problem(size: str, device: str = "cpu", model: str = "lstm"):
+    """The model and one batch of the given size."""
+    cfg = SIZES[size]
     vocab = cfg["vocab"]
-    model = AWDLSTM(vocab, cfg["embedding"], cfg["hidden"], cfg["layers"]).to(device)
+    lm = build(size, model).to(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (cfg["bptt"], cfg["batch"]), generator=g).to(device)
     y = torch.randint(0, vocab, (cfg["bptt"], cfg["batch"]), generator=g).to(device)
-    return model, (x, y, model.init_state(cfg["batch"]))
+    return lm, (x, y, lm.init_state(cfg["batch"]))
 
 
-def steps(size: str, device: str = "cpu") -> dict[str, Callable[[], object]]:
+def steps(size: str, device: str = "cpu", model: str = "lstm") -> dict[str, Callable[[], object]]:
     """One training step (forward, backward, gradients written) per row name."""
-    model, batch = problem(size, device)
+    lm, batch = problem(size, device, model)
     out: dict[str, Callable[[], object]] = {
-        name: partial(m.step, model, lm_forward, batch) for name, m in methods().items()
+        name: partial(m.step, lm, lm_forward, batch)
+        for name, m in methods(SIZES[size]["batch"]).items()
     }
-    plain = PlainAWD(model).to(device)
+    plain = reference(lm).to(device)
     x, y, _ = batch
 
     def plain_step():
@@ -150,7 +157,7 @@ def steps(size: str, device: str = "cpu") -> dict[str, Callable[[], object]]:
         logits = plain(x)
         nn.functional.cross_entropy(logits.flatten(0, 1), y.reshape(-1)).backward()
 
-    out[REFERENCE] = plain_step
+    out[REFERENCES[model]] = plain_step
     return out
 
 
@@ -159,9 +166,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(size: str, repeats: int, only=None, device: str = "cpu") -> dict[str, dict]:
+def time_steps(
+    size: str, repeats: int, only=None, device: str = "cpu", model: str = "lstm"
+) -> dict[str, dict]:
     """Interleaved timing: ratios to DropoutK(1) of the same round."""
-    chosen = steps(size, device)
+    chosen = steps(size, device, model)
     if only:
         chosen = {k: v for k, v in chosen.items() if k in only or k == "DropoutK(1)"}
     times: dict[str, list[float]] = {name: [] for name in chosen}
@@ -192,9 +201,9 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def step_peak_memory(size: str, name: str, device: str = "cpu") -> float:
+def step_peak_memory(size: str, name: str, device: str = "cpu", model: str = "lstm") -> float:
     """Peak memory (MiB) two steps of ``name`` add to the process, measured in this process."""
-    step = steps(size, device)[name]
+    step = steps(size, device, model)[name]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -221,7 +230,7 @@ def step_peak_memory(size: str, name: str, device: str = "cpu") -> float:
     return (peak[0] - before) / 2**20
 
 
-def memory_rows(size: str, names, device: str = "cpu") -> dict[str, float]:
+def memory_rows(size: str, names, device: str = "cpu", model: str = "lstm") -> dict[str, float]:
     """Peak step memory per method, each in a fresh process (the high-water mark is global)."""
     out = {}
     # large blocks go straight back to the OS when freed, so the resident set follows live memory
@@ -236,6 +245,8 @@ def memory_rows(size: str, names, device: str = "cpu") -> dict[str, float]:
                 size,
                 "--device",
                 device,
+                "--model",
+                model,
                 "--memory-of",
                 name,
             ],
@@ -273,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line of ``dropsplit bench``."""
     parser = argparse.ArgumentParser(prog="dropsplit bench", description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--model", choices=MODELS, default="lstm")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", help="row names to time (default all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -283,27 +295,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", help="write the table to this markdown file")
     args = parser.parse_args(argv)
     if args.memory_of:
-        print(json.dumps({"peak_mib": step_peak_memory(args.size, args.memory_of, args.device)}))
+        peak_mib = step_peak_memory(args.size, args.memory_of, args.device, args.model)
+        print(json.dumps({"peak_mib": peak_mib}))
         return 0
     if args.memory_only:
         names = [
             n
-            for n in steps(args.size, args.device)
+            for n in steps(args.size, args.device, args.model)
             if not args.only or n in args.only or n == "DropoutK(1)"
         ]
-        memory = memory_rows(args.size, names, args.device)
+        memory = memory_rows(args.size, names, args.device, args.model)
         for name, mib in memory.items():
             print(f"{name:<44} {mib:8.0f} MiB  {mib / memory['DropoutK(1)']:5.2f}x")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"size": args.size, "device": args.device, "peak_mib": memory}, f)
+                json.dump(
+                    {
+                        "size": args.size,
+                        "model": args.model,
+                        "device": args.device,
+                        "peak_mib": memory,
+                    },
+                    f,
+                )
         return 0
-    rows = time_steps(args.size, args.repeats, args.only, args.device)
-    peak = None if args.no_memory else memory_rows(args.size, rows, args.device)
+    rows = time_steps(args.size, args.repeats, args.only, args.device, args.model)
+    peak = None if args.no_memory else memory_rows(args.size, rows, args.device, args.model)
     table = markdown(rows, peak)
     print(table)
     info = {
         "size": args.size,
+        "model": args.model,
         "config": SIZES[args.size],
         "repeats": args.repeats,
         "device": args.device,

@@ -1,7 +1,26 @@
 """Models that place dropout sites (they know nothing about the methods)."""
 
-from dropsplit.models.awd import AWDLSTM
+from dropsplit.models.awd import AWDLSTM, QRNNLM, RecurrentLM, lm_forward
 from dropsplit.models.lstm import LSTM, LSTMLayer
+from dropsplit.models.qrnn import QRNN, QRNNLayer
 from dropsplit.models.toy import ElmanRNN, TinyRNNLM
+from dropsplit.models.transformer import TransformerLM
 
-__all__ = ["AWDLSTM", "LSTM", "ElmanRNN", "LSTMLayer", "TinyRNNLM"]
+LanguageModel = (
+    RecurrentLM | TransformerLM
+)  # what the trainer drives: (tokens, state) -> (logits, state)
+
+__all__ = [
+    "AWDLSTM",
+    "LSTM",
+    "QRNN",
+    "QRNNLM",
+    "ElmanRNN",
+    "LSTMLayer",
+    "LanguageModel",
+    "QRNNLayer",
+    "RecurrentLM",
+    "TinyRNNLM",
+    "TransformerLM",
+    "lm_forward",
+]

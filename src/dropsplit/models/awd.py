@@ -1,4 +1,4 @@
-"""The AWD-style LSTM language model of the paper's experiments (Sec. 4, awd-lstm-lm).
+"""The AWD-style language models of the paper's experiments (Sec. 4, awd-lstm-lm): LSTM and QRNN.
 
 Sites, named as they appear in stats and logs:
 
@@ -6,7 +6,8 @@ Sites, named as they appear in stats and logs:
 * ``input``: locked dropout on the embedding output;
 * ``hidden.i``: locked dropout between layers ``i`` and ``i + 1``;
 * ``output``: locked dropout on the last layer's output, before the decoder;
-* ``weight_hh.i``: DropConnect on layer ``i``'s recurrent weight.
+* ``weight_hh.i`` (LSTM): DropConnect on layer ``i``'s recurrent weight;
+* ``weight.i`` (QRNN): DropConnect on layer ``i``'s input-to-gates weight.
 
 Locked masks are ``(1, B, H)``: one value per unit and sequence, shared over time. The decoder is
 tied to the embedding (the last layer then has ``embedding_size`` units).
@@ -14,11 +15,15 @@ tied to the embedding (the last layer then has ``embedding_size`` units).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, cast
+
 import torch
 from torch import nn
 
 from dropsplit.core.sites import DropConnect, Dropout
-from dropsplit.models.lstm import LSTMLayer, State
+from dropsplit.models.lstm import LSTMLayer
+from dropsplit.models.qrnn import QRNNLayer, awd_windows, qrnn_site
 
 
 class Embedding(nn.Embedding):
@@ -38,8 +43,10 @@ class Embedding(nn.Embedding):
         return self.weight[replica, tokens]
 
 
-class AWDLSTM(nn.Module):
-    """Embedding, ``layers`` LSTM layers, tied decoder, with the sites listed above.
+class RecurrentLM(nn.Module):
+    """Embedding, ``layers`` recurrent layers behind weight sites, tied decoder (awd-lstm-lm).
+
+    Subclasses say which layer: :meth:`make_layer` returns layer ``i`` behind its weight site.
 
     Args:
         vocab_size: Number of tokens.
@@ -52,7 +59,6 @@ class AWDLSTM(nn.Module):
         p_weight: DropConnect on each ``W_hh``.
         p_embedding: Embedding-row dropout (0 disables the site).
         tie_weights: Tie the decoder weight to the embedding.
-        implementation: LSTM implementation, ``"fused"`` or ``"loop"``.
     """
 
     def __init__(
@@ -67,7 +73,6 @@ class AWDLSTM(nn.Module):
         p_weight: float = 0.4,
         p_embedding: float = 0.0,
         tie_weights: bool = True,
-        implementation: str = "fused",
     ) -> None:
         super().__init__()
         if layers < 1:
@@ -85,14 +90,7 @@ class AWDLSTM(nn.Module):
         sizes = [embedding_size] + [hidden_size] * (layers - 1)
         sizes.append(embedding_size if tie_weights else hidden_size)
         self.rnns = nn.ModuleList(
-            DropConnect(
-                LSTMLayer(sizes[i], sizes[i + 1], implementation),
-                "weight_hh",
-                p_weight,
-                batched_weights=True,
-                label=f"weight_hh.{i}",
-            )
-            for i in range(layers)
+            self.make_layer(i, sizes[i], sizes[i + 1], p_weight) for i in range(layers)
         )
         self.hidden_dropouts = nn.ModuleList(
             Dropout(p_hidden, shared_dims=(0,), batch_dim=1, label=f"hidden.{i}")
@@ -106,16 +104,18 @@ class AWDLSTM(nn.Module):
         nn.init.zeros_(self.decoder.bias)
         self.sizes = sizes
 
-    def init_state(self, batch_size: int) -> tuple[State, ...]:
-        """Zero state per layer, each ``(h[1, B, H], c[1, B, H])``."""
-        p = self.decoder.bias
-        return tuple(
-            (p.new_zeros(1, batch_size, h), p.new_zeros(1, batch_size, h)) for h in self.sizes[1:]
-        )
+    def make_layer(self, index: int, input_size: int, output_size: int, p: float) -> DropConnect:
+        """Layer ``index`` behind its weight site."""
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int) -> tuple[Any, ...]:
+        """Zero state per layer (the layer's ``zero_state``)."""
+        layers = (cast(LSTMLayer | QRNNLayer, site.module) for site in self.rnns)
+        return tuple(layer.zero_state(batch_size) for layer in layers)
 
     def forward(
-        self, tokens: torch.Tensor, state: tuple[State, ...] | None = None
-    ) -> tuple[torch.Tensor, tuple[State, ...]]:
+        self, tokens: torch.Tensor, state: tuple[Any, ...] | None = None
+    ) -> tuple[torch.Tensor, tuple[Any, ...]]:
         """Logits ``[T, B, V]`` and the new state for tokens ``[T, B]``."""
         x = self.input_dropout(self.embedding_dropout(tokens))
         new_state = []
@@ -125,6 +125,52 @@ class AWDLSTM(nn.Module):
             if i < len(self.hidden_dropouts):
                 x = self.hidden_dropouts[i](x)
         return self.decoder(self.output_dropout(x)), tuple(new_state)
+
+
+class AWDLSTM(RecurrentLM):
+    """The AWD-LSTM: :class:`RecurrentLM` with :class:`~dropsplit.models.lstm.LSTMLayer` layers.
+
+    Args:
+        vocab_size, embedding_size, hidden_size, layers, p_input, p_hidden, p_output, p_weight,
+            p_embedding, tie_weights: As :class:`RecurrentLM` (``p_weight`` on each ``W_hh``).
+        implementation: LSTM implementation, ``"fused"`` or ``"loop"``.
+    """
+
+    def __init__(self, *args: Any, implementation: str = "fused", **kwargs: Any) -> None:
+        self.implementation = implementation
+        super().__init__(*args, **kwargs)
+
+    def make_layer(self, index: int, input_size: int, output_size: int, p: float) -> DropConnect:
+        """An LSTM layer behind DropConnect on its recurrent weight (``weight_hh.<index>``)."""
+        return DropConnect(
+            LSTMLayer(input_size, output_size, self.implementation),
+            "weight_hh",
+            p,
+            batched_weights=True,
+            label=f"weight_hh.{index}",
+        )
+
+
+class QRNNLM(RecurrentLM):
+    """The AWD-QRNN: :class:`RecurrentLM` with :class:`~dropsplit.models.qrnn.QRNNLayer` layers.
+
+    Windows as awd-lstm-lm (2 in the first layer, 1 after); ``p_weight`` is DropConnect on each
+    layer's input-to-gates weight (``weight.<i>``), the paper's weight dropout for the QRNN.
+
+    Args:
+        vocab_size, embedding_size, hidden_size, layers, p_input, p_hidden, p_output, p_weight,
+            p_embedding, tie_weights: As :class:`RecurrentLM`.
+        forget_mult: ``"loop"`` or ``"scan"`` (same values).
+    """
+
+    def __init__(self, *args: Any, forget_mult: str = "loop", **kwargs: Any) -> None:
+        self.forget_mult = forget_mult
+        super().__init__(*args, **kwargs)
+
+    def make_layer(self, index: int, input_size: int, output_size: int, p: float) -> DropConnect:
+        """A QRNN layer (window 2 first, 1 after) behind DropConnect on its ``weight``."""
+        window = awd_windows(index + 1)[index]
+        return qrnn_site(QRNNLayer(input_size, output_size, window, self.forget_mult), p, index)
 
 
 def detach_state(state):
@@ -139,11 +185,23 @@ def detach_state(state):
 def sequence_examples(out) -> torch.Tensor:
     """Example (batch column) of each target of :func:`lm_forward`'s flattened ``[T * B]``.
 
-    For ``Analytic(gradient="finite-difference", fd_examples=sequence_examples)``; ``B`` is read
-    from the returned recurrent state (``aux``).
+    For ``Analytic(gradient="finite-difference", fd_examples=sequence_examples)`` on a recurrent
+    model; ``B`` is read from the returned recurrent state (``aux``). For any model (the
+    stateless Transformer too) with a known batch size, use :func:`column_examples`.
     """
     columns = out.aux[0][0].shape[1]
     return torch.arange(out.n, device=out.logits.device) % columns
+
+
+def column_examples(columns: int) -> Callable[[Any], torch.Tensor]:
+    """``fd_examples`` for :func:`lm_forward` on batches of ``columns`` sequences (any model)."""
+
+    def examples(out) -> torch.Tensor:
+        if out.n % columns:
+            raise ValueError(f"{out.n} targets do not split into {columns} sequences")
+        return torch.arange(out.n, device=out.logits.device) % columns
+
+    return examples
 
 
 def lm_forward(model: nn.Module, batch):

@@ -59,6 +59,11 @@ class LSTMLayer(nn.Module):
         self.bias_ih = nn.Parameter(torch.empty(gates).uniform_(-bound, bound))
         self.bias_hh = nn.Parameter(torch.empty(gates).uniform_(-bound, bound))
 
+    def zero_state(self, batch_size: int) -> State:
+        """``(h[1, B, H], c[1, B, H])``, zeros."""
+        zeros = self.bias_hh.new_zeros(1, batch_size, self.hidden_size)
+        return zeros, zeros.clone()
+
     def extra_repr(self) -> str:
         """Sizes and implementation."""
         return f"{self.input_size}, {self.hidden_size}, implementation={self.implementation!r}"

@@ -9,12 +9,17 @@ from torch import nn
 
 from dropsplit.baselines import Fraternal, RDrop
 from dropsplit.methods import Analytic, DropoutK, Method, NoDropout
-from dropsplit.models.awd import AWDLSTM, sequence_examples
+from dropsplit.models import LanguageModel
+from dropsplit.models.awd import AWDLSTM, QRNNLM, column_examples
+from dropsplit.models.transformer import TransformerLM
 from dropsplit.training.config import Config, MethodConfig, OptimConfig
 
 
-def build_method(cfg: MethodConfig, seed: int) -> Method:
-    """The gradient maker a config names (non-finite objectives are reported, not raised)."""
+def build_method(cfg: MethodConfig, seed: int, columns: int) -> Method:
+    """The gradient maker a config names (non-finite objectives are reported, not raised).
+
+    ``columns`` is the number of sequences per training batch (finite-difference examples).
+    """
     if cfg.name == "none":
         return NoDropout(seed=seed, nonfinite="warn")
     if cfg.name == "rdrop":
@@ -41,27 +46,43 @@ def build_method(cfg: MethodConfig, seed: int) -> Method:
         gradient=cfg.gradient,
         fd_epsilon=cfg.fd_epsilon,
         hvp_step=cfg.hvp_step,
-        fd_examples=sequence_examples if cfg.fd_per_example else None,
+        fd_examples=column_examples(columns) if cfg.fd_per_example else None,
         seed=seed,
         nonfinite="warn",
     )
 
 
-def build_model(config: Config, vocab_size: int) -> AWDLSTM:
-    """The AWD-style LM of a config."""
+def build_model(config: Config, vocab_size: int) -> LanguageModel:
+    """The language model of a config (``model.name``: lstm, qrnn or transformer)."""
     m = config.model
+    if m.name == "transformer":
+        return TransformerLM(
+            vocab_size,
+            m.embedding_size,
+            m.layers,
+            m.heads,
+            m.context,
+            mlp_width=m.hidden_size,
+            p_input=m.p_input,
+            p_attention=m.p_attention,
+            p_attn_out=m.p_attn_out,
+            p_mlp_hidden=m.p_mlp_hidden,
+            p_mlp_out=m.p_mlp_out,
+            p_output=m.p_output,
+            tie_weights=m.tie_weights,
+        )
+    sizes = (vocab_size, m.embedding_size, m.hidden_size, m.layers)
+    probabilities = {
+        "p_input": m.p_input,
+        "p_hidden": m.p_hidden,
+        "p_output": m.p_output,
+        "p_weight": m.p_weight,
+        "p_embedding": m.p_embedding,
+    }
+    if m.name == "qrnn":
+        return QRNNLM(*sizes, **probabilities, tie_weights=m.tie_weights, forget_mult=m.forget_mult)
     return AWDLSTM(
-        vocab_size,
-        m.embedding_size,
-        m.hidden_size,
-        m.layers,
-        p_input=m.p_input,
-        p_hidden=m.p_hidden,
-        p_output=m.p_output,
-        p_weight=m.p_weight,
-        p_embedding=m.p_embedding,
-        tie_weights=m.tie_weights,
-        implementation=m.implementation,
+        *sizes, **probabilities, tie_weights=m.tie_weights, implementation=m.implementation
     )
 
 

@@ -23,9 +23,11 @@ from dropsplit.data import CORPORA
 from dropsplit.estimators import GRADIENTS
 from dropsplit.methods import NOISES, REPLICATIONS
 from dropsplit.models.lstm import IMPLEMENTATIONS
+from dropsplit.models.qrnn import FORGET_MULTS
 
 # NoDropout, DropoutK, Analytic, RDrop, Fraternal
 METHOD_NAMES = ("none", "dropout", "analytic", "rdrop", "fraternal")
+MODEL_NAMES = ("lstm", "qrnn", "transformer")
 OPTIMIZERS = ("sgd", "adam", "adamw", "ntasgd")
 DIVERGENCE_ACTIONS = ("skip", "restore")
 
@@ -46,8 +48,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The AWD-style LSTM LM."""
+    """The language model: ``name`` picks the family (:data:`MODEL_NAMES`).
 
+    ``lstm`` and ``qrnn`` (AWD-style, :mod:`dropsplit.models.awd`) use ``embedding_size``,
+    ``hidden_size``, ``layers``, ``p_input``, ``p_hidden``, ``p_output``, ``p_weight``
+    (DropConnect: ``W_hh`` of the LSTM, the input-to-gates weight of the QRNN), ``p_embedding``,
+    ``tie_weights``; ``implementation`` is the LSTM's kernel, ``forget_mult`` the QRNN's.
+    ``transformer`` (:class:`~dropsplit.models.transformer.TransformerLM`) uses
+    ``embedding_size`` (the width), ``hidden_size`` (the MLP width), ``layers``, ``heads``,
+    ``context``, ``p_input``, ``p_attention``, ``p_attn_out``, ``p_mlp_hidden``, ``p_mlp_out``,
+    ``p_output``, ``tie_weights``.
+    """
+
+    name: str = "lstm"
     embedding_size: int = 200
     hidden_size: int = 400
     layers: int = 3
@@ -58,6 +71,13 @@ class ModelConfig:
     p_embedding: float = 0.0
     tie_weights: bool = True
     implementation: str = "fused"
+    forget_mult: str = "loop"
+    heads: int = 4
+    context: int = 128
+    p_attention: float = 0.1
+    p_attn_out: float = 0.1
+    p_mlp_hidden: float = 0.0
+    p_mlp_out: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -134,7 +154,9 @@ class Config:
 
 CHOICES = {
     "data.corpus": CORPORA,
+    "model.name": MODEL_NAMES,
     "model.implementation": IMPLEMENTATIONS,
+    "model.forget_mult": FORGET_MULTS,
     "method.name": METHOD_NAMES,
     "method.noise": ("none", *NOISES),
     "method.implementation": REPLICATIONS,
@@ -154,6 +176,8 @@ POSITIVE = {
     "model.embedding_size",
     "model.hidden_size",
     "model.layers",
+    "model.heads",
+    "model.context",
     "method.k",
     "optim.lr",
     "train.epochs",
@@ -176,6 +200,10 @@ PROBABILITIES = {
     "model.p_output",
     "model.p_weight",
     "model.p_embedding",
+    "model.p_attention",
+    "model.p_attn_out",
+    "model.p_mlp_hidden",
+    "model.p_mlp_out",
 }
 
 
@@ -248,7 +276,24 @@ def from_dict(raw: dict[str, Any]) -> Config:
                 raise ValueError(f"unknown config key {name}.{key}; keys are {sorted(defaults)}")
         checked = {k: _check_value(f"{name}.{k}", v, defaults[k]) for k, v in values.items()}
         built[name] = cls(**checked)
-    return Config(**built)
+    config = Config(**built)
+    _check_together(config)
+    return config
+
+
+def _check_together(config: Config) -> None:
+    """Checks across keys, each error naming the key to change."""
+    m = config.model
+    if m.name == "transformer":
+        if m.embedding_size % m.heads:
+            raise ValueError(
+                f"model.heads ({m.heads}) must divide model.embedding_size ({m.embedding_size})"
+            )
+        if m.context < config.data.bptt:
+            raise ValueError(
+                f"model.context ({m.context}) must be at least data.bptt ({config.data.bptt}); "
+                "variable windows run longer, so leave a margin (e.g. twice data.bptt)"
+            )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

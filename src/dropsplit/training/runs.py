@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
-from dropsplit.models.awd import AWDLSTM
+from dropsplit.models import LanguageModel
 from dropsplit.training.build import build_model
 from dropsplit.training.config import Config, load_config
 
 
-def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, AWDLSTM]:
+def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, LanguageModel]:
     """Config, corpus and the best weights of a run directory.
 
     Args:

@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
-from dropsplit.models.awd import AWDLSTM, detach_state, lm_forward
+from dropsplit.models import LanguageModel
+from dropsplit.models.awd import detach_state, lm_forward
 from dropsplit.training.build import build_method, build_model, build_optimizer
 from dropsplit.training.checkpoint import (
     atomic_write,
@@ -98,7 +99,7 @@ class Averager:
         self.average = [a.clone() for a in state["average"]]
 
 
-def evaluate(model: AWDLSTM, data: torch.Tensor, bptt: int, max_batches: int = 0) -> float:
+def evaluate(model: LanguageModel, data: torch.Tensor, bptt: int, max_batches: int = 0) -> float:
     """Token-mean negative log-likelihood of ``data`` (``[T, B]``), sites off."""
     was_training = model.training
     model.eval()
@@ -197,7 +198,7 @@ class Trainer:
         self.test_data = batchify(corpus.test, d.test_batch_size).to(self.device)
         self.model = build_model(config, len(corpus.vocab)).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.method = build_method(config.method, tc.seed + 1000 * self.rank)
+        self.method = build_method(config.method, tc.seed + 1000 * self.rank, d.batch_size)
         self.optimizer = build_optimizer(config.optim, self.params)
         self.averager = Averager(self.params, config.optim.nonmono)
         self.trained: nn.Module = self.model
