@@ -7,6 +7,7 @@ reports each label's time (median over repeats, nested labels included in their 
 the top operators, so it measures the library's code instead of a copy of its maths.
 
     python bench/profile_step.py --size small --repeats 5 --json docs/results/profile_small.json
+    python bench/profile_step.py --model qrnn --size char --repeats 3
 """
 
 import argparse
@@ -16,17 +17,23 @@ import statistics
 from torch.profiler import profile
 
 import dropsplit as ds
-from dropsplit.experiments.benchmark import SIZES, problem
-from dropsplit.models.awd import lm_forward, sequence_examples
+from dropsplit.experiments.benchmark import MODELS, SIZES, problem
+from dropsplit.models.awd import column_examples, lm_forward
 
 METHODS = {
-    "DropoutK(1)": lambda: ds.DropoutK(1, seed=0),
-    "Analytic(sampled, implicit), double backward": lambda: ds.Analytic("sampled", True, seed=0),
-    "Analytic(sampled, implicit), HVP differences": lambda: ds.Analytic(
+    "DropoutK(1)": lambda batch: ds.DropoutK(1, seed=0),
+    "Analytic(sampled, implicit), double backward": lambda batch: ds.Analytic(
+        "sampled", True, seed=0
+    ),
+    "Analytic(sampled, implicit), HVP differences": lambda batch: ds.Analytic(
         "sampled", True, gradient="hvp-difference", seed=0
     ),
-    "Analytic(sampled, implicit), finite difference": lambda: ds.Analytic(
-        "sampled", True, gradient="finite-difference", fd_examples=sequence_examples, seed=0
+    "Analytic(sampled, implicit), finite difference": lambda batch: ds.Analytic(
+        "sampled",
+        True,
+        gradient="finite-difference",
+        fd_examples=column_examples(batch),
+        seed=0,
     ),
 }
 
@@ -57,13 +64,15 @@ def profile_steps(method, model, batch, repeats, n_ops=8):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--model", choices=MODELS, default="lstm")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
     args = parser.parse_args()
-    model, batch = problem(args.size)
+    model, batch = problem(args.size, model=args.model)
     result, ops = {}, {}
     for name, make in METHODS.items():
-        result[name], ops[name] = profile_steps(make(), model, batch, args.repeats)
+        method = make(SIZES[args.size]["batch"])
+        result[name], ops[name] = profile_steps(method, model, batch, args.repeats)
         step = next(v for k, v in result[name].items() if k.endswith(".step"))
         print(f"\n{name}: {step:.3f} s a step")
         for phase, seconds in result[name].items():
@@ -73,7 +82,11 @@ def main():
             print(f"    {r['op']:<44} {100 * r['share']:5.1f} %  {r['calls']:6d} calls")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "phases": result, "top_ops": ops}, f, indent=2)
+            json.dump(
+                {"size": args.size, "model": args.model, "phases": result, "top_ops": ops},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ class QRNNLM(RecurrentLM):
         forget_mult: ``"loop"`` or ``"scan"`` (same values).
     """
 
-    def __init__(self, *args: Any, forget_mult: str = "loop", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, forget_mult: str = "scan", **kwargs: Any) -> None:
         self.forget_mult = forget_mult
         super().__init__(*args, **kwargs)
 

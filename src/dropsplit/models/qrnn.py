@@ -68,7 +68,7 @@ class QRNNLayer(nn.Module):
     """
 
     def __init__(
-        self, input_size: int, hidden_size: int, window: int = 1, forget_mult: str = "loop"
+        self, input_size: int, hidden_size: int, window: int = 1, forget_mult: str = "scan"
     ) -> None:
         super().__init__()
         if window not in (1, 2):
@@ -148,7 +148,7 @@ class QRNN(nn.Module):
         num_layers: int = 1,
         weight_dropout: float = 0.0,
         windows: tuple[int, ...] | None = None,
-        forget_mult: str = "loop",
+        forget_mult: str = "scan",
     ) -> None:
         super().__init__()
         if num_layers < 1:

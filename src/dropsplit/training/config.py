@@ -71,7 +71,7 @@ class ModelConfig:
     p_embedding: float = 0.0
     tie_weights: bool = True
     implementation: str = "fused"
-    forget_mult: str = "loop"
+    forget_mult: str = "scan"
     heads: int = 4
     context: int = 128
     p_attention: float = 0.1
