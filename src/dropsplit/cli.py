@@ -119,7 +119,11 @@ def _report(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds) if args.suite else None
     command = _report_command(args.out, args.suite, args.quick, args.seeds)
-    report = write_report(args.runs, args.out, suite, command)
+    costs = None
+    if args.step_costs:
+        rows = json.loads(Path(args.step_costs).read_text())["rows"]
+        costs = {name: row["ratio_median"] for name, row in rows.items()}
+    report = write_report(args.runs, args.out, suite, command, step_costs=costs)
     print(f"Report: {report}")
     return 0
 
@@ -186,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--suite", help="suite file, to list the runs not run yet")
     report.add_argument("--quick", action="store_true", help="the suite is the --quick one")
     report.add_argument("--seeds", type=int, help="seeds per run the suite was run with")
+    report.add_argument(
+        "--step-costs",
+        help="a `dropsplit bench --json` file: its ratios go to OUT/step_costs.json, read by "
+        "the practitioner's table (kept there for later regenerations)",
+    )
     report.set_defaults(handler=_report)
 
     # `dropsplit bench ...` is handed to dropsplit.experiments.benchmark whole (see main)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dropsplit.experiments.claims import CLAIMS, Stat, judge_claims
+from dropsplit.experiments.practice import practitioner_lines
 
 COPIED = ("run.json", "summary.json", "metrics.jsonl", "measure/measure.json")
 
@@ -148,6 +149,10 @@ FIGURES = {
     "grouping": ("fig7_grouping.png", "Mask grouping against per-element"),
     "data-size": ("fig8_data_size.png", "Data size"),
     "estimator": ("fig9_estimators.png", "Gradient estimators of the analytic step"),
+    "baselines": (
+        "fig10_baselines.png",
+        "R-Drop and fraternal dropout against the paper's methods",
+    ),
 }
 # runs drawn in a group's figure besides its own, for reference
 REFERENCES = {
@@ -158,6 +163,7 @@ REFERENCES = {
     "ablations": ["dropout-1", "explicit"],
     "grouping": ["dropout-1", "explicit", "analytic"],
     "estimator": ["dropout-1", "analytic", "explicit", "analytic-exact"],
+    "baselines": ["dropout-1", "analytic", "explicit"],
 }
 
 
@@ -303,6 +309,7 @@ def write_report(
     out: str | Path,
     suite: Any | None = None,
     command: str = "dropsplit report docs/results/paper/runs/*/* --out docs/results/paper",
+    step_costs: dict[str, float] | None = None,
 ) -> Path:
     """Copy the run summaries into ``out`` and write ``REPORT.md``, ``summary.csv``, figures.
 
@@ -312,6 +319,8 @@ def write_report(
         suite: The :class:`~dropsplit.experiments.reproduce.Suite` (lists runs not yet run;
             optional).
         command: The command printed in the report as the way to regenerate it.
+        step_costs: Benchmark step-cost ratios by row name, kept in ``out/step_costs.json``
+            (read from there when ``None``) for the practitioner's table.
 
     Returns:
         Path of ``REPORT.md``.
@@ -336,6 +345,11 @@ def write_report(
     if suite is not None and suite.description:
         lines += [suite.description.strip(), ""]
     lines += _verdict_lines(stats, groups)
+    costs_path = out / "step_costs.json"
+    if step_costs is not None:
+        costs_path.write_text(json.dumps(step_costs, indent=2, sort_keys=True) + "\n")
+    costs = json.loads(costs_path.read_text()) if costs_path.exists() else None
+    lines += practitioner_lines(groups, costs)
     lines += [
         "",
         "## All runs",
