@@ -183,7 +183,8 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
         train(config, tmp_path / "r")
 
 
-def test_divergence_guard_skips_the_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["lstm", "qrnn", "transformer"])
+def test_divergence_guard_skips_the_step(tmp_path, monkeypatch, model):
     import dropsplit.training.trainer as tr
 
     real = tr.build_method
@@ -206,7 +207,7 @@ def test_divergence_guard_skips_the_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tr, "build_method", flaky)
     with pytest.warns(RuntimeWarning, match="step skipped"):
-        summary = train(tiny("train.max_steps=8"), tmp_path / "r")
+        summary = train(tiny("train.max_steps=8", f"model.name={model}"), tmp_path / "r")
     assert summary["skipped_steps"] == 1 and math.isfinite(summary["best_val_loss"])
 
 
