@@ -408,3 +408,35 @@ def test_a_new_claim_is_an_entry_not_a_branch():
     (found,) = judge_claims(stats, claims=(claim,))
     assert found.verdict == "finding"
     assert found.effect == "qrnn-analytic - qrnn-dropout-1 = -1.00 ± 0.14"
+
+
+def test_practitioners_table_picks_the_best_strength_and_times_the_reach():
+    """Synthetic runs: the best R-Drop strength is chosen, reaching Dropout_1's mean best is
+    counted in steps and dropout-step equivalents, and a method that never reaches it says so."""
+    from dropsplit.experiments.practice import first_reaching, practitioner_lines
+    from dropsplit.experiments.report import Run
+
+    def run(name, seed, best, curve):
+        metrics = [
+            {"step": 100 * (i + 1), "seconds": 60.0 * (i + 1), "val_ppl": v}
+            for i, v in enumerate(curve)
+        ]
+        summary = {"best_val_ppl": best, "test_ppl": best - 0.3}
+        return Run(name, "g", seed, name, summary, metrics, Path("."))
+
+    groups = {
+        "dropout-1": [run("dropout-1", s, b, [7.0, b]) for s, b in ((0, 6.0), (1, 6.2))],
+        "rdrop-0.1": [run("rdrop-0.1", 0, 6.3, [7.0, 6.3])],
+        "rdrop-0.5": [run("rdrop-0.5", s, 5.5, [6.05, 5.5]) for s in (0, 1)],
+        "analytic": [run("analytic", s, 5.0 + s / 10, [6.5, 6.0, 5.0]) for s in (0, 1)],
+    }
+    assert first_reaching(groups["rdrop-0.1"][0], 6.1) is None
+    assert first_reaching(groups["analytic"][0], 6.1) == {"step": 200, "seconds": 120.0}
+    lines = practitioner_lines(groups, {"DropoutK(1)": 1.0, "RDrop(0.5)": 2.0})
+    table = "\n".join(lines)
+    assert "| rdrop-0.5 | 5.50 ± 0.00 (2) |" in table  # the better strength is the row
+    assert "| 2.00 | 100 | 200 | 1.0 |" in table  # reaches 6.1 at step 100: 200 dropout steps
+    assert "| Dropout_1 | 6.10 ± 0.14 (2) |" in table and "| 200 (1 of 2 seeds) |" in table
+    assert "rdrop-0.5 - Dropout_1 = -0.60" in table and "**clearly better**" in table
+    assert "R-Drop: rdrop-0.1: 6.30 (1 seed), rdrop-0.5: 5.50" in table
+    assert practitioner_lines({k: v for k, v in groups.items() if "rdrop" not in k}) == []
