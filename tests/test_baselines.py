@@ -11,36 +11,12 @@ KL's quadratic approximation) is approximate.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HeadMLP, make_problem, mlp_forward
+from conftest import HeadMLP, LinearRNN, locked_forward, make_problem, mlp_forward
 from torch import nn
 
 import dropsplit as ds
 from dropsplit import oracles
 from dropsplit.baselines import PENALTY_CURVATURE, PENALTY_MULTIPLE
-
-
-class LockedLinearRNN(nn.Module):
-    """``h_t = 0.8 h_{t-1} + W x_t``, logits ``V h_t``, locked dropout on the input."""
-
-    def __init__(self, q, d_in=4, hidden=6, classes=4):
-        super().__init__()
-        self.input_dropout = ds.Dropout(q, shared_dims=(0,), label="input")
-        self.w = nn.Linear(d_in, hidden, bias=False)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, x):
-        u = self.w(self.input_dropout(x))
-        h, outs = torch.zeros_like(u[0]), []
-        for t in range(u.shape[0]):
-            h = 0.8 * h + u[t]
-            outs.append(h)
-        return self.head(torch.stack(outs))
-
-
-def sequence_forward(model, batch):
-    x, y = batch
-    logits = model(x)
-    return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
 
 
 class WeightHead(nn.Module):
@@ -62,9 +38,9 @@ def site_problem(kind, q, seed=0):
         model = HeadMLP(d_in=3, d_hidden=12, classes=5, p_hidden=q)
         return model, mlp_forward, (torch.randn(4, 3), torch.randint(0, 5, (4,)))
     if kind == "locked":
-        model = LockedLinearRNN(q)
+        model = LinearRNN(q, d_in=4)
         x = 0.3 * torch.randn(1, 8, 4).expand(6, 8, 4) + 0.1 * torch.randn(6, 8, 4)
-        return model, sequence_forward, (x, torch.randint(0, 4, (6, 8)))
+        return model, locked_forward, (x, torch.randint(0, 4, (6, 8)))
     model = WeightHead(q)
     return model, mlp_forward, (torch.randn(4, 3), torch.randint(0, 5, (4,)))
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import PROBLEMS, HeadMLP, make_problem, mlp_forward
+from conftest import PROBLEMS, HeadMLP, LinearRNN, locked_forward, make_problem, mlp_forward
 from torch import nn
 
 import dropsplit as ds
@@ -181,31 +181,6 @@ def test_control_variate_keeps_the_mean_and_shrinks_the_error():
     for est in (with_cv, without):
         assert abs(est.mean - exact) < 4.5 * est.stderr
     assert with_cv.stderr < 0.5 * without.stderr
-
-
-class LinearRNN(nn.Module):
-    """h_t = 0.8 h_{t-1} + W x_t, logits_t = V h_t: logits are linear in the input gate, so the
-    Gauss-Newton expansion is exact at second order and only the grouping can differ."""
-
-    def __init__(self, q, d_in=3, hidden=6, classes=4):
-        super().__init__()
-        self.input_dropout = ds.Dropout(q, shared_dims=(0,), batch_dim=1, label="input")
-        self.w = nn.Linear(d_in, hidden, bias=False)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, x):
-        u = self.w(self.input_dropout(x))
-        h, outs = torch.zeros_like(u[0]), []
-        for t in range(u.shape[0]):
-            h = 0.8 * h + u[t]
-            outs.append(h)
-        return self.head(torch.stack(outs))
-
-
-def locked_forward(model, batch):
-    x, y = batch
-    logits = model(x)
-    return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
