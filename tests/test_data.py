@@ -51,16 +51,23 @@ def test_char_tokens_collapse_spaces_and_end_lines():
     assert data.char_tokens(" a  bc \n d\n") == ["a", " ", "b", "c", "\n", "d", "\n"]
 
 
-def test_missing_data_directory_is_explained(monkeypatch):
+def test_without_a_data_directory_the_user_cache_is_used(monkeypatch, tmp_path):
     monkeypatch.delenv("DROPSPLIT_DATA", raising=False)
-    with pytest.raises(FileNotFoundError, match="DROPSPLIT_DATA"):
-        data.load_corpus("ptb")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="three ways.*--data DIR.*DROPSPLIT_DATA"):
+        data.load_corpus("ptb", download=False)
+    assert (tmp_path / "dropsplit").is_dir()
 
 
 def test_missing_file_is_explained(tmp_path):
     (tmp_path / "ptb").mkdir()
     with pytest.raises(FileNotFoundError, match="missing corpus file .*train.txt.gz"):
-        data.load_corpus("ptb", tmp_path)
+        data.load_corpus("ptb", tmp_path, download=False)
+
+
+def test_a_given_directory_that_does_not_exist_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_corpus("ptb", tmp_path / "nowhere")
 
 
 def test_corrupt_file_is_detected(tmp_path):

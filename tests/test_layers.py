@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dropsplit"
 
 # lowest first; a module may import its own layer and the layers before it
 LAYERS = [
-    ["core.noise"],
+    ["core.noise", "optional"],
     ["core.sites"],
     ["core.losses"],
     ["core.forward"],
@@ -19,7 +19,7 @@ LAYERS = [
     ["baselines"],
     ["measure", "oracles"],
     ["models"],
-    ["data"],
+    ["data", "fetch"],
     ["training"],
     ["experiments"],
     ["cli", "__main__", "__init__"],

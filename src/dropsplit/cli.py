@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from dropsplit.fetch import CORPUS_NAMES, FetchError
+
 
 def _demo(args: argparse.Namespace) -> int:
     from dropsplit.experiments.demo import print_report, run_demo
@@ -21,12 +23,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dropsplit.training.config import load_config
+    from dropsplit.training.config import load_config, string_override
     from dropsplit.training.trainer import train
 
     overrides = list(args.set or [])
     if args.data:
-        overrides.append(f'data.path="{args.data}"')
+        overrides.append(string_override("data.path", args.data))
+    if args.no_download:
+        overrides.append("data.download=false")
     config = load_config(args.config, overrides)
     out = args.out or f"runs/{Path(args.config).stem}"
     summary = train(config, out, resume=args.resume, dry_run=args.dry_run)
@@ -34,6 +38,39 @@ def _train(args: argparse.Namespace) -> int:
         f"{out}: best valid ppl {summary['best_val_ppl']:.2f}, test ppl {summary['test_ppl']:.2f}, "
         f"{summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s"
     )
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from dropsplit.data import data_root
+    from dropsplit.fetch import CORPUS_FILES, LICENSES, decompressed_sha256, fetch
+
+    if args.action == "fetch" and args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+    root = data_root(args.dir)
+    if args.action == "fetch":
+        paths = fetch(args.names, root, mirror=args.mirror)
+        print(f"{len(paths)} files verified in {root}")
+        return 0
+    bad = 0
+    print(f"data directory: {root}")
+    for f in CORPUS_FILES:
+        path = root / f.relative
+        digest = decompressed_sha256(path) if path.exists() else None
+        state = "missing" if not path.exists() else "ok" if digest == f.sha256 else "CORRUPT"
+        bad += state == "CORRUPT" or (args.action == "verify" and state == "missing")
+        if args.action == "list":
+            print(f"{f.relative:30} {f.bytes:>11,} B  sha256 {f.sha256[:16]}…  {state}")
+            print(f"  source {f.url}  ({LICENSES[f.corpus]})")
+        elif state != "missing" or args.action == "verify":
+            print(f"{f.relative:30} {state}")
+    if args.action == "verify" and bad:
+        print(
+            f"{bad} file(s) missing or corrupt: `dropsplit data fetch NAME --to {root}` "
+            "re-fetches them",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
@@ -75,7 +112,9 @@ def _measure(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from dropsplit.experiments.report import write_report
     from dropsplit.experiments.reproduce import load_suite, reproduce
+    from dropsplit.optional import require
 
+    require("matplotlib", "the report of reproduce")  # before hours of training, not after
     suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds)
     out = Path(args.out or default_out(args.suite, args.quick))
     if args.quick:
@@ -87,7 +126,15 @@ def _reproduce(args: argparse.Namespace) -> int:
     only = set(args.only) if args.only else None
     size = {"batches": 1, "gap_samples": 16, "noise_samples": 8} if args.quick else {}
     measure = None if args.no_measure else size
-    done = reproduce(suite, out, data=args.data, only=only, measure=measure, jobs=args.jobs)
+    done = reproduce(
+        suite,
+        out,
+        data=args.data,
+        only=only,
+        measure=measure,
+        jobs=args.jobs,
+        download=not args.no_download,
+    )
     if not done:
         print("no finished runs yet: nothing to report")
         return 0
@@ -128,6 +175,10 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+DATA_HELP = "data directory (default $DROPSPLIT_DATA, else the user cache ~/.cache/dropsplit)"
+NO_DOWNLOAD = "do not fetch a missing corpus (a clear error says how to provide it)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(
@@ -146,9 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="TOML config file (e.g. configs/ptb-small.toml)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
     train.add_argument("--out", help="run directory (default runs/<config name>)")
-    train.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    train.add_argument("--data", help=DATA_HELP)
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     train.add_argument("--dry-run", action="store_true", help="3 steps and a short evaluation")
+    train.add_argument("--no-download", action="store_true", help=NO_DOWNLOAD)
     train.set_defaults(handler=_train)
 
     measure = sub.add_parser("measure", help="both effects of dropout on a trained run")
@@ -178,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seeds", type=int, help="seeds per run (default: the suite's)")
     rep.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs")
     rep.add_argument("--no-measure", action="store_true", help="skip measuring Dropout_1")
+    rep.add_argument("--no-download", action="store_true", help=NO_DOWNLOAD)
     rep.add_argument(
         "--jobs", type=int, default=1, help="runs trained at once, one process each (default 1)"
     )
@@ -200,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     # `dropsplit bench ...` is handed to dropsplit.experiments.benchmark whole (see main)
     sub.add_parser("bench", help="time and memory per step of every method (see --help)")
 
+    data = sub.add_parser("data", help="the standard corpora: list, fetch, verify")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    listing = data_sub.add_parser("list", help="each corpus file, its source and whether present")
+    listing.add_argument("--data", dest="dir", help=DATA_HELP)
+    get = data_sub.add_parser("fetch", help="download, verify and store corpora")
+    get.add_argument("names", nargs="+", choices=CORPUS_NAMES, metavar="NAME", help="corpora")
+    get.add_argument("--to", dest="dir", help="data directory to fill (default: as for --data)")
+    get.add_argument(
+        "--mirror", help="base URL serving URL/<corpus>/<file> (default $DROPSPLIT_MIRROR)"
+    )
+    check = data_sub.add_parser("verify", help="check the sha256 of every corpus file present")
+    check.add_argument("dir", nargs="?", help="data directory (default: as for --data)")
+    data.set_defaults(handler=_data)
+
     ev = sub.add_parser("eval", help="perplexity of a run's best weights")
     ev.add_argument("run", help="run directory")
     ev.add_argument("--split", choices=("valid", "test"), default="test")
@@ -218,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FetchError, ImportError) as err:
         print(f"dropsplit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

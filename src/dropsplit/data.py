@@ -1,11 +1,12 @@
-"""Corpora from local ``.txt.gz`` files (sha256-checked), vocabulary, batchify, TBPTT batches.
+"""Corpora from ``.txt.gz`` files (sha256-checked), vocabulary, batchify, TBPTT batches.
 
-The data directory comes from ``--data DIR`` or the ``DROPSPLIT_DATA`` environment variable and
-has the layout of ``shared/data``: ``ptb/{train,valid,test}.txt.gz``,
-``wikitext-2/{train,valid,test}.txt.gz``, ``tinyshakespeare/input.txt.gz``. ``"ptb-char"`` is
-the Penn Treebank read as characters (a newline ends each line). Nothing is downloaded.
-``"synthetic"`` is a small built-in corpus (a random second-order Markov source) for tests and
-quick runs.
+The data directory is ``--data DIR``, else the ``DROPSPLIT_DATA`` environment variable, else the
+user cache (:func:`~dropsplit.fetch.cache_dir`), with the layout of ``shared/data``:
+``ptb/{train,valid,test}.txt.gz``, ``wikitext-2/{train,valid,test}.txt.gz``,
+``tinyshakespeare/input.txt.gz``. A corpus missing there is fetched (:mod:`dropsplit.fetch`)
+unless ``download=False``. ``"ptb-char"`` is the Penn Treebank read as characters (a newline
+ends each line). ``"synthetic"`` is a small built-in corpus (a random second-order Markov
+source) for tests and quick runs.
 """
 
 from __future__ import annotations
@@ -13,42 +14,60 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-# sha256 of the decompressed files (shared/data/README.md)
-CHECKSUMS = {
-    "ptb/train.txt.gz": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
-    "ptb/valid.txt.gz": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
-    "ptb/test.txt.gz": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
-    "wikitext-2/train.txt.gz": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
-    "wikitext-2/valid.txt.gz": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
-    "wikitext-2/test.txt.gz": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
-    "tinyshakespeare/input.txt.gz": (
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-    ),
-}
+from dropsplit.fetch import CORPUS_FILES, FetchError, cache_dir, fetch, files_of
+
+CHECKSUMS = {f.relative: f.sha256 for f in CORPUS_FILES}  # of the decompressed files
 CORPORA = ("ptb", "ptb-char", "wikitext-2", "tinyshakespeare", "synthetic")
 
 
 def data_root(path: str | os.PathLike | None = None) -> Path:
-    """The data directory: ``path``, else ``$DROPSPLIT_DATA``.
+    """The data directory: ``path``, else ``$DROPSPLIT_DATA``, else the user cache (created).
 
     Raises:
-        FileNotFoundError: If neither is set or the directory does not exist.
+        FileNotFoundError: If a given directory does not exist.
     """
     chosen = path if path is not None else os.environ.get("DROPSPLIT_DATA")
     if not chosen:
-        raise FileNotFoundError(
-            "no data directory: pass --data DIR or set DROPSPLIT_DATA (e.g. ../shared/data)"
-        )
+        root = cache_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        return root
     root = Path(chosen)
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist")
     return root
+
+
+def ensure_corpus(name: str, root: Path, download: bool = True) -> None:
+    """Fetch the files of ``name`` missing from ``root`` (said on stderr), or say how to get them.
+
+    Raises:
+        FileNotFoundError: If a file is missing and cannot be fetched (the message gives the
+            three ways to provide it).
+    """
+    missing = [f.relative for f in files_of(name) if not (root / f.relative).is_file()]
+    if not missing:
+        return
+    reason = "--no-download was given"
+    if download:
+        print(f"dropsplit: {name} is not in {root}: fetching it", file=sys.stderr, flush=True)
+        try:
+            fetch([name], root)
+            return
+        except FetchError as err:
+            reason = f"fetching it failed: {err}"
+    raise FileNotFoundError(
+        f"missing corpus file {root / missing[0]} ({reason}). Provide it in one of three ways: "
+        f"`dropsplit data fetch {name} --to {root}` on a machine with internet (or with "
+        f"--mirror URL / DROPSPLIT_MIRROR for a local copy); pass --data DIR for a directory "
+        f"holding {missing[0]}; or set DROPSPLIT_DATA to such a directory"
+    )
 
 
 def read_text(root: Path, relative: str) -> str:
@@ -125,16 +144,21 @@ class Corpus:
 
 
 def load_corpus(
-    name: str, root: str | os.PathLike | None = None, train_fraction: float = 1.0
+    name: str,
+    root: str | os.PathLike | None = None,
+    train_fraction: float = 1.0,
+    download: bool = True,
 ) -> Corpus:
     """Load a corpus, verified, tokenized and encoded.
 
     Args:
         name: ``"ptb"``, ``"ptb-char"`` (PTB as characters), ``"wikitext-2"``,
             ``"tinyshakespeare"`` (characters, 90/5/5 split) or ``"synthetic"``.
-        root: Data directory (default ``$DROPSPLIT_DATA``); unused for ``"synthetic"``.
+        root: Data directory (default ``$DROPSPLIT_DATA``, else the user cache); unused for
+            ``"synthetic"``.
         train_fraction: Keep this leading fraction of the training tokens (the paper's
             data-size effect); deterministic. The vocabulary is built on the full split.
+        download: Fetch the corpus when it is missing from the data directory.
 
     Returns:
         The :class:`Corpus`.
@@ -151,14 +175,16 @@ def load_corpus(
         vocab = Vocabulary([str(i) for i in range(16)])
         n = ids.numel()
         splits = ids[: int(0.8 * n)], ids[int(0.8 * n) : int(0.9 * n)], ids[int(0.9 * n) :]
-    elif name == "tinyshakespeare":
-        text = read_text(data_root(root), "tinyshakespeare/input.txt.gz")
+        return Corpus(name, vocab, *_keep(splits, train_fraction))
+    base = data_root(root)
+    ensure_corpus(name, base, download)
+    if name == "tinyshakespeare":
+        text = read_text(base, "tinyshakespeare/input.txt.gz")
         vocab = Vocabulary(sorted(set(text)))
         ids = vocab.encode(list(text))
         n = ids.numel()
         splits = ids[: int(0.9 * n)], ids[int(0.9 * n) : int(0.95 * n)], ids[int(0.95 * n) :]
     else:
-        base = data_root(root)
         folder, tokenize = ("ptb", char_tokens) if name == "ptb-char" else (name, word_tokens)
         tokens = {
             s: tokenize(read_text(base, f"{folder}/{s}.txt.gz")) for s in ("train", "valid", "test")
@@ -169,9 +195,16 @@ def load_corpus(
             vocab.encode(tokens["valid"]),
             vocab.encode(tokens["test"]),
         )
+    return Corpus(name, vocab, *_keep(splits, train_fraction))
+
+
+def _keep(
+    splits: tuple[torch.Tensor, torch.Tensor, torch.Tensor], train_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The splits with only the leading ``train_fraction`` of the training tokens."""
     train, valid, test = splits
     keep = max(2, int(round(train_fraction * train.numel())))
-    return Corpus(name, vocab, train[:keep], valid, test)
+    return train[:keep], valid, test
 
 
 def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:

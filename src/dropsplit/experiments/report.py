@@ -22,6 +22,7 @@ from typing import Any
 
 from dropsplit.experiments.claims import CLAIMS, Stat, judge_claims
 from dropsplit.experiments.practice import practitioner_lines
+from dropsplit.optional import require
 
 COPIED = ("run.json", "summary.json", "metrics.jsonl", "measure/measure.json")
 
@@ -191,9 +192,7 @@ def _curve(
 
 def plot_groups(groups: dict[str, list[Run]], out: Path) -> list[str]:
     """One figure per experiment group: validation perplexity against epoch and wall time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "the report's figures").use("Agg")
     import matplotlib.pyplot as plt
 
     written = []

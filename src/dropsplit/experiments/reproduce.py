@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dropsplit.training.config import load_config
+from dropsplit.data import data_root, ensure_corpus
+from dropsplit.training.config import load_config, string_override
 
 BASE_SEED = 1111
 
@@ -156,6 +157,7 @@ def reproduce(
     only: set[str] | None = None,
     measure: dict[str, Any] | None = None,
     jobs: int = 1,
+    download: bool = True,
 ) -> list[Path]:
     """Train every run of ``suite`` not finished yet (resuming interrupted ones).
 
@@ -170,6 +172,8 @@ def reproduce(
             threads (small models use two cores better as two one-thread runs than as one
             two-thread run). The runs do not depend on ``jobs`` (up to the float rounding of
             another thread count).
+        download: Fetch the corpora the suite reads when they are missing (once, before any
+            run starts); ``False``: a missing corpus is an error that says how to provide it.
 
     Returns:
         The run directories of the suite that are finished.
@@ -179,6 +183,9 @@ def reproduce(
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    corpora = {load_config(suite.base, list(r.overrides)).data.corpus for r in suite.runs}
+    for corpus in sorted(corpora - {"synthetic"}):
+        ensure_corpus(corpus, data_root(data), download)
     unknown = sorted(set(only or ()) - {r.name for r in suite.runs})
     if unknown:  # a typo would otherwise train nothing, silently
         names = ", ".join(dict.fromkeys(r.name for r in suite.runs))
@@ -231,7 +238,7 @@ def _run_one(
         if wants_measure and not (directory / "measure" / "measure.json").exists():
             measure_run(directory, data=data, **(measure or {}))
         return
-    overrides = list(spec.overrides) + ([f'data.path="{data}"'] if data else [])
+    overrides = list(spec.overrides) + ([string_override("data.path", data)] if data else [])
     config = load_config(base, overrides)
     directory.mkdir(parents=True, exist_ok=True)
     if status == "new":  # killed before its first checkpoint: start clean

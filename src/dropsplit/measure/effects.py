@@ -23,6 +23,7 @@ from dropsplit.core.forward import ForwardFn, call_forward
 from dropsplit.core.losses import get_loss
 from dropsplit.core.sites import SiteContext, named_sites, site_context
 from dropsplit.measure.quantities import explicit_gap, explicit_regularizer, gradient_noise
+from dropsplit.optional import require
 
 KINDS = ("dropout", "difference", "analytic")
 
@@ -183,10 +184,7 @@ def format_effects(result: dict[str, Any]) -> str:
 
 def plot_effects(result: dict[str, Any], out_dir) -> list[str]:
     """PNG figures: gap vs prediction per site, and the noise spectra. Returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-
+    require("matplotlib", "plot_effects").use("Agg")
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)

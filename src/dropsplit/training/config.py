@@ -10,6 +10,7 @@ key's choices are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import warnings
 from collections.abc import Sequence
@@ -37,7 +38,8 @@ class DataConfig:
     """Corpus and batching."""
 
     corpus: str = "ptb"
-    path: str = ""  # "" means $DROPSPLIT_DATA
+    path: str = ""  # "" means $DROPSPLIT_DATA, else the user cache
+    download: bool = True  # fetch a corpus missing from the data directory
     train_fraction: float = 1.0
     batch_size: int = 20
     eval_batch_size: int = 10
@@ -294,6 +296,11 @@ def _check_together(config: Config) -> None:
                 f"model.context ({m.context}) must be at least data.bptt ({config.data.bptt}); "
                 "variable windows run longer, so leave a margin (e.g. twice data.bptt)"
             )
+
+
+def string_override(key: str, value: str) -> str:
+    """``key="value"`` with ``value`` quoted for TOML (quotes, backslashes: Windows paths)."""
+    return f"{key}={json.dumps(value)}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

