@@ -1,4 +1,7 @@
 import json
+from pathlib import Path
+
+import pytest
 
 from dropsplit.cli import main
 
@@ -27,3 +30,48 @@ def test_a_missing_optional_dependency_is_one_line(monkeypatch, tmp_path, capsys
     err = capsys.readouterr().err
     assert "needs matplotlib: pip install 'dropsplit[cli]'" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--steps", "-5"], "--steps must be at least 1"),
+        (["train", "nowhere.toml"], "config file nowhere.toml does not exist"),
+        (["train", "BROKEN"], "is not valid TOML"),
+        (["train", "configs/synthetic-tiny.toml", "--set", "lr"], "section.key=value"),
+        (["eval", "."], "checkpoint"),
+    ],
+    ids=["demo-steps", "missing-config", "toml-syntax", "set-without-equals", "eval-not-a-run"],
+)
+def test_bad_input_is_one_line_with_exit_code_2(argv, message, tmp_path, capsys, monkeypatch):
+    from dropsplit.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    if "BROKEN" in argv:
+        broken = tmp_path / "broken.toml"
+        broken.write_text("[data\ncorpus = 1\n")
+        argv = [str(broken) if a == "BROKEN" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_version(capsys):
+    from dropsplit.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and "dropsplit 0.1.0" in capsys.readouterr().out
+
+
+def test_convert_keeps_eval_mode():
+    import torch
+
+    import dropsplit as ds
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5)).eval()
+    converted = ds.convert(model)
+    assert not converted[1].training
+    x = torch.randn(4, 3)
+    assert torch.equal(converted(x), converted(x))  # no dropout in eval

@@ -7,12 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+from dropsplit import __version__
 from dropsplit.fetch import CORPUS_NAMES, FetchError
 
 
 def _demo(args: argparse.Namespace) -> int:
     from dropsplit.experiments.demo import print_report, run_demo
 
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
     numbers = run_demo(train_steps=args.steps, q=args.q, seed=args.seed)
     print_report(numbers)
     if args.json:
@@ -185,11 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dropsplit",
         description="The explicit and implicit regularization effects of dropout.",
     )
+    parser.add_argument("--version", action="version", version=f"dropsplit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a tiny model and measure both effects (< 1 min)")
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     demo.add_argument("--q", type=float, default=0.3, help="drop probability (default 0.3)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of data, model, draws")
     demo.add_argument("--json", help="also write the numbers to this JSON file")
     demo.set_defaults(handler=_demo)
 
@@ -288,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, FetchError, ImportError) as err:
         print(f"dropsplit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"dropsplit {args.command}: interrupted (a training run continues with --resume)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -504,7 +504,8 @@ def convert(model: nn.Module, batch_dim: int | None = None) -> nn.Module:
 
 def _replace_dropout(model: nn.Module, batch_dim: int | None) -> nn.Module:
     if isinstance(model, nn.modules.dropout._DropoutNd) and type(model) in _CONVERSIONS:
-        return Dropout(model.p, _CONVERSIONS[type(model)], batch_dim=batch_dim)
+        site = Dropout(model.p, _CONVERSIONS[type(model)], batch_dim=batch_dim)
+        return site.train(model.training)  # an eval model stays in eval
     for name, child in model.named_children():
         new = _replace_dropout(child, batch_dim)
         if new is not child:

@@ -22,8 +22,13 @@ def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, Langua
         data: Data directory (default: the config's, else ``$DROPSPLIT_DATA``).
 
     Raises:
-        FileNotFoundError: If the run has no ``best.pt`` yet.
+        FileNotFoundError: If ``run`` is not a run directory or has no ``best.pt`` yet.
     """
+    if not (Path(run) / "config.toml").is_file():
+        raise FileNotFoundError(
+            f"{run} is not a run directory (no config.toml, no checkpoint): give the --out "
+            "directory of a `dropsplit train` run"
+        )
     config = load_config(run / "config.toml", [string_override("data.path", data)] if data else [])
     d = config.data
     corpus = load_corpus(d.corpus, d.path or None, d.train_fraction, d.download)
