@@ -135,3 +135,15 @@ def test_dropout_k_analytic_noise_equals_double_backward_up_to_the_step(name, k)
     torch.testing.assert_close(stats["loss"], exact_stats["loss"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(stats["implicit"], exact_stats["implicit"], rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(estimate, exact, rtol=1e-5, atol=1e-5 * float(exact.norm()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("gradient", ["hvp-difference", "finite-difference"])
+def test_half_precision_is_refused_not_silently_wrong(gradient, dtype):
+    pb = make_problem("mlp-two-sites")
+    pb.model.to(dtype)
+    x, y = pb.batch
+    with pytest.raises(ValueError, match="cannot resolve"):
+        ds.Analytic("sampled", True, gradient=gradient).step(
+            pb.model, pb.forward_fn, (x.to(dtype), y)
+        )

@@ -304,3 +304,48 @@ def test_early_stopping_on_scripted_losses(tmp_path, monkeypatch, min_epochs, lo
 def test_early_stopping_settings_are_not_negative(key):
     with pytest.raises(ValueError, match=f"{key} must be >= 0"):
         tiny(f"{key}=-1")
+
+
+def test_resume_refuses_nothing_to_resume_and_a_changed_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(tiny("train.max_steps=2"), tmp_path / "empty", resume=True)
+    train(tiny("train.max_steps=4", "train.eval_every=2"), tmp_path / "r")
+    with pytest.raises(ValueError, match=r"optim.lr 5.0 -> 1.0"):
+        train(tiny("train.max_steps=6", "optim.lr=1.0"), tmp_path / "r", resume=True)
+    with pytest.raises(ValueError, match=r"model.hidden_size 12 -> 16"):
+        train(tiny("train.max_steps=6", "model.hidden_size=16"), tmp_path / "r", resume=True)
+    summary = train(tiny("train.max_steps=6", "train.eval_every=2"), tmp_path / "r", resume=True)
+    assert summary["steps"] == 6  # max_steps may change on resume, and config.toml records it
+    assert load_config(tmp_path / "r" / "config.toml").train.max_steps == 6
+
+
+def test_a_torn_metrics_line_does_not_block_resume(tmp_path):
+    config = tiny("train.max_steps=8", "train.eval_every=2", "train.checkpoint_every=100")
+    straight = train(config, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "b", interrupt_at_step=4)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "val_lo')  # a kill in the middle of a write
+    resumed = train(config, tmp_path / "b", resume=True)
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert resumed["best_val_loss"] == straight["best_val_loss"]
+
+
+def test_a_rerun_after_a_kill_before_the_first_checkpoint_logs_each_line_once(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 2, "val_ppl": 9.0}\n')
+    train(tiny("train.max_steps=4", "train.eval_every=2"), tmp_path / "r")
+    steps = [m["step"] for m in metrics(tmp_path / "r")]
+    assert steps == sorted(set(steps))
+
+
+def test_an_output_path_that_is_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(ValueError, match="cannot be a run directory"):
+        train(tiny("train.max_steps=2"), tmp_path / "out")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match='set train.device="cpu"'):
+        train(tiny('train.device="cuda"'), tmp_path / "r")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
-from dropsplit import __version__
 from dropsplit.fetch import CORPUS_NAMES, FetchError
 
 
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dropsplit",
         description="The explicit and implicit regularization effects of dropout.",
     )
-    parser.add_argument("--version", action="version", version=f"dropsplit {__version__}")
+    parser.add_argument("--version", action="version", version=f"dropsplit {version('dropsplit')}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a tiny model and measure both effects (< 1 min)")
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")

@@ -45,7 +45,7 @@ from torch import nn
 from dropsplit.core.forward import ForwardFn, call_forward
 from dropsplit.core.noise import sample_rademacher
 from dropsplit.core.sites import SiteContext, site_context
-from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature
+from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature, check_precision
 
 CURVATURES = ("sampled", "label", "identity")
 SEPARABLE = False  # the antithetic loss stands in for the clean loss: no regularizer-only part
@@ -107,6 +107,7 @@ def estimate(
         plus = call_forward(forward_fn, model, batch, loss)
     if not plus_ctx.record:
         raise ValueError("the forward pass used none of the model's dropout sites")
+    check_precision("finite-difference", plus.logits.dtype)
     minus_multipliers = [2.0 - m for m in plus_ctx.gates]
     with (
         torch.profiler.record_function("dropsplit.finite_difference.forward_minus"),

@@ -37,7 +37,7 @@ from dropsplit.core.forward import ForwardFn, ForwardOutput, call_forward, gated
 from dropsplit.core.losses import Loss
 from dropsplit.core.noise import explicit_coefficient, noise_variance, sample_rademacher
 from dropsplit.core.sites import SiteContext, site_context
-from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature
+from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature, check_precision
 
 CURVATURES = ("sampled", "label", "identity")
 SEPARABLE = True
@@ -86,6 +86,7 @@ def estimate(
     loss, step = spec.loss, spec.hvp_step
     with torch.profiler.record_function("dropsplit.hvp_difference.gated_forward"):
         out, ctx = gated_forward(model, forward_fn, batch, loss, spec.grouping, twice=False)
+    check_precision("hvp-difference", out.logits.dtype)
     n, gates, qs = out.n, ctx.gates, [site.p for site, _ in ctx.record]
     summed = loss.summed(out.logits, out.targets)
     regularizers = summed.new_zeros(())

@@ -45,8 +45,24 @@ def unflatten_state(flat: list[torch.Tensor]) -> State:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop evaluations logged after the checkpoint we resume from."""
+    """Drop evaluations logged after the checkpoint we resume from (and a torn last line).
+
+    Raises:
+        ValueError: If a line other than the last is not JSON (a corrupt file, named).
+    """
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    atomic_write(path, lambda p: p.write_text("".join(ln + "\n" for ln in lines)))
+    lines = [ln for ln in path.read_text().splitlines() if ln]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:  # a kill during the write: the line is after the checkpoint
+                break
+            raise ValueError(
+                f"{path} line {i + 1} is not JSON ({err}): the file is corrupt"
+            ) from err
+        if record["step"] <= step:
+            kept.append(line)
+    atomic_write(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept)))

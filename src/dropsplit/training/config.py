@@ -350,6 +350,42 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return from_dict(raw)
 
 
+# keys that may differ when a run is resumed: how long it goes on and where things are, not what
+# it trains
+RESUMABLE = (
+    "data.path",
+    "data.download",
+    "train.epochs",
+    "train.max_steps",
+    "train.min_epochs",
+    "train.patience",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.device",
+)
+
+
+def check_resumable(saved: Path, config: Config) -> None:
+    """Refuse to resume a run with a config that differs in a key outside :data:`RESUMABLE`.
+
+    Raises:
+        ValueError: Naming each changed key, its value in the run and the new one.
+    """
+    old, new = to_dict(load_config(saved)), to_dict(config)
+    changed = [
+        f"{section}.{key} {old[section][key]!r} -> {new[section][key]!r}"
+        for section in old
+        for key in old[section]
+        if old[section][key] != new[section][key] and f"{section}.{key}" not in RESUMABLE
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume with a changed config: {'; '.join(changed)} (the run has the values of "
+            f"{saved}); only {', '.join(RESUMABLE)} may change on resume: start a new run "
+            "(another --out) to change the others"
+        )
+
+
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     """The config as nested dicts."""
     return dataclasses.asdict(config)

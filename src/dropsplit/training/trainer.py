@@ -40,7 +40,7 @@ from dropsplit.training.checkpoint import (
     truncate_metrics,
     unflatten_state,
 )
-from dropsplit.training.config import Config, to_dict, to_toml
+from dropsplit.training.config import Config, check_resumable, to_dict, to_toml
 
 STAT_KEYS = ("explicit", "implicit", "noise")  # the regularizer values averaged into the metrics
 
@@ -181,13 +181,14 @@ class Trainer:
         self.rank, self.world = distributed()
         self.config, self.out, self.dry_run = config, Path(out_dir), dry_run
         self.checkpoint_path = self.out / "checkpoint.pt"
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if not resume and self.checkpoint_path.exists():
-                raise FileExistsError(
-                    f"{self.out} already holds a run; pass --resume or another --out"
-                )
         d, tc = config.data, config.train
+        if tc.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f'train.device="{tc.device}" but no CUDA device is available: '
+                'set train.device="cpu"'
+            )
+        if self.rank == 0:
+            self._prepare_directory(resume)
         self.device = torch.device(tc.device)
         torch.manual_seed(tc.seed)
         corpus = corpus or load_corpus(d.corpus, d.path or None, d.train_fraction, d.download)
@@ -208,9 +209,9 @@ class Trainer:
         self.max_steps = 3 if dry_run else tc.max_steps
         self.progress = Progress()
         self.state: Any = None  # the model's recurrent state, carried across windows
-        if resume and self.checkpoint_path.exists():
+        if resume:
             self.resume()
-        elif self.rank == 0:
+        if self.rank == 0:  # on resume, the keys that may change (check_resumable) are recorded
             atomic_write(self.out / "config.toml", lambda p: p.write_text(to_toml(config)))
         per_epoch = max(1, (self.train_data.shape[0] - 1) // d.bptt)
         total = tc.epochs * per_epoch
@@ -218,6 +219,26 @@ class Trainer:
         self.bar = _progress_bar(
             total, self.progress.step, disable=self.rank != 0 or not show_progress
         )
+
+    def _prepare_directory(self, resume: bool) -> None:
+        """Create the run directory; refuse to overwrite a run or to resume nothing."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"--out {self.out} cannot be a run directory: {err.strerror}") from err
+        if not os.access(self.out, os.W_OK):
+            raise ValueError(f"--out {self.out} is not writable")
+        has_run = self.checkpoint_path.exists()
+        if resume and not has_run:
+            raise FileNotFoundError(
+                f"nothing to resume in {self.out} (no checkpoint.pt): run without --resume"
+            )
+        if not resume and has_run:
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume or another --out")
+        if resume:
+            check_resumable(self.out / "config.toml", self.config)
+        else:  # a run killed before its first checkpoint left lines that would be duplicated
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
 
     def load_weights(self) -> dict[str, Any]:
         """Weights, optimizer and averages of the last checkpoint; returns the checkpoint."""
@@ -363,10 +384,11 @@ class Trainer:
         )
         for start, x, y in windows:
             self.step(start, x, y)
-            if tc.eval_every and progress.step % tc.eval_every == 0:
+            evaluated = bool(tc.eval_every) and progress.step % tc.eval_every == 0
+            if evaluated:
                 self.evaluate()
-            if progress.step % tc.checkpoint_every == 0:
-                self.checkpoint()
+            if evaluated or progress.step % tc.checkpoint_every == 0:
+                self.checkpoint()  # at each evaluation too, so its metrics line is never lost
             if interrupt_at_step is not None and progress.step >= interrupt_at_step:
                 raise KeyboardInterrupt(f"interrupted after step {progress.step}")
             if self.max_steps and progress.step >= self.max_steps:
