@@ -349,3 +349,10 @@ def test_an_output_path_that_is_a_file_is_one_clear_error(tmp_path):
 def test_cuda_device_without_a_gpu_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match='set train.device="cpu"'):
         train(tiny('train.device="cuda"'), tmp_path / "r")
+
+
+def test_data_paths_with_quotes_and_backslashes_reach_the_config_intact(tmp_path):
+    from dropsplit.training.config import string_override
+
+    odd = str(tmp_path / 'a "quoted" dir\\with backslash')
+    assert load_config(TINY, [string_override("data.path", odd)]).data.path == odd
