@@ -341,7 +341,9 @@ def test_one_seed_verdicts_are_at_most_inconclusive():
     assert verdict == "inconclusive (1 seed; leans not reproduced)"
 
 
-@pytest.mark.parametrize("name", ["suite.toml", "suite-char.toml"])
+@pytest.mark.parametrize(
+    "name", ["suite.toml", "suite-char.toml", "suite-char-qrnn.toml", "suite-char-transformer.toml"]
+)
 def test_shipped_suites_load_and_every_run_config_is_valid(name):
     suite = load_suite(Path(__file__).parents[1] / "configs" / "paper" / name)
     for spec in suite.runs:
