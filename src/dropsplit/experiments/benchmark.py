@@ -63,7 +63,7 @@ SIZES = {
 TRANSFORMER_SIZES = {
     "small": (200, 800, 3, 4),
     "paper": (400, 1600, 3, 8),
-    "char": (128, 512, 2, 4),
+    "char": (64, 256, 2, 4),
 }
 MODELS = ("lstm", "qrnn", "transformer")
 REFERENCES = {
