@@ -389,3 +389,12 @@ def test_five_kill_9s_at_random_moments_then_resume_give_identical_metrics(tmp_p
     steps = [m["step"] for m in metrics(out)]
     assert steps == sorted(set(steps))
     assert metrics(tmp_path / "a") == metrics(out)
+
+
+def test_an_existing_run_is_replaced_only_with_overwrite(tmp_path, capsys):
+    args = ["train", str(TINY), "--out", str(tmp_path / "r"), "--set", "train.max_steps=4"]
+    assert main(args) == 0
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--set", "optim.lr=1.0", "--overwrite"]) == 0
+    assert load_config(tmp_path / "r" / "config.toml").optim.lr == 1.0
+    assert main([*args, "--resume", "--overwrite"]) == 2

@@ -36,7 +36,9 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("data.download=false")
     config = load_config(args.config, overrides)
     out = args.out or f"runs/{Path(args.config).stem}"
-    summary = train(config, out, resume=args.resume, dry_run=args.dry_run)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    summary = train(config, out, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
     print(
         f"{out}: best valid ppl {summary['best_val_ppl']:.2f}, test ppl {summary['test_ppl']:.2f}, "
         f"{summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s"
@@ -203,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default runs/<config name>)")
     train.add_argument("--data", help=DATA_HELP)
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    train.add_argument(
+        "--overwrite", action="store_true", help="delete the run already in --out, start again"
+    )
     train.add_argument("--dry-run", action="store_true", help="3 steps and a short evaluation")
     train.add_argument("--no-download", action="store_true", help=NO_DOWNLOAD)
     train.set_defaults(handler=_train)

@@ -159,13 +159,17 @@ class Trainer:
     Args:
         config: The experiment.
         out_dir: Run directory.
-        resume: Continue from ``out_dir/checkpoint.pt`` if it exists.
+        resume: Continue from ``out_dir/checkpoint.pt`` (an error when there is none).
+        overwrite: Delete the run already in ``out_dir`` and start again.
         dry_run: Stop after 3 steps with a shortened evaluation.
         corpus: A preloaded corpus (default: loaded from the config).
         show_progress: Show a progress bar (on a terminal).
 
     Raises:
-        FileExistsError: If ``out_dir`` holds a run and ``resume`` is not set.
+        FileExistsError: If ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+        FileNotFoundError: If ``resume`` is set and ``out_dir`` holds no checkpoint.
+        ValueError: For an ``out_dir`` that cannot be a run directory, a CUDA device that is not
+            there, or a resume with a changed config.
     """
 
     def __init__(
@@ -177,6 +181,7 @@ class Trainer:
         dry_run: bool = False,
         corpus: Corpus | None = None,
         show_progress: bool = True,
+        overwrite: bool = False,
     ) -> None:
         self.rank, self.world = distributed()
         self.config, self.out, self.dry_run = config, Path(out_dir), dry_run
@@ -188,7 +193,7 @@ class Trainer:
                 'set train.device="cpu"'
             )
         if self.rank == 0:
-            self._prepare_directory(resume)
+            self._prepare_directory(resume, overwrite)
         self.device = torch.device(tc.device)
         torch.manual_seed(tc.seed)
         corpus = corpus or load_corpus(d.corpus, d.path or None, d.train_fraction, d.download)
@@ -220,8 +225,8 @@ class Trainer:
             total, self.progress.step, disable=self.rank != 0 or not show_progress
         )
 
-    def _prepare_directory(self, resume: bool) -> None:
-        """Create the run directory; refuse to overwrite a run or to resume nothing."""
+    def _prepare_directory(self, resume: bool, overwrite: bool) -> None:
+        """Create the run directory; refuse to replace a run (unless asked) or to resume nothing."""
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -229,12 +234,20 @@ class Trainer:
         if not os.access(self.out, os.W_OK):
             raise ValueError(f"--out {self.out} is not writable")
         has_run = self.checkpoint_path.exists()
+        if overwrite and not resume:
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
+            for stale in self.out.glob("rank*.pt"):
+                stale.unlink()
+            has_run = False
         if resume and not has_run:
             raise FileNotFoundError(
                 f"nothing to resume in {self.out} (no checkpoint.pt): run without --resume"
             )
         if not resume and has_run:
-            raise FileExistsError(f"{self.out} already holds a run; pass --resume or another --out")
+            raise FileExistsError(
+                f"{self.out} already holds a run; pass --resume, --overwrite or another --out"
+            )
         if resume:
             check_resumable(self.out / "config.toml", self.config)
         else:  # a run killed before its first checkpoint left lines that would be duplicated
@@ -432,11 +445,15 @@ class Trainer:
         return summary
 
 
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "config.toml")
+
+
 def train(
     config: Config,
     out_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     dry_run: bool = False,
     corpus: Corpus | None = None,
     interrupt_at_step: int | None = None,
@@ -447,7 +464,8 @@ def train(
     Args:
         config: The experiment.
         out_dir: Run directory.
-        resume: Continue from ``out_dir/checkpoint.pt`` if it exists.
+        resume: Continue from ``out_dir/checkpoint.pt`` (an error when there is none).
+        overwrite: Delete the run already in ``out_dir`` and start again.
         dry_run: Stop after 3 steps with a shortened evaluation.
         corpus: A preloaded corpus (default: loaded from the config).
         interrupt_at_step: Raise ``KeyboardInterrupt`` after this step (tests of resumption).
@@ -457,7 +475,13 @@ def train(
         The contents of ``summary.json``.
     """
     trainer = Trainer(
-        config, out_dir, resume=resume, dry_run=dry_run, corpus=corpus, show_progress=show_progress
+        config,
+        out_dir,
+        resume=resume,
+        dry_run=dry_run,
+        corpus=corpus,
+        show_progress=show_progress,
+        overwrite=overwrite,
     )
     return trainer.run(interrupt_at_step)
 
