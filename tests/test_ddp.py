@@ -115,5 +115,6 @@ def test_torchrun_trains_with_two_processes(tmp_path, method):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("best valid ppl") == 1  # printed once, not per rank
     assert (tmp_path / "run" / "summary.json").exists()
     assert (tmp_path / "run" / "rank1.pt").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -39,6 +40,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     summary = train(config, out, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, one line for the run, not per rank
+        return 0
     print(
         f"{out}: best valid ppl {summary['best_val_ppl']:.2f}, test ppl {summary['test_ppl']:.2f}, "
         f"{summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s"

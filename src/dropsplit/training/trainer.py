@@ -437,6 +437,8 @@ class Trainer:
             )
         self.checkpoint()
         self.bar.close()
+        if self.world > 1:  # every rank tests the same best.pt: wait until rank 0 has written it
+            dist.barrier()
         summary = _summary(
             self.config, self.model, self.out, self.test_data, progress, self.dry_run, self.device
         )
