@@ -94,7 +94,7 @@ def _eval(args: argparse.Namespace) -> int:
     d = config.data
     split = getattr(corpus, args.split)
     size = d.eval_batch_size if args.split == "valid" else d.test_batch_size
-    loss = evaluate(model, batchify(split, size), d.bptt)
+    loss = evaluate(model, batchify(split, size), d.bptt, show_progress=True)
     print(f"{run} {args.split}: loss {loss:.4f}, ppl {math.exp(loss):.2f}")
     return 0
 

@@ -99,15 +99,27 @@ class Averager:
         self.average = [a.clone() for a in state["average"]]
 
 
-def evaluate(model: LanguageModel, data: torch.Tensor, bptt: int, max_batches: int = 0) -> float:
-    """Token-mean negative log-likelihood of ``data`` (``[T, B]``), sites off."""
+def evaluate(
+    model: LanguageModel,
+    data: torch.Tensor,
+    bptt: int,
+    max_batches: int = 0,
+    show_progress: bool = False,
+) -> float:
+    """Token-mean negative log-likelihood of ``data`` (``[T, B]``), sites off.
+
+    ``show_progress``: a bar over the windows on a terminal (a full test set takes minutes).
+    """
     was_training = model.training
     model.eval()
     total, count, state = 0.0, 0, model.init_state(data.shape[1])
+    windows = -(-(data.shape[0] - 1) // bptt)
+    bar = _progress_bar(min(windows, max_batches or windows), 0, not show_progress, "window")
     with torch.no_grad():
         for n, (_, x, y) in enumerate(bptt_batches(data, bptt)):
             if max_batches and n >= max_batches:
                 break
+            bar.update(1)
             logits, state = model(x, state)
             total += float(
                 nn.functional.cross_entropy(
@@ -115,6 +127,7 @@ def evaluate(model: LanguageModel, data: torch.Tensor, bptt: int, max_batches: i
                 )
             )
             count += y.numel()
+    bar.close()
     model.train(was_training)
     return total / count
 
@@ -525,12 +538,12 @@ class _NoBar:
         pass
 
 
-def _progress_bar(total: int, initial: int, disable: bool):
-    """A tqdm bar over steps on a terminal; nothing otherwise (or without tqdm)."""
+def _progress_bar(total: int, initial: int, disable: bool, unit: str = "step"):
+    """A tqdm bar on a terminal; nothing otherwise (or without tqdm)."""
     if disable or not sys.stderr.isatty():
         return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True)
