@@ -75,3 +75,22 @@ def test_convert_keeps_eval_mode():
     assert not converted[1].training
     x = torch.randn(4, 3)
     assert torch.equal(converted(x), converted(x))  # no dropout in eval
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from dropsplit.cli import build_parser
+
+    missing = []
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{prefix} {name}")
+            elif action.help is None:
+                missing.append(f"{prefix} {action.option_strings or action.dest}")
+
+    walk(build_parser(), "dropsplit")
+    assert not missing

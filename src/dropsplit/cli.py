@@ -218,9 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     measure = sub.add_parser("measure", help="both effects of dropout on a trained run")
     measure.add_argument("run", help="run directory")
     measure.add_argument("--batches", type=int, default=2, help="validation batches (default 2)")
-    measure.add_argument("--gap-samples", type=int, default=64)
-    measure.add_argument("--noise-samples", type=int, default=32)
-    measure.add_argument("--seed", type=int, default=0)
+    measure.add_argument(
+        "--gap-samples", type=int, default=64, help="mask draws of the explicit gap per site"
+    )
+    measure.add_argument(
+        "--noise-samples", type=int, default=32, help="draws of each gradient noise (default 32)"
+    )
+    measure.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     measure.add_argument("--out", help="output directory (default RUN/measure)")
     measure.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
     measure.set_defaults(handler=_measure)
@@ -281,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity of a run's best weights")
     ev.add_argument("run", help="run directory")
-    ev.add_argument("--split", choices=("valid", "test"), default="test")
+    ev.add_argument(
+        "--split", choices=("valid", "test"), default="test", help="split (default test)"
+    )
     ev.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
     ev.set_defaults(handler=_eval)
     return parser
