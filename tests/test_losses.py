@@ -38,3 +38,11 @@ def test_per_target_losses_sum_to_the_summed_loss(name):
     logits = torch.randn(6, 4, generator=g)
     targets = loss.sample_targets(logits, g)
     torch.testing.assert_close(loss.per_target(logits, targets).sum(), loss.summed(logits, targets))
+
+
+@pytest.mark.parametrize("bad", [[0, 7], [-1, 0]], ids=["above", "negative"])
+def test_targets_outside_the_classes_are_a_clear_error(bad):
+    from dropsplit.core.losses import get_loss
+
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\)"):
+        get_loss("cross_entropy").check(torch.randn(2, 4), torch.tensor(bad))

@@ -55,7 +55,7 @@ class CrossEntropy(Loss):
 
         Raises:
             TypeError: If the dtypes are wrong.
-            ValueError: If the shapes do not match.
+            ValueError: If the shapes do not match or a target is not in ``[0, C)``.
         """
         if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
             raise TypeError("forward_fn must return tensors (logits, targets[, aux])")
@@ -70,6 +70,13 @@ class CrossEntropy(Loss):
             raise TypeError(f"logits must be floating point, got {logits.dtype}")
         if targets.is_floating_point() or targets.is_complex():
             raise TypeError(f"targets must be integer class indices, got {targets.dtype}")
+        if targets.numel() and targets.device.type == "cpu":  # on a GPU the check would sync
+            low, high = int(targets.min()), int(targets.max())
+            if low < 0 or high >= logits.shape[1]:
+                raise ValueError(
+                    f"targets must be class indices in [0, {logits.shape[1]}), got values "
+                    f"from {low} to {high}"
+                )
 
     def summed(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy over the ``N`` targets."""
