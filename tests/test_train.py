@@ -95,6 +95,8 @@ def test_every_method_trains_through_the_cli(tmp_path, overrides, capsys):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 6 and math.isfinite(summary["test_ppl"])
     assert len(metrics(tmp_path / "run")) == 2
+    if "method.name=rdrop" in overrides or "method.name=fraternal" in overrides:
+        assert all(m["penalty"] > 0 for m in metrics(tmp_path / "run"))
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["progress"]["step"] == 6
     assert load_config(tmp_path / "run" / "config.toml") == tiny(

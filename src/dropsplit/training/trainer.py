@@ -42,7 +42,7 @@ from dropsplit.training.checkpoint import (
 )
 from dropsplit.training.config import Config, check_resumable, to_dict, to_toml
 
-STAT_KEYS = ("explicit", "implicit", "noise")  # the regularizer values averaged into the metrics
+STAT_KEYS = ("explicit", "implicit", "noise", "penalty")  # regularizer values averaged into metrics
 
 
 class Averager:
