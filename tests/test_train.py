@@ -61,6 +61,7 @@ def test_weight_decay_is_coupled_for_adam_and_decoupled_for_adamw(name):
         ["optim.name=ntasgd", "optim.nonmono=1"],
         ["method.name=rdrop", "method.alpha=1.0"],
         ["method.name=fraternal", "method.kappa=0.25"],
+        ["method.name=analytic", "method.explicit_every=2", "method.implicit_every=3"],
     ],
     ids=[
         "none",
@@ -75,6 +76,7 @@ def test_weight_decay_is_coupled_for_adam_and_decoupled_for_adamw(name):
         "ntasgd",
         "rdrop",
         "fraternal",
+        "analytic-lazy",
     ],
 )
 def test_every_method_trains_through_the_cli(tmp_path, overrides, capsys):

@@ -228,10 +228,15 @@ class NoDropout(Method):
 
     def objective(self, model, forward_fn, batch):
         """Clean token-mean loss."""
-        with site_context(model, SiteContext("off")):
-            out = call_forward(forward_fn, model, batch, self.loss)
-        value = mean_loss(out, self.loss)
-        return Objective(value, value, out.aux, {"loss": value.detach()})
+        return clean_objective(model, forward_fn, batch, self.loss)
+
+
+def clean_objective(model: nn.Module, forward_fn: ForwardFn, batch: Any, loss: Loss) -> Objective:
+    """The clean token-mean loss, every site off (no dropout, no gates)."""
+    with site_context(model, SiteContext("off")):
+        out = call_forward(forward_fn, model, batch, loss)
+    value = mean_loss(out, loss)
+    return Objective(value, value, out.aux, {"loss": value.detach()})
 
 
 class DropoutK(Method):
@@ -380,6 +385,12 @@ class Analytic(Method):
             finite-difference explicit term squares one slope per example (much less noise;
             see :mod:`dropsplit.estimators.finite_difference`), e.g.
             :func:`dropsplit.models.awd.sequence_examples`. ``None``: one slope per batch.
+        explicit_every: Lazy regularization (as GANs do for gradient penalties): the explicit
+            term only every ``m``-th step, scaled by ``m``, so its expected gradient per step is
+            unchanged; the other steps skip its passes.
+        implicit_every: The implicit term only every ``m'``-th step, its noise variance scaled by
+            ``m'`` (standard deviation by ``sqrt(m')``), so the noise variance added per unit of
+            training is unchanged.
         **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`.
     """
 
@@ -395,6 +406,8 @@ class Analytic(Method):
         fd_epsilon: float = 0.05,
         hvp_step: float = 1e-3,
         fd_examples=None,
+        explicit_every: int = 1,
+        implicit_every: int = 1,
         **kwargs,
     ) -> None:
         keyword = "curvature"
@@ -425,6 +438,20 @@ class Analytic(Method):
         self.fd_epsilon = float(fd_epsilon)
         self.hvp_step = _check_hvp_step(hvp_step)
         self.fd_examples = fd_examples
+        for name, value in (("explicit_every", explicit_every), ("implicit_every", implicit_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.explicit_every, self.implicit_every = explicit_every, implicit_every
+        self.steps = 0  # objectives taken, for lazy regularization (in the state dict)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The generator state and the step count of lazy regularization."""
+        return {**super().state_dict(), "steps": torch.tensor(self.steps)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict` (a state without a step count restarts it at 0)."""
+        super().load_state_dict(state)
+        self.steps = int(state.get("steps", torch.tensor(0)))
 
     def __repr__(self) -> str:
         return (
@@ -440,13 +467,18 @@ class Analytic(Method):
         """
         self._require(model)
         (gen,) = self.spawn(1, model_device(model))
+        explicit_now = self.curvature is not None and self.steps % self.explicit_every == 0
+        implicit_now = self.implicit and self.steps % self.implicit_every == 0
+        self.steps += 1
+        if not (explicit_now or implicit_now):  # a lazy step with neither term: the clean loss
+            return clean_objective(model, forward_fn, batch, self.loss)
         spec = EstimatorSpec(
             self.loss,
-            self.curvature,
-            self.implicit,
+            self.curvature if explicit_now else None,
+            implicit_now,
             grouping=self.grouping,
-            explicit_scale=self.explicit_scale,
-            implicit_scale=self.implicit_scale,
+            explicit_scale=self.explicit_scale * self.explicit_every,
+            implicit_scale=self.implicit_scale * self.implicit_every,
             hvp_step=self.hvp_step,
             fd_epsilon=self.fd_epsilon,
             fd_examples=self.fd_examples,

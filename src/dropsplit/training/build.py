@@ -47,6 +47,8 @@ def build_method(cfg: MethodConfig, seed: int, columns: int) -> Method:
         fd_epsilon=cfg.fd_epsilon,
         hvp_step=cfg.hvp_step,
         fd_examples=column_examples(columns) if cfg.fd_per_example else None,
+        explicit_every=cfg.explicit_every,
+        implicit_every=cfg.implicit_every,
         seed=seed,
         nonfinite="warn",
     )

@@ -108,6 +108,8 @@ class MethodConfig:
     hvp_step: float = 1e-3
     alpha: float = 0.5
     kappa: float = 0.15
+    explicit_every: int = 1
+    implicit_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,8 @@ POSITIVE = {
     "model.heads",
     "model.context",
     "method.k",
+    "method.explicit_every",
+    "method.implicit_every",
     "optim.lr",
     "train.epochs",
     "train.checkpoint_every",

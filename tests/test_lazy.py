@@ -1,0 +1,70 @@
+"""Lazy regularization: the explicit term every m steps scaled by m, the implicit every m' steps
+with its variance scaled by m' (issue 18's first lever)."""
+
+import pytest
+import torch
+from conftest import PROBLEMS, make_problem
+
+import dropsplit as ds
+from dropsplit.core.forward import trainable_parameters
+
+
+def flat_grad(model):
+    return torch.cat([p.grad.reshape(-1) for p in trainable_parameters(model)])
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+@pytest.mark.parametrize("m", [2, 3])
+def test_lazy_explicit_keeps_the_expected_gradient(name, m):
+    """Deterministic (label curvature, no noise): the gradients of m lazy steps at the same
+    weights sum to m times the every-step gradient."""
+    pb = make_problem(name)
+    ds.Analytic("label", False, seed=0).step(pb.model, pb.forward_fn, pb.batch)
+    every_step = flat_grad(pb.model)
+    lazy = ds.Analytic("label", False, explicit_every=m, seed=0)
+    total = torch.zeros_like(every_step)
+    for _ in range(m):
+        lazy.step(pb.model, pb.forward_fn, pb.batch)
+        total += flat_grad(pb.model)
+    torch.testing.assert_close(total, m * every_step, rtol=1e-10, atol=1e-12)
+
+
+def test_lazy_implicit_scales_the_noise_by_sqrt_m_and_skips_the_rest():
+    """Same draws: on its step the lazy implicit scalar is sqrt(m) times the every-step one, so
+    the variance over m steps is that of m every-step draws; the other steps add no noise."""
+    pb = make_problem("rnn-locked")
+    every = ds.Analytic(None, True, seed=3).step(pb.model, pb.forward_fn, pb.batch).stats
+    lazy = ds.Analytic(None, True, implicit_every=4, seed=3)
+    first = lazy.step(pb.model, pb.forward_fn, pb.batch).stats
+    assert first["implicit"] == pytest.approx(2.0 * every["implicit"], rel=1e-12)
+    for _ in range(3):
+        assert "implicit" not in lazy.step(pb.model, pb.forward_fn, pb.batch).stats
+
+
+def test_lazy_step_count_is_in_the_state_dict():
+    pb = make_problem("mlp-two-sites")
+    method = ds.Analytic("label", True, explicit_every=3, implicit_every=2, seed=1)
+    method.step(pb.model, pb.forward_fn, pb.batch)
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    second = method.step(pb.model, pb.forward_fn, pb.batch).stats
+    method.load_state_dict(state)
+    assert method.step(pb.model, pb.forward_fn, pb.batch).stats == second
+
+
+@pytest.mark.parametrize("value", [0, 1.5, True])
+def test_bad_lazy_intervals(value):
+    with pytest.raises(ValueError, match="explicit_every must be an int >= 1"):
+        ds.Analytic(explicit_every=value)
+
+
+@pytest.mark.parametrize("gradient", ["double-backward", "hvp-difference", "finite-difference"])
+def test_every_gradient_path_takes_lazy_steps(gradient):
+    """On the steps with neither term the estimator gives the clean loss's gradient."""
+    pb = make_problem("rnn-locked")
+    lazy = ds.Analytic("label", True, explicit_every=2, implicit_every=2, gradient=gradient, seed=0)
+    lazy.step(pb.model, pb.forward_fn, pb.batch)
+    skipped = lazy.step(pb.model, pb.forward_fn, pb.batch)
+    assert "explicit" not in skipped.stats and "implicit" not in skipped.stats
+    lazy_grad = flat_grad(pb.model)
+    ds.NoDropout().step(pb.model, pb.forward_fn, pb.batch)
+    torch.testing.assert_close(lazy_grad, flat_grad(pb.model), rtol=1e-6, atol=1e-9)
