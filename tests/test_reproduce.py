@@ -442,3 +442,14 @@ def test_practitioners_table_picks_the_best_strength_and_times_the_reach():
     assert "rdrop-0.5 - Dropout_1 = -0.60" in table and "**clearly better**" in table
     assert "R-Drop: rdrop-0.1: 6.30 (1 seed), rdrop-0.5: 5.50" in table
     assert practitioner_lines({k: v for k, v in groups.items() if "rdrop" not in k}) == []
+
+
+def test_shipped_configs_are_found_outside_a_clone(tmp_path, monkeypatch):
+    """From another directory, configs/... resolves to the copy shipped in the package."""
+    from dropsplit.training.config import find_config
+
+    monkeypatch.chdir(tmp_path)
+    suite = load_suite("configs/paper/suite-char.toml")
+    assert suite.base.name == "base-char.toml" and suite.base.exists()
+    assert load_config("configs/ptb-small.toml").data.corpus == "ptb"
+    assert find_config("configs/nowhere.toml") == Path("configs/nowhere.toml")

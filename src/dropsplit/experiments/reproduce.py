@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dropsplit.data import data_root, ensure_corpus
-from dropsplit.training.config import load_config, string_override
+from dropsplit.training.config import find_config, load_config, string_override
 
 BASE_SEED = 1111
 
@@ -97,7 +97,7 @@ def load_suite(path: str | Path, quick: bool = False, seeds: int | None = None) 
         FileNotFoundError: If the suite or its base config is missing.
         ValueError: If a run is malformed or names repeat.
     """
-    path = Path(path)
+    path = find_config(path)
     if not path.exists():
         raise FileNotFoundError(f"suite file {path} does not exist")
     with path.open("rb") as f:

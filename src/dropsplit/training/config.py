@@ -15,6 +15,7 @@ import tomllib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +327,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, parsed
 
 
+def find_config(path: str | Path) -> Path:
+    """``path`` if it exists, else the copy of ``configs/...`` shipped in the package.
+
+    So ``dropsplit reproduce`` and ``dropsplit train configs/ptb-small.toml`` work outside a clone
+    (after ``pip install dropsplit``) with the paths the README gives.
+    """
+    path = Path(path)
+    if path.exists() or not path.parts or path.parts[0] != "configs":
+        return path
+    shipped = Path(str(resources.files("dropsplit").joinpath(*path.parts)))
+    return shipped if shipped.exists() else path
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load a TOML config and apply ``section.key=value`` overrides.
 
@@ -338,7 +352,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = find_config(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
