@@ -94,3 +94,15 @@ def test_every_option_has_help():
 
     walk(build_parser(), "dropsplit")
     assert not missing
+
+
+@pytest.mark.parametrize(
+    "argv", [["nope"], ["train", "--bogus"], ["data", "fetch", "mnist"]], ids=str
+)
+def test_unknown_subcommands_options_and_corpora_exit_2_with_a_usage_line(argv, capsys):
+    from dropsplit.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "error:" in err and "Traceback" not in err

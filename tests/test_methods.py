@@ -211,8 +211,9 @@ def test_no_dropout_runs_on_a_model_without_sites():
     [
         ((torch.randn(4, 3), torch.randint(0, 2, (5,))), ValueError, "targets must have shape"),
         ((torch.randn(4, 3), torch.rand(4)), TypeError, "integer class indices"),
+        ((torch.randn(4, 3), torch.tensor([0, 1, 2, 1])), ValueError, r"class indices in \[0, 2\)"),
     ],
-    ids=["length", "float-targets"],
+    ids=["length", "float-targets", "target-out-of-range"],
 )
 def test_mismatched_logits_and_targets(batch, error, match):
     pb = make_problem("mlp-head")
@@ -286,3 +287,25 @@ def test_batch_duplication_without_batch_dim_matches_the_loop():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_non_floating_logits_are_a_type_error():
+    model = nn.Linear(3, 2)
+    sited = nn.Sequential(model, ds.Dropout(0.5))
+
+    def integer_logits(m, batch):
+        return m(batch[0]).long(), batch[1]
+
+    with pytest.raises(TypeError, match="logits must be floating point"):
+        ds.DropoutK(1).step(sited, integer_logits, (torch.randn(4, 3), torch.randint(0, 2, (4,))))
+
+
+@pytest.mark.parametrize("name", ["no-dropout", "dropout-1", "analytic-sampled"])
+def test_half_precision_on_the_cpu_runs_the_exact_paths(name):
+    """float16 on the CPU: every op of the exact paths has a kernel (torch 2.13), so they run;
+    the difference estimators refuse it instead (test_hvp_difference)."""
+    pb = make_problem("mlp-two-sites")
+    pb.model.half()
+    x, y = pb.batch
+    result = METHODS[name]().step(pb.model, pb.forward_fn, (x.half(), y))
+    assert math.isfinite(result.loss)
