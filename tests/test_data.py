@@ -129,3 +129,16 @@ def test_variable_bptt_lengths_follow_awd():
     lengths = torch.tensor([data.sequence_length(70, True, g) for _ in range(4000)]).double()
     assert lengths.min() >= 5
     assert 64 < lengths.mean() < 70  # N(70, 5), halved 5% of the time
+
+
+@pytest.mark.parametrize(
+    "payload, match",
+    [(b"garbage", "Not a gzipped file"), (None, "end-of-stream")],
+    ids=["not-gzip", "truncated-gzip"],
+)
+def test_corrupt_or_truncated_gzip_is_explained_with_the_fix(tmp_path, payload, match):
+    (tmp_path / "tinyshakespeare").mkdir()
+    target = tmp_path / "tinyshakespeare" / "input.txt.gz"
+    target.write_bytes(payload or gzip.compress(b"x" * 10_000)[:100])
+    with pytest.raises(ValueError, match=f"{match}.*dropsplit data fetch tinyshakespeare"):
+        data.load_corpus("tinyshakespeare", tmp_path, download=False)

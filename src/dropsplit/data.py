@@ -83,15 +83,17 @@ def read_text(root: Path, relative: str) -> str:
             f"missing corpus file {path}; the data directory must hold {relative} "
             "(see shared/data/README.md)"
         )
+    refetch = f"`dropsplit data fetch {relative.split('/')[0]} --to {root}` replaces it"
     try:
         raw = gzip.decompress(path.read_bytes())
     except (OSError, EOFError) as err:
-        raise ValueError(f"corrupt corpus file {path}: {err}") from err
+        raise ValueError(f"corrupt corpus file {path} ({err}): {refetch}") from err
     digest = hashlib.sha256(raw).hexdigest()
     expected = CHECKSUMS[relative]
     if digest != expected:
         raise ValueError(
-            f"corrupt corpus file {path}: sha256 {digest} does not match the expected {expected}"
+            f"corrupt corpus file {path}: sha256 {digest} does not match the expected "
+            f"{expected}; {refetch}"
         )
     return raw.decode("utf-8")
 
