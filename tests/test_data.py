@@ -139,6 +139,6 @@ def test_variable_bptt_lengths_follow_awd():
 def test_corrupt_or_truncated_gzip_is_explained_with_the_fix(tmp_path, payload, match):
     (tmp_path / "tinyshakespeare").mkdir()
     target = tmp_path / "tinyshakespeare" / "input.txt.gz"
-    target.write_bytes(payload or gzip.compress(b"x" * 10_000)[:100])
+    target.write_bytes(payload or gzip.compress(os.urandom(10_000))[:100])
     with pytest.raises(ValueError, match=f"{match}.*dropsplit data fetch tinyshakespeare"):
         data.load_corpus("tinyshakespeare", tmp_path, download=False)
