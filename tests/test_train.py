@@ -369,12 +369,20 @@ def test_five_kill_9s_at_random_moments_then_resume_give_identical_metrics(tmp_p
     import random
 
     cmd = [sys.executable, "-m", "dropsplit", "train", str(TINY)]
-    for kv in ("train.max_steps=1200", "train.eval_every=40", "train.checkpoint_every=7"):
+    for kv in (
+        "train.epochs=5",
+        "train.max_steps=2500",
+        "train.eval_every=40",
+        "train.checkpoint_every=7",
+    ):
         cmd += ["--set", kv]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd + ["--out", str(tmp_path / "a")], check=True, env=env, capture_output=True)
     out, ckpt, rng = tmp_path / "b", tmp_path / "b" / "checkpoint.pt", random.Random(5)
-    for _ in range(5):
+    # the first kill during start-up (before any checkpoint), then at random steps: the kill
+    # follows the step's checkpoint by a random 0-20 ms, so it may land inside the next write
+    targets = [None, *sorted(rng.sample(range(30, 1500), 4))]
+    for target in targets:
         resume = ["--resume"] if ckpt.exists() else []
         proc = subprocess.Popen(
             cmd + ["--out", str(out), *resume],
@@ -382,10 +390,21 @@ def test_five_kill_9s_at_random_moments_then_resume_give_identical_metrics(tmp_p
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rng.uniform(1.0, 2.5))  # startup takes about a second: early kills too
+        if target is None:
+            time.sleep(rng.uniform(0.2, 0.6))
+        else:
+            deadline = time.time() + 120
+            while proc.poll() is None and time.time() < deadline:
+                if (
+                    ckpt.exists()
+                    and torch.load(ckpt, weights_only=True)["progress"]["step"] >= target
+                ):
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.02))
+        assert proc.poll() is None  # still training when killed
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert not (out / "summary.json").exists()  # killed while training
         if ckpt.exists():
             torch.load(ckpt, weights_only=True)  # whole, never half-written
     resume = ["--resume"] if ckpt.exists() else []
