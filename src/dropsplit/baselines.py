@@ -34,8 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropsplit.core.forward import ForwardFn, ForwardOutput, call_forward, mean_loss, model_device
-from dropsplit.core.sites import SiteContext, site_context
+from dropsplit.core.forward import ForwardFn, ForwardOutput, mean_loss, model_device
 from dropsplit.methods import Method, Objective
 
 PENALTY_CURVATURE = {"rdrop": "exact", "fraternal": "identity"}  # the lambda R each one tracks
@@ -78,11 +77,7 @@ class _TwoPasses(Method):
 
     def passes(self, model: nn.Module, forward_fn: ForwardFn, batch: Any) -> list[ForwardOutput]:
         """Two forwards of ``batch``, each with its own fresh masks (the method's draws)."""
-        outs = []
-        for g in self.spawn(2, model_device(model)):
-            with site_context(model, SiteContext("sample", [g])):
-                outs.append(call_forward(forward_fn, model, batch, self.loss))
-        return outs
+        return self.sampled_passes(model, forward_fn, batch, self.spawn(2, model_device(model)))
 
     def objective(self, model, forward_fn, batch):
         """Mean of the two dropout losses plus the penalty; aux of the second pass."""

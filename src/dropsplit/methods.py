@@ -20,6 +20,7 @@ from torch import nn
 from dropsplit.core.explicit import CURVATURES
 from dropsplit.core.forward import (
     ForwardFn,
+    ForwardOutput,
     call_forward,
     mean_loss,
     model_device,
@@ -220,6 +221,16 @@ class Method:
         if self.needs_sites:
             require_sites(model, type(self).__name__)
 
+    def sampled_passes(
+        self, model: nn.Module, forward_fn: ForwardFn, batch: Any, generators: list
+    ) -> list[ForwardOutput]:
+        """One forward of ``batch`` per generator, each with that generator's fresh masks."""
+        outs = []
+        for g in generators:
+            with site_context(model, SiteContext("sample", [g])):
+                outs.append(call_forward(forward_fn, model, batch, self.loss))
+        return outs
+
 
 class NoDropout(Method):
     """Plain training: every site is off and the objective is the clean loss."""
@@ -307,12 +318,9 @@ class DropoutK(Method):
         """Mean dropout loss over ``len(generators)`` replicas, one mask set per generator."""
         k = len(generators)
         if self.implementation == "loop" or k == 1:
-            losses = []
-            for g in generators:
-                with site_context(model, SiteContext("sample", [g])):
-                    out = call_forward(forward_fn, model, batch, self.loss)
-                losses.append(mean_loss(out, self.loss))
-            return torch.stack(losses).mean(), out.aux
+            outs = self.sampled_passes(model, forward_fn, batch, generators)
+            losses = [mean_loss(out, self.loss) for out in outs]
+            return torch.stack(losses).mean(), outs[-1].aux
         dim = site_batch_dim(model) if self.batch_dim is None else self.batch_dim
         tiled = self.tile(batch, k) if self.tile else tile_batch(batch, k, dim)
         with site_context(model, SiteContext("sample", generators)):

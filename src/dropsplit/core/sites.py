@@ -392,9 +392,8 @@ def site_batch_dim(model: nn.Module) -> int:
     """
     dims = set()
     for s in sites(model):
-        if isinstance(s, Dropout):
-            first_free = next(d for d in range(len(s.shared_dims) + 1) if d not in s.shared_dims)
-            dims.add(first_free if s.batch_dim is None else s.batch_dim)
+        if isinstance(s, Dropout):  # one more dim than shared ones leaves the first free one
+            dims.add(s.batch_dim_of(len(s.shared_dims) + 1) if s.batch_dim is None else s.batch_dim)
     if len(dims) > 1:
         raise ValueError(
             f"the model's dropout sites use batch dimensions {sorted(dims)}: give "

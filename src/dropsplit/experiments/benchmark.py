@@ -116,7 +116,18 @@ def build(size: str, model: str = "lstm") -> AWDLSTM | QRNNLM | TransformerLM:
     if model == "transformer":
         width, mlp, blocks, heads = TRANSFORMER_SIZES[size]
         return TransformerLM(
-            cfg["vocab"], width, blocks, heads, 2 * cfg["bptt"], mlp, *(0.2,) * 5, p_output=0.0
+            cfg["vocab"],
+            width,
+            blocks,
+            heads,
+            2 * cfg["bptt"],
+            mlp,
+            p_input=0.2,
+            p_attention=0.2,
+            p_attn_out=0.2,
+            p_mlp_hidden=0.2,
+            p_mlp_out=0.2,
+            p_output=0.0,
         )
     return AWDLSTM(*sizes)
 

@@ -17,6 +17,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 NOT_RUN, FINDING = "not run", "finding"
@@ -49,6 +50,11 @@ class Stat:
         if self.n == 1:
             return f"{self.mean:.{digits}f} (1 seed)"
         return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} ({self.n})"
+
+
+def stat(runs: list[Any], key: str = "best_val_ppl") -> Stat:
+    """Mean and spread of a summary field over the seeds of a run (``run.summary[key]``)."""
+    return Stat([float(r.summary[key]) for r in runs])
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from dropsplit.experiments.claims import Comparison, Stat
+from dropsplit.experiments.claims import Comparison, stat
 
 # run name (or prefix, for a grid) -> (label, benchmark row of its step cost)
 ROWS = {
@@ -28,11 +28,7 @@ ROWS = {
 def _best_of(groups: dict[str, list[Any]], prefix: str) -> str | None:
     names = [n for n in groups if n.startswith(prefix)] if prefix.endswith("-") else [prefix]
     names = [n for n in names if n in groups]
-    return min(names, key=lambda n: _stat(groups[n]).mean) if names else None
-
-
-def _stat(runs: list[Any], key: str = "best_val_ppl") -> Stat:
-    return Stat([float(r.summary[key]) for r in runs])
+    return min(names, key=lambda n: stat(groups[n]).mean) if names else None
 
 
 def first_reaching(run: Any, target: float) -> dict[str, float] | None:
@@ -63,7 +59,7 @@ def practitioner_lines(
     if chosen["dropout-1"] is None or (chosen["rdrop-"] is None and chosen["fraternal-"] is None):
         return []
     step_costs = step_costs or {}
-    reference = _stat(groups["dropout-1"])
+    reference = stat(groups["dropout-1"])
     target = reference.mean
     lines = [
         "",
@@ -90,7 +86,7 @@ def practitioner_lines(
         shown = label if key == name else runs[0].label
         steps, equivalents, minutes = _reach_text(runs, target, cost)
         cost_text = "-" if cost is None else f"{cost:.2f}"
-        val, test = _stat(runs), _stat(runs, "test_ppl")
+        val, test = stat(runs), stat(runs, "test_ppl")
         lines.append(
             f"| {shown} | {val.text()} | {test.text()} | {cost_text} | {steps} | "
             f"{equivalents} | {minutes} |"
@@ -106,6 +102,6 @@ def practitioner_lines(
             (n for n in groups if n.startswith(prefix)), key=lambda n: float(n[len(prefix) :])
         )
         if grid:
-            cells = ", ".join(f"{groups[n][0].label}: {_stat(groups[n]).text()}" for n in grid)
+            cells = ", ".join(f"{groups[n][0].label}: {stat(groups[n]).text()}" for n in grid)
             lines.append(f"- {ROWS[prefix][0]}: {cells}")
     return lines

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dropsplit.experiments.claims import CLAIMS, Stat, judge_claims
+from dropsplit.experiments.claims import CLAIMS, Stat, judge_claims, stat
 from dropsplit.experiments.practice import practitioner_lines
 from dropsplit.optional import require
 
@@ -97,11 +97,6 @@ def by_name(runs: list[Run]) -> dict[str, list[Run]]:
     for run in runs:
         out.setdefault(run.name, []).append(run)
     return out
-
-
-def stat(runs: list[Run], key: str = "best_val_ppl") -> Stat:
-    """Mean and spread of a summary field over seeds."""
-    return Stat([float(r.summary[key]) for r in runs])
 
 
 def summary_rows(groups: dict[str, list[Run]]) -> list[dict[str, Any]]:
