@@ -60,7 +60,7 @@ def penalty_ratio(kind, method, q, pairs, seed=0):
     with torch.no_grad():
         draws = torch.stack(
             [
-                m.penalty(*(o.logits for o in m.passes(model, forward_fn, batch)))
+                m.strength * m.penalty(*(o.logits for o in m.passes(model, forward_fn, batch)))
                 for _ in range(pairs)
             ]
         )
@@ -110,14 +110,16 @@ def test_penalties_equal_torch_formulas():
     p1, p2 = z1.log_softmax(-1), z2.log_softmax(-1)
     kl12 = F.kl_div(p2, p1, log_target=True, reduction="batchmean")  # KL(p1 || p2)
     kl21 = F.kl_div(p1, p2, log_target=True, reduction="batchmean")
-    torch.testing.assert_close(ds.RDrop(0.7).penalty(z1, z2), 0.7 * (kl12 + kl21) / 2)
-    torch.testing.assert_close(ds.Fraternal(0.3).penalty(z1, z2), 0.3 * F.mse_loss(z1, z2))
+    # without the strength factor, as stats["penalty"] reports it (the API's convention)
+    torch.testing.assert_close(ds.RDrop(0.7).penalty(z1, z2), (kl12 + kl21) / 2)
+    torch.testing.assert_close(ds.Fraternal(0.3).penalty(z1, z2), F.mse_loss(z1, z2))
 
 
 @pytest.mark.parametrize("method", ["rdrop", "fraternal"])
 @pytest.mark.parametrize("name", ["mlp-two-sites", "rnn-locked"])
 def test_step_is_the_gradient_of_the_two_pass_objective(name, method):
-    """The step's gradient equals autograd of (CE1 + CE2) / 2 + penalty with the same masks."""
+    """The step's gradient equals autograd of (CE1 + CE2) / 2 + strength * penalty with the same
+    masks; stats["penalty"] is the penalty without its factor."""
     pb = make_problem(name)
     make = lambda: METHODS[method](0.8, seed=3)  # noqa: E731
     result = make().step(pb.model, pb.forward_fn, pb.batch)
@@ -129,12 +131,12 @@ def test_step_is_the_gradient_of_the_two_pass_objective(name, method):
     ) / 2
     penalty = replay.penalty(first.logits, second.logits)
     params = [p for p in pb.model.parameters() if p.requires_grad]
-    expected = torch.autograd.grad(ce + penalty, params)
+    expected = torch.autograd.grad(ce + 0.8 * penalty, params)
     for p, g in zip(params, expected, strict=True):
         torch.testing.assert_close(p.grad, g)
     assert result.stats["penalty"] == pytest.approx(float(penalty.detach()))
     assert result.stats["loss"] == pytest.approx(float(ce.detach()))
-    assert result.stats["objective"] == pytest.approx(float((ce + penalty).detach()))
+    assert result.stats["objective"] == pytest.approx(float((ce + 0.8 * penalty).detach()))
 
 
 @pytest.mark.parametrize("method", ["rdrop", "fraternal"])

@@ -63,7 +63,10 @@ def matching_strength(method: str, scale: float = 1.0) -> float:
 
 
 class _TwoPasses(Method):
-    """Two dropout passes with independent masks; loss = their mean CE + ``penalty(z1, z2)``."""
+    """Two dropout passes with independent masks; loss = mean CE + strength * ``penalty(z1, z2)``.
+
+    ``stats["penalty"]`` is the penalty without its strength factor (the API's convention).
+    """
 
     def __init__(self, strength: float, name: str, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -72,7 +75,7 @@ class _TwoPasses(Method):
         self.strength = float(strength)
 
     def penalty(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """The disagreement penalty of two logit tensors ``[N, C]``, strength included."""
+        """The disagreement of two logit tensors ``[N, C]``, without the strength factor."""
         raise NotImplementedError
 
     def passes(self, model: nn.Module, forward_fn: ForwardFn, batch: Any) -> list[ForwardOutput]:
@@ -80,13 +83,13 @@ class _TwoPasses(Method):
         return self.sampled_passes(model, forward_fn, batch, self.spawn(2, model_device(model)))
 
     def objective(self, model, forward_fn, batch):
-        """Mean of the two dropout losses plus the penalty; aux of the second pass."""
+        """Mean of the two dropout losses plus strength x penalty; aux of the second pass."""
         self._require(model)
         first, second = self.passes(model, forward_fn, batch)
         loss = (mean_loss(first, self.loss) + mean_loss(second, self.loss)) / 2
         penalty = self.penalty(first.logits, second.logits)
         stats = {"loss": loss.detach(), "penalty": penalty.detach()}
-        return Objective(loss + penalty, loss, second.aux, stats)
+        return Objective(loss + self.strength * penalty, loss, second.aux, stats)
 
 
 class RDrop(_TwoPasses):
@@ -116,10 +119,10 @@ class RDrop(_TwoPasses):
         return f"RDrop(alpha={self.alpha})"
 
     def penalty(self, first, second):
-        """``alpha * mean_n sum_c (p1 - p2)(log p1 - log p2) / 2`` (the symmetric KL / 2)."""
+        """``mean_n sum_c (p1 - p2)(log p1 - log p2) / 2``: the symmetric KL / 2 per target."""
         log1, log2 = first.log_softmax(-1), second.log_softmax(-1)
         symmetric = ((log1.exp() - log2.exp()) * (log1 - log2)).sum(-1)
-        return self.alpha * symmetric.mean() / 2
+        return symmetric.mean() / 2
 
 
 class Fraternal(_TwoPasses):
@@ -143,5 +146,5 @@ class Fraternal(_TwoPasses):
         return f"Fraternal(kappa={self.kappa})"
 
     def penalty(self, first, second):
-        """``kappa * mean (z1 - z2)^2``."""
-        return self.kappa * (first - second).pow(2).mean()
+        """``mean (z1 - z2)^2`` over targets and classes."""
+        return (first - second).pow(2).mean()
