@@ -8,6 +8,7 @@ import os
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from dropsplit.fetch import CORPUS_NAMES, FetchError
 
@@ -229,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
     measure.set_defaults(handler=_measure)
 
+    _add_suite_commands(sub)
+    _add_data_and_run_commands(sub)
+    return parser
+
+
+def _add_suite_commands(sub: Any) -> None:
+    """``reproduce`` and ``report``: the paper's suite and its report."""
     rep = sub.add_parser(
         "reproduce", help="train the paper's experiment suite (resumable) and write the report"
     )
@@ -266,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(handler=_report)
 
+
+def _add_data_and_run_commands(sub: Any) -> None:
+    """``bench``, ``data`` and ``eval``."""
     # `dropsplit bench ...` is handed to dropsplit.experiments.benchmark whole (see main)
     sub.add_parser("bench", help="time and memory per step of every method (see --help)")
 
@@ -290,7 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
     ev.set_defaults(handler=_eval)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
