@@ -113,7 +113,7 @@ def test_resume_gives_identical_metrics(tmp_path, model):
     resumed = train(config, tmp_path / "b", resume=True)
     assert resumed["best_val_loss"] == straight["best_val_loss"]
     a, b = ((tmp_path / r / "metrics.jsonl").read_text().splitlines() for r in "ab")
-    drop = {"seconds", "tokens_per_second"}
+    drop = {"seconds", "cpu_seconds", "tokens_per_second"}
     assert [{k: v for k, v in json.loads(x).items() if k not in drop} for x in a] == [
         {k: v for k, v in json.loads(x).items() if k not in drop} for x in b
     ]

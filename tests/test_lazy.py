@@ -1,5 +1,5 @@
 """Lazy regularization: the explicit term every m steps scaled by m, the implicit every m' steps
-with its variance scaled by m' (issue 18's first lever)."""
+with its variance scaled by m' (issue 18's first lever); and the schedule's start_step."""
 
 import pytest
 import torch
@@ -68,3 +68,24 @@ def test_every_gradient_path_takes_lazy_steps(gradient):
     lazy_grad = flat_grad(pb.model)
     ds.NoDropout().step(pb.model, pb.forward_fn, pb.batch)
     torch.testing.assert_close(lazy_grad, flat_grad(pb.model), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_steps_before_the_start_are_clean_and_the_terms_start_on_time(name):
+    """start_step=2 with explicit_every=2: clean, clean, then the analytic step (the same
+    gradient as an every-step method: label curvature, no noise), clean, analytic."""
+    pb = make_problem(name)
+    ds.NoDropout().step(pb.model, pb.forward_fn, pb.batch)
+    clean = flat_grad(pb.model)
+    ds.Analytic("label", False, seed=0).step(pb.model, pb.forward_fn, pb.batch)
+    analytic = flat_grad(pb.model)
+    scheduled = ds.Analytic("label", False, explicit_every=2, start_step=2, seed=0)
+    for expected in (clean, clean, 2 * analytic - clean, clean, 2 * analytic - clean):
+        scheduled.step(pb.model, pb.forward_fn, pb.batch)
+        torch.testing.assert_close(flat_grad(pb.model), expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("value", [-1, 2.0, True])
+def test_bad_start_step(value):
+    with pytest.raises(ValueError, match="start_step must be an int >= 0"):
+        ds.Analytic(start_step=value)

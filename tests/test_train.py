@@ -16,7 +16,7 @@ from dropsplit.training.trainer import Averager, build_optimizer, train
 
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "synthetic-tiny.toml"
-TIMING = {"seconds", "tokens_per_second"}
+TIMING = {"seconds", "cpu_seconds", "tokens_per_second"}
 
 
 def metrics(run):
@@ -62,6 +62,7 @@ def test_weight_decay_is_coupled_for_adam_and_decoupled_for_adamw(name):
         ["method.name=rdrop", "method.alpha=1.0"],
         ["method.name=fraternal", "method.kappa=0.25"],
         ["method.name=analytic", "method.explicit_every=2", "method.implicit_every=3"],
+        ["method.name=analytic", "method.start_step=3", "method.explicit_every=2"],
     ],
     ids=[
         "none",
@@ -77,6 +78,7 @@ def test_weight_decay_is_coupled_for_adam_and_decoupled_for_adamw(name):
         "rdrop",
         "fraternal",
         "analytic-lazy",
+        "analytic-scheduled",
     ],
 )
 def test_every_method_trains_through_the_cli(tmp_path, overrides, capsys):
@@ -347,6 +349,24 @@ def test_an_output_path_that_is_a_file_is_one_clear_error(tmp_path):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(ValueError, match="cannot be a run directory"):
         train(tiny("train.max_steps=2"), tmp_path / "out")
+
+
+def test_an_unwritable_output_directory_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    # as root (CI, containers) chmod cannot make a directory unwritable: ask os.access instead
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if p == tmp_path else real_access(p, mode)
+    )
+    assert main(["train", str(TINY), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is not writable" in capsys.readouterr().err
+
+
+def test_timings_record_cpu_time_threads_and_machine(tmp_path):
+    summary = train(tiny("train.max_steps=4", "train.eval_every=2"), tmp_path / "r")
+    assert summary["threads"] == torch.get_num_threads() and summary["machine"]
+    assert 0 < summary["train_cpu_seconds"]
+    lines = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < lines[0]["cpu_seconds"] < lines[1]["cpu_seconds"] == summary["train_cpu_seconds"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -399,6 +399,11 @@ class Analytic(Method):
         implicit_every: The implicit term only every ``m'``-th step, its noise variance scaled by
             ``m'`` (standard deviation by ``sqrt(m')``), so the noise variance added per unit of
             training is unchanged.
+        start_step: A schedule: clean steps (no regularization, the cost of a
+            :class:`NoDropout` step) before this step, the analytic terms from it on (lazy
+            intervals counted from it). Early in training the model underfits and regularizing
+            buys nothing (on the character-level suite no dropout learns fastest for its first
+            600 steps); the regularizers matter only once it starts to overfit.
         **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`.
     """
 
@@ -416,6 +421,7 @@ class Analytic(Method):
         fd_examples=None,
         explicit_every: int = 1,
         implicit_every: int = 1,
+        start_step: int = 0,
         **kwargs,
     ) -> None:
         keyword = "curvature"
@@ -450,6 +456,9 @@ class Analytic(Method):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.explicit_every, self.implicit_every = explicit_every, implicit_every
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
+        self.start_step = start_step
         self.steps = 0  # objectives taken, for lazy regularization (in the state dict)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -475,10 +484,11 @@ class Analytic(Method):
         """
         self._require(model)
         (gen,) = self.spawn(1, model_device(model))
-        explicit_now = self.curvature is not None and self.steps % self.explicit_every == 0
-        implicit_now = self.implicit and self.steps % self.implicit_every == 0
+        since = self.steps - self.start_step
+        explicit_now = self.curvature is not None and since % self.explicit_every == 0
+        implicit_now = self.implicit and since % self.implicit_every == 0
         self.steps += 1
-        if not (explicit_now or implicit_now):  # a lazy step with neither term: the clean loss
+        if since < 0 or not (explicit_now or implicit_now):  # before the start, or a lazy step
             return clean_objective(model, forward_fn, batch, self.loss)
         spec = EstimatorSpec(
             self.loss,

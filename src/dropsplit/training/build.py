@@ -49,6 +49,7 @@ def build_method(cfg: MethodConfig, seed: int, columns: int) -> Method:
         fd_examples=column_examples(columns) if cfg.fd_per_example else None,
         explicit_every=cfg.explicit_every,
         implicit_every=cfg.implicit_every,
+        start_step=cfg.start_step,
         seed=seed,
         nonfinite="warn",
     )

@@ -88,7 +88,8 @@ class MethodConfig:
     """Which gradient maker, with its options (see :mod:`dropsplit.methods`).
 
     ``name``: ``"none"``, ``"dropout"`` (``k``, ``noise``, ``implementation``), ``"analytic"``
-    (``curvature``, ``implicit``, scales, ``gradient``), ``"rdrop"`` (``alpha``) or
+    (``curvature``, ``implicit``, scales, ``gradient``, the lazy intervals ``explicit_every`` /
+    ``implicit_every`` and the schedule's ``start_step``), ``"rdrop"`` (``alpha``) or
     ``"fraternal"`` (``kappa``) of :mod:`dropsplit.baselines`.
 
     The choices of each key come from the library's own constants (:data:`CHOICES`).
@@ -111,6 +112,7 @@ class MethodConfig:
     kappa: float = 0.15
     explicit_every: int = 1
     implicit_every: int = 1
+    start_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,7 @@ POSITIVE = {
 NON_NEGATIVE = {
     "method.alpha",
     "method.kappa",
+    "method.start_step",
     "train.max_steps",
     "train.eval_every",
     "train.max_eval_batches",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import sys
 import time
 import warnings
@@ -147,6 +148,7 @@ class Progress:
     skipped: int = 0
     loss_ema: float = 0.0
     train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0  # process CPU time of the steps (CPU / wall shows contention)
     train_tokens: int = 0
     evaluated_step: int = -1
 
@@ -337,6 +339,7 @@ class Trainer:
             "averaging": averager.active,
             "skipped": progress.skipped,
             "seconds": progress.train_seconds,
+            "cpu_seconds": progress.train_cpu_seconds,
             "tokens_per_second": progress.train_tokens / max(progress.train_seconds, 1e-9),
         }
         record.update({k: v / count for k, v in progress.stat_sums.items()})
@@ -357,7 +360,7 @@ class Trainer:
     def step(self, start: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """One step of the method on window ``x -> y`` beginning at ``start``, guarded."""
         config, progress = self.config, self.progress
-        tick = time.perf_counter()
+        tick, cpu_tick = time.perf_counter(), time.process_time()
         if self.state is None:
             self.state = self.model.init_state(config.data.batch_size)
         if config.optim.name not in ("adam", "adamw"):  # AWD: lr scales with the window length
@@ -383,6 +386,7 @@ class Trainer:
                 result.loss if progress.step == 1 else 0.9 * progress.loss_ema + 0.1 * result.loss
             )
         progress.train_seconds += time.perf_counter() - tick
+        progress.train_cpu_seconds += time.process_time() - cpu_tick
         progress.train_tokens += x.numel() * self.world
         self.bar.update(1)
         if progress.step % config.train.log_every == 0:
@@ -517,9 +521,25 @@ def _summary(config, model, out, test_data, progress, dry_run, device) -> dict[s
         "steps": progress.step,
         "skipped_steps": progress.skipped,
         "train_seconds": progress.train_seconds,
+        "train_cpu_seconds": progress.train_cpu_seconds,
+        "threads": torch.get_num_threads(),
+        "machine": machine_description(device),
         "seconds_per_step": progress.train_seconds / max(progress.step, 1),
         "tokens_per_second": progress.train_tokens / max(progress.train_seconds, 1e-9),
     }
+
+
+def machine_description(device: torch.device | str) -> str:
+    """The processor (or GPU) and core count, recorded beside a run's timings."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text().splitlines()
+        models = [line for line in lines if line.startswith("model name")]
+        name = models[0].split(":", 1)[1].strip() if models else name
+    return f"{name}, {os.cpu_count()} logical cores"
 
 
 def _log(rank: int, message: str) -> None:
