@@ -22,6 +22,7 @@ from typing import Any
 
 from dropsplit.experiments.claims import CLAIMS, Stat, judge_claims, stat
 from dropsplit.experiments.practice import practitioner_lines
+from dropsplit.experiments.time_to_quality import plot_time_to_quality, time_to_quality_lines
 from dropsplit.optional import require
 
 COPIED = ("run.json", "summary.json", "metrics.jsonl", "measure/measure.json")
@@ -344,6 +345,9 @@ def write_report(
         costs_path.write_text(json.dumps(step_costs, indent=2, sort_keys=True) + "\n")
     costs = json.loads(costs_path.read_text()) if costs_path.exists() else None
     lines += practitioner_lines(groups, costs)
+    lines += time_to_quality_lines(
+        groups, costs or {}, plot_time_to_quality(groups, costs or {}, out)
+    )
     lines += [
         "",
         "## All runs",

@@ -1,0 +1,276 @@
+"""Time to quality: how soon each run first reaches Dropout_1's best validation perplexity.
+
+A user buys a regularizer by how soon it gives a model at least as good as dropout's, not by its
+step cost. For each run: the first evaluation at or below Dropout_1's best validation perplexity
+(mean over Dropout_1's seeds), in steps, in *dropout-step equivalents* (the sum of the
+benchmarked step-cost ratios of the steps taken: a lazy or scheduled run mixes clean, partial and
+full analytic steps) and in wall time, the latter only from clean timings (:func:`clean_timing`).
+Dropout_1's own time to that quality is each seed's time to its own best evaluation. The verdict
+lines give each analytic run's ratio to it with the spread over seeds.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from dropsplit.experiments.claims import Comparison, Stat, stat
+from dropsplit.experiments.practice import first_reaching
+from dropsplit.optional import require
+
+MIN_CPU_SHARE = 0.95  # CPU time / wall time of a one-thread run that had its core to itself
+FIGURE = "fig11_time_to_quality.png"
+# kind of step -> benchmark row of its cost (`dropsplit bench --size char`, ratios to DropoutK(1))
+STEP_ROWS = {
+    "clean": "NoDropout",
+    "both": "Analytic(sampled, implicit) HVP",
+    "explicit": "Analytic(sampled) HVP",
+    "implicit": "Analytic(implicit only) HVP",
+}
+
+
+def _curvature(method: dict[str, Any]) -> str | None:
+    # runs saved before the key was renamed call it "explicit"
+    return method.get("curvature", method.get("explicit"))
+
+
+def step_kind(method: dict[str, Any], step: int) -> str:
+    """Which terms an analytic run's step ``step`` (0-based) takes.
+
+    The lazy intervals and the schedule's start as :class:`~dropsplit.methods.Analytic` applies
+    them: ``"clean"``, ``"both"``, ``"explicit"`` or ``"implicit"``.
+    """
+    since = step - method.get("start_step", 0)
+    explicit = _curvature(method) is not None and since % method.get("explicit_every", 1) == 0
+    implicit = method.get("implicit", True) and since % method.get("implicit_every", 1) == 0
+    if since < 0 or not (explicit or implicit):
+        return "clean"
+    return "both" if explicit and implicit else "explicit" if explicit else "implicit"
+
+
+def dropout_step_equivalents(
+    config: dict[str, Any], steps: int, costs: dict[str, float]
+) -> float | None:
+    """Cost of a run's first ``steps`` steps in Dropout_1 steps (``None``: no benchmark row).
+
+    Dropout_k costs its ``"DropoutK(k) loop"`` row (1 for k = 1), no dropout ``"NoDropout"``, an
+    HVP-difference analytic run the sum of its steps' rows (:data:`STEP_ROWS`).
+    """
+    method = config["method"]
+    name = method["name"]
+    if name == "dropout" and method.get("noise", "none") == "none":
+        row = "DropoutK(1)" if method["k"] == 1 else f"DropoutK({method['k']}) loop"
+        return steps * costs[row] if row in costs else None
+    if name == "none":
+        return steps * costs["NoDropout"] if "NoDropout" in costs else None
+    if name != "analytic" or method.get("gradient") != "hvp-difference":
+        return None
+    if _curvature(method) not in ("sampled", None):
+        return None
+    counts = dict.fromkeys(STEP_ROWS, 0)
+    for step in range(steps):
+        counts[step_kind(method, step)] += 1
+    if any(n and STEP_ROWS[kind] not in costs for kind, n in counts.items()):
+        return None
+    return sum(n * costs[STEP_ROWS[kind]] for kind, n in counts.items() if n)
+
+
+def clean_timing(summary: dict[str, Any]) -> bool:
+    """Whether a run's wall times measure its own work.
+
+    One thread, and its steps' CPU time at least :data:`MIN_CPU_SHARE` of their wall time (a
+    shared or paused core lowers the share).
+    """
+    cpu, wall = summary.get("train_cpu_seconds"), summary.get("train_seconds")
+    if cpu is None or not wall or summary.get("threads") != 1:
+        return False
+    return cpu / wall >= MIN_CPU_SHARE
+
+
+def own_best(run: Any) -> dict[str, Any]:
+    """Step and seconds of a run's best evaluation (the first, on ties)."""
+    best = min(run.metrics, key=lambda m: m["val_ppl"])
+    return {"step": best["step"], "seconds": best["seconds"]}
+
+
+def _headline(runs: list[Any], name: str) -> bool:
+    method = runs[0].summary["config"]["method"]
+    return name == "dropout-1" or (
+        method["name"] == "analytic"
+        and method.get("gradient") == "hvp-difference"
+        and _curvature(method) == "sampled"
+    )
+
+
+def _ratios(runs, reference, costs, key) -> Stat | None:
+    """Per seed: its cost to reach the target over Dropout_1's mean cost to its own best.
+
+    ``key``: ``"seconds"`` or ``"equivalents"``. ``None`` if a seed never reaches the target or
+    a cost is unknown.
+    """
+    target = stat(reference).mean
+    values = []
+    for run in runs:
+        hit = first_reaching(run, target)
+        if hit is None:
+            return None
+        values.append(_cost(run, hit, costs, key))
+    base = [_cost(r, own_best(r), costs, key) for r in reference]
+    if any(v is None for v in values + base):
+        return None
+    return Stat([v / statistics.fmean(base) for v in values])
+
+
+def _cost(run, evaluation, costs, key) -> float | None:
+    if key == "seconds":
+        return evaluation["seconds"] if clean_timing(run.summary) else None
+    return dropout_step_equivalents(run.summary["config"], evaluation["step"], costs)
+
+
+def _cells(runs: list[Any], target: float, costs: dict[str, float]) -> list[str]:
+    shares = [
+        r.summary["train_cpu_seconds"] / r.summary["train_seconds"]
+        for r in runs
+        if r.summary.get("train_cpu_seconds") is not None and r.summary.get("train_seconds")
+    ]
+    share = f"{min(shares):.2f}" if shares else "-"
+    hits = [(r, first_reaching(r, target)) for r in runs]
+    hits = [(r, h) for r, h in hits if h is not None]
+    if not hits:
+        return ["never", "never", "never", share]
+    suffix = "" if len(hits) == len(runs) else f" ({len(hits)} of {len(runs)} seeds)"
+    steps = statistics.fmean(h["step"] for _, h in hits)
+    equivalents = [dropout_step_equivalents(r.summary["config"], h["step"], costs) for r, h in hits]
+    eq_text = "-" if None in equivalents else f"{statistics.fmean(equivalents):.0f}{suffix}"
+    clean = [h["seconds"] / 60 for r, h in hits if clean_timing(r.summary)]
+    wall = f"{statistics.fmean(clean):.1f}" if clean else "not clean"
+    if clean and len(clean) < len(runs):
+        wall += f" ({len(clean)} of {len(runs)} seeds clean)"
+    return [f"{steps:.0f}{suffix}", eq_text, wall, share]
+
+
+def time_to_quality_lines(
+    groups: dict[str, list[Any]], costs: dict[str, float], figure: str | None = None
+) -> list[str]:
+    """The report's time-to-quality section (empty without Dropout_1 or an analytic run).
+
+    Args:
+        groups: Runs by name.
+        costs: Benchmark step-cost ratios by row name.
+        figure: File name of :func:`plot_time_to_quality`'s figure, shown when given.
+    """
+    groups = comparable(groups)
+    if "dropout-1" not in groups or not any(
+        _headline(rs, n) for n, rs in groups.items() if n != "dropout-1"
+    ):
+        return []
+    reference = groups["dropout-1"]
+    target = stat(reference).mean
+    timed = [r.summary for rs in groups.values() for r in rs if clean_timing(r.summary)]
+    machines = sorted({s.get("machine", "?") for s in timed})
+    lines = [
+        "",
+        "## Time to quality",
+        "",
+        f"When each run first reaches Dropout_1's best validation perplexity ({target:.2f}, mean "
+        "over its seeds); mean over the seeds that reach it. *Dropout-step equivalents*: the "
+        "steps taken, each weighted by its benchmarked cost in Dropout_1 steps (a lazy or "
+        "scheduled run sums clean, partial and full analytic steps). *Wall min*: training time "
+        "up to that evaluation, only from clean timings: one thread and the steps' CPU time at "
+        f"least {MIN_CPU_SHARE:.0%} of their wall time (*min CPU share*, lowest over seeds). "
+        f"Clean timings: {len(timed)} runs, one thread each, on "
+        f"{', '.join(machines) if machines else 'no machine'}.",
+        "",
+        "| run | best val ppl | reaches at step | dropout-step equivalents | wall min | "
+        "min CPU share |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for runs in sorted(groups.values(), key=lambda rs: stat(rs).mean):
+        cells = " | ".join(_cells(runs, target, costs))
+        lines.append(f"| {runs[0].label} | {stat(runs).text()} | {cells} |")
+    lines += ["", *_verdicts(groups, reference, costs)]
+    if figure:
+        lines += ["", f"![Time to quality]({figure})"]
+    return lines
+
+
+def _verdicts(groups, reference, costs) -> list[str]:
+    base = [own_best(r) for r in reference]
+    lines = [
+        f"Dropout_1 reaches its own best at step {statistics.fmean(b['step'] for b in base):.0f} "
+        "(mean over seeds): its time to quality is each seed's time to its best evaluation, and "
+        "each ratio below is a seed's cost to reach Dropout_1's best over the mean of those.",
+        "",
+    ]
+    for name, runs in groups.items():
+        if name == "dropout-1" or not _headline(runs, name):
+            continue
+        wall = _ratios(runs, reference, costs, "seconds")
+        steps = _ratios(runs, reference, costs, "equivalents")
+        final = Comparison(stat(reference), stat(runs))
+        better = "clearly better" if final.clear() and final.diff < 0 else "not clearly better"
+        quality = f"final best validation {final.text()} against Dropout_1: {better}"
+        if not all(first_reaching(r, stat(reference).mean) for r in runs):
+            lines.append(f"- {runs[0].label}: a seed never reaches Dropout_1's quality; {quality}.")
+            continue
+        step_text = "no benchmark rows" if steps is None else f"**{steps.text()}** x Dropout_1's"
+        wall_text = (
+            "no clean timing of every seed" if wall is None else f"**{wall.text()}** x Dropout_1's"
+        )
+        lines.append(
+            f"- {runs[0].label} reaches Dropout_1's quality in {step_text} dropout-step "
+            f"equivalents; in wall time: {wall_text}; {quality}."
+        )
+    return lines
+
+
+def comparable(groups: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The runs on Dropout_1's data and model (a data-size run answers another question)."""
+    if "dropout-1" not in groups:
+        return {}
+    setting = _setting(groups["dropout-1"])
+    return {n: rs for n, rs in groups.items() if _setting(rs) == setting}
+
+
+def _setting(runs: list[Any]) -> dict[str, Any]:
+    config = runs[0].summary["config"]
+    data = {k: v for k, v in config["data"].items() if k != "path"}
+    return {"data": data, "model": config["model"]}
+
+
+def plot_time_to_quality(
+    groups: dict[str, list[Any]], costs: dict[str, float], out: Path
+) -> str | None:
+    """Validation perplexity against dropout-step equivalents, one line per seed."""
+    groups = comparable(groups)
+    names = [n for n, rs in groups.items() if _headline(rs, n)]
+    names = [n for n in names if dropout_step_equivalents(groups[n][0].summary["config"], 1, costs)]
+    if "dropout-1" not in names or len(names) < 2:
+        return None
+    require("matplotlib", "the report's figures").use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    palette = plt.get_cmap("tab10")
+    target = stat(groups["dropout-1"]).mean
+    for i, name in enumerate(names):
+        for j, run in enumerate(groups[name]):
+            config = run.summary["config"]
+            xs = [dropout_step_equivalents(config, m["step"], costs) for m in run.metrics]
+            ys = [m["val_ppl"] for m in run.metrics]
+            label = f"{run.label} ({len(groups[name])})" if j == 0 else None
+            ax.plot(xs, ys, color=palette(i % 10), lw=1, alpha=0.8, label=label)
+    ax.axhline(target, color="k", ls="--", lw=0.8, label=f"Dropout_1's best ({target:.2f})")
+    ax.set_ylim(
+        0.97 * min(m["val_ppl"] for n in names for r in groups[n] for m in r.metrics), 1.25 * target
+    )
+    ax.set_xlabel("dropout-step equivalents (steps x benchmarked step cost)")
+    ax.set_ylabel("validation perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title="run (seeds); one line per seed", title_fontsize=7)
+    ax.set_title("Time to quality")
+    fig.tight_layout()
+    fig.savefig(out / FIGURE, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return FIGURE

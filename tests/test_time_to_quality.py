@@ -1,0 +1,162 @@
+"""Time to quality (issue 18): the cost model of lazy / scheduled steps, clean timings, the
+report's section and figure."""
+
+from pathlib import Path
+
+import pytest
+from conftest import make_problem
+
+import dropsplit as ds
+from dropsplit.experiments.report import Run
+from dropsplit.experiments.time_to_quality import (
+    FIGURE,
+    clean_timing,
+    comparable,
+    dropout_step_equivalents,
+    plot_time_to_quality,
+    step_kind,
+    time_to_quality_lines,
+)
+
+COSTS = {
+    "DropoutK(1)": 1.0,
+    "DropoutK(4) loop": 3.9,
+    "NoDropout": 0.9,
+    "Analytic(sampled, implicit) HVP": 3.5,
+    "Analytic(sampled) HVP": 2.5,
+    "Analytic(implicit only) HVP": 1.9,
+}
+
+
+def analytic(**options):
+    return {
+        "name": "analytic",
+        "curvature": "sampled",
+        "implicit": True,
+        "gradient": "hvp-difference",
+        **options,
+    }
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"start_step": 3},
+        {"explicit_every": 2, "implicit_every": 3},
+        {"start_step": 2, "explicit_every": 3, "implicit_every": 2},
+        {"start_step": 1, "implicit": False, "explicit_every": 2},
+    ],
+    ids=["every-step", "scheduled", "lazy", "scheduled-lazy", "explicit-only"],
+)
+def test_step_kinds_are_the_terms_the_method_takes(options):
+    """The report's cost model against the library: which terms each of 8 real steps reports."""
+    pb = make_problem("rnn-locked")
+    method = ds.Analytic("label", seed=0, **options)
+    for step in range(8):
+        stats = method.step(pb.model, pb.forward_fn, pb.batch).stats
+        kind = step_kind(analytic(**options), step)
+        assert ("explicit" in stats) == (kind in ("both", "explicit"))
+        assert ("implicit" in stats) == (kind in ("both", "implicit"))
+
+
+def test_dropout_step_equivalents_sum_each_steps_cost():
+    config = {"method": analytic(start_step=4, explicit_every=2, implicit_every=2)}
+    # steps 0-3 clean, then both at 4, 6, 8 and clean at 5, 7, 9
+    assert dropout_step_equivalents(config, 10, COSTS) == pytest.approx(7 * 0.9 + 3 * 3.5)
+    config = {"method": analytic(explicit_every=1, implicit_every=2)}
+    assert dropout_step_equivalents(config, 4, COSTS) == pytest.approx(2 * 3.5 + 2 * 2.5)
+    dropout = {"method": {"name": "dropout", "k": 4, "noise": "none"}}
+    assert dropout_step_equivalents(dropout, 10, COSTS) == pytest.approx(39.0)
+    assert dropout_step_equivalents(dropout, 10, {"DropoutK(1)": 1.0}) is None
+    exact = {"method": analytic(gradient="double-backward")}
+    assert dropout_step_equivalents(exact, 10, COSTS) is None
+
+
+@pytest.mark.parametrize(
+    ("summary", "clean"),
+    [
+        ({"train_seconds": 100.0, "train_cpu_seconds": 97.0, "threads": 1}, True),
+        ({"train_seconds": 100.0, "train_cpu_seconds": 90.0, "threads": 1}, False),
+        ({"train_seconds": 100.0, "train_cpu_seconds": 190.0, "threads": 2}, False),
+        ({"train_seconds": 100.0}, False),
+    ],
+    ids=["own-core", "shared-core", "two-threads", "not-recorded"],
+)
+def test_clean_timing(summary, clean):
+    assert clean_timing(summary) is clean
+
+
+def run(name, seed, curve, method, fraction=0.005, cpu_share=1.0, seconds_per_step=0.1):
+    """A finished run whose evaluations every 100 steps have validation perplexities ``curve``."""
+    metrics = [
+        {"step": 100 * (i + 1), "seconds": seconds_per_step * 100 * (i + 1), "val_ppl": v}
+        for i, v in enumerate(curve)
+    ]
+    wall = metrics[-1]["seconds"]
+    summary = {
+        "config": {"method": method, "data": {"train_fraction": fraction, "path": ""}, "model": {}},
+        "best_val_ppl": min(curve),
+        "train_seconds": wall,
+        "train_cpu_seconds": cpu_share * wall,
+        "threads": 1,
+        "machine": "test machine",
+    }
+    return Run(name, "time", seed, name, summary, metrics, Path("."))
+
+
+DROPOUT = {"name": "dropout", "k": 1, "noise": "none"}
+
+
+def groups_for_report():
+    # Dropout_1: bests 6.0 and 6.2 (target 6.1) at steps 300 and 400 (mean 350, 35 s)
+    d1 = [
+        run("dropout-1", 0, [8.0, 7.0, 6.0, 6.1], DROPOUT),
+        run("dropout-1", 1, [8.0, 7.0, 6.5, 6.2], DROPOUT),
+    ]
+    # scheduled: clean for 100 steps, then full steps (3.5); reaches 6.1 at step 200
+    scheduled = [
+        run("sched", s, [7.0, 6.0, 5.5], analytic(start_step=100), seconds_per_step=0.2)
+        for s in (0, 1)
+    ]
+    scheduled[1].metrics[1]["val_ppl"] = 6.3  # seed 1 reaches it only at step 300
+    return {
+        "dropout-1": d1,
+        "sched": scheduled,
+        "slow": [run("slow", 0, [7.0, 6.5], analytic(), cpu_share=0.8)],
+        "data-size": [run("data-size", 0, [5.0], DROPOUT, fraction=0.01)],
+    }
+
+
+def test_the_section_times_each_run_and_states_the_ratio_with_its_spread():
+    groups = groups_for_report()
+    assert "data-size" not in comparable(groups)
+    text = "\n".join(time_to_quality_lines(groups, COSTS, FIGURE))
+    assert "data-size" not in text
+    # seeds reach 6.1 at steps 200 and 300: 0.9 * 100 + 3.5 * 100 = 440 and 790 equivalents,
+    # against Dropout_1's 350 to its own best: 1.257 and 2.257, mean 1.76, sd 0.71
+    assert "| sched | 5.50 ± 0.00 (2) | 250 | 615 | 0.8 | 1.00 |" in text
+    assert "sched reaches Dropout_1's quality in **1.76 ± 0.71 (2)** x Dropout_1's dropout" in text
+    # wall: 40 s and 60 s against 35 s: 1.14 and 1.71
+    assert "in wall time: **1.43 ± 0.40 (2)** x Dropout_1's;" in text
+    # the contended run is timed in steps but left out of the wall-time column
+    assert "| slow | 6.50 (1 seed) | never | never | never | 0.80 |" in text
+    assert "Clean timings: 4 runs, one thread each, on test machine." in text
+    assert f"![Time to quality]({FIGURE})" in text
+
+
+def test_the_figure_draws_one_line_per_seed(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert plot_time_to_quality(groups_for_report(), COSTS, tmp_path) == FIGURE
+    assert (tmp_path / FIGURE).exists()
+    lines = figures[0].axes[0].get_lines()
+    # 2 + 2 + 1 seeds and the target line; the data-size run is left out
+    assert len(lines) == 6
+    sched = [line for line in lines if line.get_label() == "sched (2)"][0]
+    assert list(sched.get_xdata()) == pytest.approx([90.0, 440.0, 790.0])
