@@ -93,6 +93,13 @@ def test_suite_expands_runs_over_seeds_and_quick_keeps_its_runs(suite_file):
     assert quick.runs[1].overrides[-3:-1] == ("train.max_steps=4", "train.max_steps=3")
     assert "train.max_steps=3" not in full.runs[2].overrides
     assert len(load_suite(suite_file, seeds=3).runs) == 12
+    moved = load_suite(suite_file, quick=True, overrides=['train.device="cuda"'])
+    # every run's own and quick overrides first, then --set, then the seed
+    assert moved.runs[1].overrides[-3:] == (
+        "train.max_steps=3",
+        'train.device="cuda"',
+        "train.seed=1111",
+    )
 
 
 @pytest.mark.parametrize(
@@ -342,7 +349,14 @@ def test_one_seed_verdicts_are_at_most_inconclusive():
 
 
 @pytest.mark.parametrize(
-    "name", ["suite.toml", "suite-char.toml", "suite-char-qrnn.toml", "suite-char-transformer.toml"]
+    "name",
+    [
+        "suite.toml",
+        "suite-char.toml",
+        "suite-char-qrnn.toml",
+        "suite-char-transformer.toml",
+        "suite-char-time.toml",
+    ],
 )
 def test_shipped_suites_load_and_every_run_config_is_valid(name):
     suite = load_suite(Path(__file__).parents[1] / "configs" / "paper" / name)

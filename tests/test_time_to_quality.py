@@ -80,8 +80,12 @@ def test_dropout_step_equivalents_sum_each_steps_cost():
         ({"train_seconds": 100.0, "train_cpu_seconds": 90.0, "threads": 1}, False),
         ({"train_seconds": 100.0, "train_cpu_seconds": 190.0, "threads": 2}, False),
         ({"train_seconds": 100.0}, False),
+        (
+            {"train_seconds": 100.0, "train_cpu_seconds": 50.0, "threads": 16, "device": "cuda"},
+            True,
+        ),
     ],
-    ids=["own-core", "shared-core", "two-threads", "not-recorded"],
+    ids=["own-core", "shared-core", "two-threads", "not-recorded", "gpu"],
 )
 def test_clean_timing(summary, clean):
     assert clean_timing(summary) is clean
@@ -141,7 +145,7 @@ def test_the_section_times_each_run_and_states_the_ratio_with_its_spread():
     assert "in wall time: **1.43 ± 0.40 (2)** x Dropout_1's;" in text
     # the contended run is timed in steps but left out of the wall-time column
     assert "| slow | 6.50 (1 seed) | never | never | never | 0.80 |" in text
-    assert "Clean timings: 4 runs, one thread each, on test machine." in text
+    assert "Clean timings: 4 runs, on test machine." in text
     assert f"![Time to quality]({FIGURE})" in text
 
 

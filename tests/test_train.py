@@ -364,6 +364,7 @@ def test_an_unwritable_output_directory_is_one_clear_error(tmp_path, monkeypatch
 def test_timings_record_cpu_time_threads_and_machine(tmp_path):
     summary = train(tiny("train.max_steps=4", "train.eval_every=2"), tmp_path / "r")
     assert summary["threads"] == torch.get_num_threads() and summary["machine"]
+    assert summary["device"] == "cpu"
     assert 0 < summary["train_cpu_seconds"]
     lines = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert 0 < lines[0]["cpu_seconds"] < lines[1]["cpu_seconds"] == summary["train_cpu_seconds"]

@@ -124,7 +124,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from dropsplit.optional import require
 
     require("matplotlib", "the report of reproduce")  # before hours of training, not after
-    suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds)
+    suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds, overrides=args.set)
     out = Path(args.out or default_out(args.suite, args.quick))
     if args.quick:
         print(
@@ -259,6 +259,13 @@ def _add_suite_commands(sub: Any) -> None:
         "--jobs", type=int, default=1, help="runs trained at once, one process each (default 1)"
     )
     rep.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    rep.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override of every run's config, after the suite's own (e.g. train.device=\"cuda\")",
+    )
     rep.set_defaults(handler=_reproduce)
 
     report = sub.add_parser("report", help="tables, figures and verdicts from suite runs")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,20 @@ class Suite:
     runs: tuple[RunSpec, ...]
 
 
-def load_suite(path: str | Path, quick: bool = False, seeds: int | None = None) -> Suite:
+def load_suite(
+    path: str | Path,
+    quick: bool = False,
+    seeds: int | None = None,
+    overrides: Sequence[str] = (),
+) -> Suite:
     """Read a suite file and expand its runs over seeds.
 
     Args:
         path: The suite TOML file.
         quick: Keep only ``quick = true`` runs, with the ``[quick]`` overrides and seeds.
         seeds: Override the number of seeds of every run.
+        overrides: ``section.key=value`` overrides of every run, applied after the suite's own
+            (e.g. ``train.device="cuda"``).
 
     Returns:
         The suite.
@@ -116,9 +124,10 @@ def load_suite(path: str | Path, quick: bool = False, seeds: int | None = None) 
         names.add(entry["name"])
         if quick and not entry.get("quick", False):
             continue
-        overrides = tuple(entry["set"])
+        run_overrides = tuple(entry["set"])
         if quick:
-            overrides += tuple(quick_cfg.get("set", ())) + tuple(entry.get("quick_set", ()))
+            run_overrides += tuple(quick_cfg.get("set", ())) + tuple(entry.get("quick_set", ()))
+        run_overrides += tuple(overrides)
         n = entry.get("seeds", raw.get("seeds", 1))
         if quick:
             n = quick_cfg.get("seeds", 1)
@@ -129,7 +138,7 @@ def load_suite(path: str | Path, quick: bool = False, seeds: int | None = None) 
                 entry["name"],
                 entry["group"],
                 i,
-                (*overrides, f"train.seed={BASE_SEED + i}"),
+                (*run_overrides, f"train.seed={BASE_SEED + i}"),
                 entry.get("label", entry["name"]),
             )
             runs.append(((n == 1, i, index), spec))

@@ -523,6 +523,7 @@ def _summary(config, model, out, test_data, progress, dry_run, device) -> dict[s
         "train_seconds": progress.train_seconds,
         "train_cpu_seconds": progress.train_cpu_seconds,
         "threads": torch.get_num_threads(),
+        "device": torch.device(device).type,
         "machine": machine_description(device),
         "seconds_per_step": progress.train_seconds / max(progress.step, 1),
         "tokens_per_second": progress.train_tokens / max(progress.train_seconds, 1e-9),
