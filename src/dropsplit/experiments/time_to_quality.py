@@ -114,16 +114,16 @@ def _ratios(runs, reference, costs, key) -> Stat | None:
     a cost is unknown.
     """
     target = stat(reference).mean
-    values = []
-    for run in runs:
-        hit = first_reaching(run, target)
-        if hit is None:
-            return None
-        values.append(_cost(run, hit, costs, key))
-    base = [_cost(r, own_best(r), costs, key) for r in reference]
-    if any(v is None for v in values + base):
+    hits = [first_reaching(run, target) for run in runs]
+    if any(hit is None for hit in hits):
         return None
-    return Stat([v / statistics.fmean(base) for v in values])
+    values = [_cost(run, hit, costs, key) for run, hit in zip(runs, hits, strict=True)]
+    base = [_cost(r, own_best(r), costs, key) for r in reference]
+    known = [v for v in values if v is not None]
+    known_base = [b for b in base if b is not None]
+    if len(known) < len(values) or len(known_base) < len(base):
+        return None
+    return Stat([v / statistics.fmean(known_base) for v in known])
 
 
 def _cost(run, evaluation, costs, key) -> float | None:
@@ -139,14 +139,17 @@ def _cells(runs: list[Any], target: float, costs: dict[str, float]) -> list[str]
         if r.summary.get("train_cpu_seconds") is not None and r.summary.get("train_seconds")
     ]
     share = f"{min(shares):.2f}" if shares else "-"
-    hits = [(r, first_reaching(r, target)) for r in runs]
-    hits = [(r, h) for r, h in hits if h is not None]
+    reached = [(r, first_reaching(r, target)) for r in runs]
+    hits = [(r, h) for r, h in reached if h is not None]
     if not hits:
         return ["never", "never", "never", share]
     suffix = "" if len(hits) == len(runs) else f" ({len(hits)} of {len(runs)} seeds)"
     steps = statistics.fmean(h["step"] for _, h in hits)
-    equivalents = [dropout_step_equivalents(r.summary["config"], h["step"], costs) for r, h in hits]
-    eq_text = "-" if None in equivalents else f"{statistics.fmean(equivalents):.0f}{suffix}"
+    costed = [dropout_step_equivalents(r.summary["config"], int(h["step"]), costs) for r, h in hits]
+    equivalents = [c for c in costed if c is not None]
+    eq_text = "-"
+    if len(equivalents) == len(costed):
+        eq_text = f"{statistics.fmean(equivalents):.0f}{suffix}"
     clean = [h["seconds"] / 60 for r, h in hits if clean_timing(r.summary)]
     wall = f"{statistics.fmean(clean):.1f}" if clean else "not clean"
     if clean and len(clean) < len(runs):
@@ -260,7 +263,7 @@ def plot_time_to_quality(
     for i, name in enumerate(names):
         for j, run in enumerate(groups[name]):
             config = run.summary["config"]
-            xs = [dropout_step_equivalents(config, m["step"], costs) for m in run.metrics]
+            xs = [dropout_step_equivalents(config, m["step"], costs) or 0.0 for m in run.metrics]
             ys = [m["val_ppl"] for m in run.metrics]
             label = f"{run.label} ({len(groups[name])})" if j == 0 else None
             ax.plot(xs, ys, color=palette(i % 10), lw=1, alpha=0.8, label=label)

@@ -1,14 +1,16 @@
 """Measurements of both effects on any model with sites (no gradient step is taken).
 
 * :func:`explicit_gap`: Monte-Carlo ``E_eta[loss_drop] - loss`` with a control variate.
-* :func:`explicit_regularizer`: the prediction ``lambda * R_approx`` in the same units.
+* :func:`explicit_regularizer`: the prediction ``lambda * R_approx`` in the same units (or,
+  with ``curvature="full"``, the whole second-order term, model curvature included:
+  :func:`full_curvature_terms`).
 * :func:`gradient_noise`: draws of the dropout, difference or analytic gradient noise.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, NamedTuple, overload
 
 import torch
@@ -17,6 +19,7 @@ from torch import nn
 from dropsplit.core.explicit import CURVATURES, explicit_terms, site_gradients
 from dropsplit.core.forward import (
     ForwardFn,
+    ForwardOutput,
     call_forward,
     flat_gradient,
     gated_forward,
@@ -26,8 +29,10 @@ from dropsplit.core.forward import (
 )
 from dropsplit.core.implicit import implicit_scalar_sum
 from dropsplit.core.losses import Loss, get_loss
+from dropsplit.core.noise import explicit_coefficient, sample_rademacher
 from dropsplit.core.sites import (
     GROUPINGS,
+    Site,
     SiteContext,
     named_sites,
     require_sites,
@@ -36,6 +41,7 @@ from dropsplit.core.sites import (
 )
 
 NOISE_KINDS = ("dropout", "difference", "analytic")
+MEASURED_CURVATURES = (*CURVATURES, "full")  # "full": measurement only, no training gradient
 
 
 class GapEstimate(NamedTuple):
@@ -114,6 +120,51 @@ def explicit_gap(
     return GapEstimate(float(values.mean()), float(values.std() / math.sqrt(samples)))
 
 
+def full_curvature_terms(
+    out: ForwardOutput,
+    record: Sequence[tuple[Site, torch.Tensor]],
+    loss: Loss,
+    samples: int,
+    generator: torch.Generator,
+) -> list[float]:
+    r"""The whole second-order term of the explicit effect per recorded gate, by Hutchinson.
+
+    The second-order Taylor expansion of :math:`\mathbb{E}_\eta L(1 + \eta) - L(1)` in the gates
+    (independent mask groups, :math:`\operatorname{Var}\eta_m = q/(1-q)`) is
+
+    .. math::
+        \lambda \sum_m \frac{\partial^2 L}{\partial g_m^2}, \qquad
+        \frac{\partial^2 L}{\partial g_m^2} = J_m^\top H_{out} J_m
+            + \sum_c \frac{\partial L}{\partial z_c} \frac{\partial^2 z_c}{\partial g_m^2},
+
+    R_approx (Sec. 3.1) keeping only the first (Gauss-Newton) part. With Rademacher ``z`` over
+    all gates, :math:`z_m (H z)_m` has mean :math:`H_{mm}`, so each site's term is the mean over
+    ``samples`` draws of :math:`\lambda \sum_{m \in site} z_m (Hz)_m`: one Hessian-vector
+    product (a double backward) per draw.
+
+    Args:
+        out: A gated forward's output (built so its gates can be differentiated twice).
+        record: ``(site, gate)`` per site call of that forward.
+        loss: The loss family.
+        samples: Hutchinson draws.
+        generator: Source of the Rademacher vectors.
+
+    Returns:
+        One value per recorded gate, in the units of :func:`explicit_gap`.
+    """
+    gates = [g for _, g in record]
+    mean = loss.summed(out.logits, out.targets) / out.n
+    firsts = site_gradients(mean, gates, create_graph=True)
+    totals = [0.0] * len(gates)
+    for _ in range(samples):
+        zs = [sample_rademacher(g.shape, generator, g.dtype, g.device) for g in gates]
+        tangent = torch.stack([(f * z).sum() for f, z in zip(firsts, zs, strict=True)]).sum()
+        hz = site_gradients(tangent, gates, create_graph=False)
+        for i, ((site, _), z, h) in enumerate(zip(record, zs, hz, strict=True)):
+            totals[i] += explicit_coefficient(site.p) * float((z * h).sum()) / samples
+    return totals
+
+
 @overload
 def explicit_regularizer(
     model: nn.Module,
@@ -166,7 +217,9 @@ def explicit_regularizer(
         forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
         batch: Passed to ``forward_fn``.
         curvature: ``"exact"`` (full ``H_out``), ``"sampled"`` (mean of ``samples`` one-label
-            estimates), ``"label"`` (R-tilde) or ``"identity"`` (``H_out = I / C``).
+            estimates), ``"label"`` (R-tilde), ``"identity"`` (``H_out = I / C``), or
+            ``"full"``: not R_approx but the whole second-order term, the model's own curvature
+            included (:func:`full_curvature_terms`, ``samples`` Hutchinson draws).
         grouping: ``"mask"`` (the site's real mask groups) or ``"element"``.
         samples: Draws averaged for the random curvatures.
         sites: Names of the sites to include (default: all).
@@ -177,8 +230,8 @@ def explicit_regularizer(
     Returns:
         The total, or the value per site.
     """
-    if curvature not in CURVATURES:
-        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if curvature not in MEASURED_CURVATURES:
+        raise ValueError(f"curvature must be one of {MEASURED_CURVATURES}, got {curvature!r}")
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
     samples = _positive_int(samples, "samples")
@@ -188,10 +241,14 @@ def explicit_regularizer(
     names = {s: n for n, s in named_sites(model)}
     out, ctx = gated_forward(model, forward_fn, batch, loss, grouping, active)
     gen = make_generator(seed, model_device(model))
-    draws = 1 if curvature in ("exact", "label") else samples
+    draws = 1 if curvature in ("exact", "label", "full") else samples
     totals: dict[str, float] = {}
     for _ in range(draws):
-        terms = explicit_terms(out, ctx.record, loss, curvature, gen, create_graph=False)
+        if curvature == "full":
+            terms = full_curvature_terms(out, ctx.record, loss, samples, gen)
+        else:
+            tensors = explicit_terms(out, ctx.record, loss, curvature, gen, create_graph=False)
+            terms = [float(t) for t in tensors]
         for (site, _), term in zip(ctx.record, terms, strict=True):
             totals[names[site]] = totals.get(names[site], 0.0) + float(term) / draws
     if per_site:
