@@ -97,3 +97,16 @@ def test_the_full_term_predicts_the_gap_at_small_q():
     full = ds.explicit_regularizer(pb.model, pb.forward_fn, pb.batch, "full", samples=400, seed=1)
     gap = ds.explicit_gap(pb.model, pb.forward_fn, pb.batch, samples=4000, seed=2)
     assert abs(gap.mean - full) < 4 * gap.stderr + 0.05 * abs(full)
+
+
+def test_the_standard_error_is_that_of_the_hutchinson_draws():
+    """full_curvature's error bar against the exact standard deviation of one draw / sqrt(S),
+    from the brute-force Hessian; zero where the site's Hessian block is diagonal and alone."""
+    pb = make_problem("mlp-two-sites")
+    _, sd = per_site_exact(pb, "mask")
+    samples = 400
+    estimates = ds.full_curvature(pb.model, pb.forward_fn, pb.batch, samples, seed=3)
+    for site, estimate in estimates.items():
+        assert estimate.stderr == pytest.approx(sd[site] / math.sqrt(samples), rel=0.25), site
+    with pytest.raises(ValueError, match="samples must be >= 2"):
+        ds.full_curvature(pb.model, pb.forward_fn, pb.batch, 1)

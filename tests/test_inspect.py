@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from conftest import mlp_forward
 from torch import nn
@@ -60,3 +61,24 @@ def test_measure_command_on_a_trained_run(tmp_path, capsys):
     assert set(result["sites"]) == {"input", "weight_hh.0", "weight_hh.1", "hidden.0", "output"}
     assert (out / "gap_vs_prediction.png").stat().st_size > 1000
     assert (out / "noise_spectra.png").stat().st_size > 1000
+
+
+def test_measure_at_a_chosen_q_with_the_full_curvature(tmp_path, capsys):
+    """--q moves every dropping site to q; --full-samples adds the Hutchinson column, whose
+    values are explicit_regularizer(curvature="full") on the same batch and seed."""
+    config = "configs/synthetic-tiny.toml"
+    main(["train", config, "--out", str(tmp_path / "r"), "--set", "train.max_steps=5"])
+    out = tmp_path / "m"
+    args = ["measure", str(tmp_path / "r"), "--batches", "1", "--gap-samples", "8"]
+    args += ["--noise-samples", "6", "--q", "0.05", "--full-samples", "3", "--out", str(out)]
+    assert main(args) == 0
+    assert "gap/full" in capsys.readouterr().out
+    result = json.loads((out / "measure.json").read_text())
+    assert result["q"] == 0.05 and result["samples"]["full"] == 3
+    for row in (*result["sites"].values(), result["total"]):
+        assert row["full_stderr"] >= 0 and "full" in row
+    assert result["total"]["full"] == pytest.approx(
+        sum(r["full"] for r in result["sites"].values())
+    )
+    assert main(["measure", str(tmp_path / "r"), "--q", "1.0"]) == 2
+    assert "--q must be in [0, 1), got 1.0" in capsys.readouterr().err

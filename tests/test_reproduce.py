@@ -356,6 +356,7 @@ def test_one_seed_verdicts_are_at_most_inconclusive():
         "suite-char-qrnn.toml",
         "suite-char-transformer.toml",
         "suite-char-time.toml",
+        "suite-char-wt2.toml",
     ],
 )
 def test_shipped_suites_load_and_every_run_config_is_valid(name):
@@ -467,3 +468,35 @@ def test_shipped_configs_are_found_outside_a_clone(tmp_path, monkeypatch):
     assert suite.base.name == "base-char.toml" and suite.base.exists()
     assert load_config("configs/ptb-small.toml").data.corpus == "ptb"
     assert find_config("configs/nowhere.toml") == Path("configs/nowhere.toml")
+
+
+def test_report_tables_every_measurement_with_the_full_second_order_term(tmp_path):
+    """measure/ and measure-q0.05/ of the Dropout_1 run are copied and tabled, the second with
+    its q and the Hutchinson column; ratios are gap / prediction."""
+    run = tmp_path / "dropout-1" / "seed0"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(
+        json.dumps({"name": "dropout-1", "group": "dropout-k", "seed": 0})
+    )
+    summary = {"best_val_ppl": 6.0, "test_ppl": 5.8, "epochs": 1, "train_seconds": 60.0}
+    config = {"method": {"name": "dropout", "k": 1}, "data": {"train_fraction": 1.0}, "model": {}}
+    summary |= {"seconds_per_step": 0.1, "config": config}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 10, "epoch": 1, "seconds": 60.0, "val_ppl": 6.0}) + "\n"
+    )
+    site = {"gap": 0.02, "gap_stderr": 0.001, "mask": 0.04, "element": 0.05}
+    trained = {"curvature": "exact", "samples": {"gap": 8}, "sites": {"input": site}, "total": site}
+    full = {**site, "full": 0.025, "full_stderr": 0.002}
+    small_q = {**trained, "q": 0.05, "sites": {"input": full}, "total": full}
+    for directory, m in (("measure", trained), ("measure-q0.05", small_q)):
+        (run / directory).mkdir()
+        (run / directory / "measure.json").write_text(json.dumps(m))
+    report = write_report([run], tmp_path / "report")
+    text = report.read_text()
+    assert (
+        tmp_path / "report" / "runs" / "dropout-1" / "seed0" / "measure-q0.05" / "measure.json"
+    ).exists()
+    assert "every dropping site at q = 0.05; `measure-q0.05/`" in text
+    assert "| input | 0.0200 | 0.0010 | 0.0400 | 0.0500 | 0.50 | 0.0250 | 0.0020 | 0.80 |" in text
+    assert "| input | 0.0200 | 0.0010 | 0.0400 | 0.0500 | 0.50 |\n" in text  # the trained-q table

@@ -21,6 +21,7 @@ from dropsplit.measure import (
     GapEstimate,
     explicit_gap,
     explicit_regularizer,
+    full_curvature,
     gradient_noise,
 )
 from dropsplit.methods import Analytic, DropoutK, Method, NoDropout, StepResult
@@ -46,6 +47,7 @@ __all__ = [
     "explicit_coefficient",
     "explicit_gap",
     "explicit_regularizer",
+    "full_curvature",
     "gradient_noise",
     "matching_strength",
     "named_sites",

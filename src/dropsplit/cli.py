@@ -109,6 +109,8 @@ def _measure(args: argparse.Namespace) -> int:
         batches=args.batches,
         gap_samples=args.gap_samples,
         noise_samples=args.noise_samples,
+        full_samples=args.full_samples,
+        q=args.q,
         seed=args.seed,
         out=args.out,
         data=args.data,
@@ -224,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     measure.add_argument(
         "--noise-samples", type=int, default=32, help="draws of each gradient noise (default 32)"
+    )
+    measure.add_argument(
+        "--full-samples",
+        type=int,
+        default=0,
+        help="Hutchinson draws of the whole second-order term, model curvature included "
+        "(default 0: skip; a double backward each)",
+    )
+    measure.add_argument(
+        "--q", type=float, help="measure with every dropping site at this q (default: trained)"
     )
     measure.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     measure.add_argument("--out", help="output directory (default RUN/measure)")

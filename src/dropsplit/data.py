@@ -4,9 +4,9 @@ The data directory is ``--data DIR``, else the ``DROPSPLIT_DATA`` environment va
 user cache (:func:`~dropsplit.fetch.cache_dir`), with the layout of ``shared/data``:
 ``ptb/{train,valid,test}.txt.gz``, ``wikitext-2/{train,valid,test}.txt.gz``,
 ``tinyshakespeare/input.txt.gz``. A corpus missing there is fetched (:mod:`dropsplit.fetch`)
-unless ``download=False``. ``"ptb-char"`` is the Penn Treebank read as characters (a newline
-ends each line). ``"synthetic"`` is a small built-in corpus (a random second-order Markov
-source) for tests and quick runs.
+unless ``download=False``. ``"ptb-char"`` and ``"wikitext-2-char"`` are those corpora read as
+characters (a newline ends each line). ``"synthetic"`` is a small built-in corpus (a random
+second-order Markov source) for tests and quick runs.
 """
 
 from __future__ import annotations
@@ -21,10 +21,17 @@ from pathlib import Path
 
 import torch
 
-from dropsplit.fetch import CORPUS_FILES, FetchError, cache_dir, fetch, files_of
+from dropsplit.fetch import (
+    CHARACTER_READINGS,
+    CORPUS_FILES,
+    FetchError,
+    cache_dir,
+    fetch,
+    files_of,
+)
 
 CHECKSUMS = {f.relative: f.sha256 for f in CORPUS_FILES}  # of the decompressed files
-CORPORA = ("ptb", "ptb-char", "wikitext-2", "tinyshakespeare", "synthetic")
+CORPORA = ("ptb", "ptb-char", "wikitext-2", "wikitext-2-char", "tinyshakespeare", "synthetic")
 
 
 def data_root(path: str | os.PathLike | None = None) -> Path:
@@ -155,7 +162,8 @@ def load_corpus(
 
     Args:
         name: ``"ptb"``, ``"ptb-char"`` (PTB as characters), ``"wikitext-2"``,
-            ``"tinyshakespeare"`` (characters, 90/5/5 split) or ``"synthetic"``.
+            ``"wikitext-2-char"`` (WikiText-2 as characters), ``"tinyshakespeare"``
+            (characters, 90/5/5 split) or ``"synthetic"``.
         root: Data directory (default ``$DROPSPLIT_DATA``, else the user cache); unused for
             ``"synthetic"``.
         train_fraction: Keep this leading fraction of the training tokens (the paper's
@@ -187,7 +195,8 @@ def load_corpus(
         n = ids.numel()
         splits = ids[: int(0.9 * n)], ids[int(0.9 * n) : int(0.95 * n)], ids[int(0.95 * n) :]
     else:
-        folder, tokenize = ("ptb", char_tokens) if name == "ptb-char" else (name, word_tokens)
+        folder = CHARACTER_READINGS.get(name, name)
+        tokenize = char_tokens if name in CHARACTER_READINGS else word_tokens
         tokens = {
             s: tokenize(read_text(base, f"{folder}/{s}.txt.gz")) for s in ("train", "valid", "test")
         }

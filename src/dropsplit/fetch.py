@@ -118,6 +118,8 @@ LICENSES = {
     "tinyshakespeare": "public domain text (karpathy/char-rnn, MIT)",
 }
 CORPUS_NAMES = tuple(dict.fromkeys(f.corpus for f in CORPUS_FILES))
+# a corpus read as characters -> the word-level corpus whose files it spells out
+CHARACTER_READINGS = {"ptb-char": "ptb", "wikitext-2-char": "wikitext-2"}
 
 
 class FetchError(RuntimeError):
@@ -125,12 +127,12 @@ class FetchError(RuntimeError):
 
 
 def files_of(corpus: str) -> tuple[CorpusFile, ...]:
-    """The stored files of ``corpus`` (``ptb-char`` reads the ``ptb`` files).
+    """The stored files of ``corpus`` (``ptb-char`` reads the ``ptb`` files, and so on).
 
     Raises:
         ValueError: For a corpus with no files.
     """
-    folder = "ptb" if corpus == "ptb-char" else corpus
+    folder = CHARACTER_READINGS.get(corpus, corpus)
     found = tuple(f for f in CORPUS_FILES if f.corpus == folder)
     if not found:
         raise ValueError(f"corpus must be one of {CORPUS_NAMES}, got {corpus!r}")
@@ -166,7 +168,8 @@ def fetch(
     """Fetch every missing or corrupt file of the corpora ``names`` into ``root``.
 
     Args:
-        names: Corpus names (``ptb``, ``ptb-char``, ``wikitext-2``, ``tinyshakespeare``).
+        names: Corpus names (``ptb``, ``ptb-char``, ``wikitext-2``, ``wikitext-2-char``,
+            ``tinyshakespeare``).
         root: The data directory (created if needed).
         mirror: Base URL of a mirror with our layout (default ``$DROPSPLIT_MIRROR``, else the
             canonical sources).

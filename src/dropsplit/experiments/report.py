@@ -16,7 +16,7 @@ import json
 import shutil
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from dropsplit.experiments.practice import practitioner_lines
 from dropsplit.experiments.time_to_quality import plot_time_to_quality, time_to_quality_lines
 from dropsplit.optional import require
 
-COPIED = ("run.json", "summary.json", "metrics.jsonl", "measure/measure.json")
+COPIED = ("run.json", "summary.json", "metrics.jsonl")
+MEASUREMENTS = "measure*/measure.json"  # `dropsplit measure` outputs: measure/, measure-q0.05/, ...
 
 
 @dataclass
@@ -39,7 +40,12 @@ class Run:
     summary: dict[str, Any]
     metrics: list[dict[str, Any]]
     directory: Path
-    measure: dict[str, Any] | None = None
+    measures: dict[str, dict[str, Any]] = field(default_factory=dict)  # by directory name
+
+    @property
+    def measure(self) -> dict[str, Any] | None:
+        """The measurement at the trained probabilities (``measure/``), if any."""
+        return self.measures.get("measure")
 
 
 def load_runs(directories: Iterable[str | Path]) -> list[Run]:
@@ -61,7 +67,7 @@ def load_runs(directories: Iterable[str | Path]) -> list[Run]:
         metrics = [
             json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()
         ]
-        measure_path = d / "measure" / "measure.json"
+        measures = {p.parent.name: json.loads(p.read_text()) for p in sorted(d.glob(MEASUREMENTS))}
         runs.append(
             Run(
                 spec["name"],
@@ -71,7 +77,7 @@ def load_runs(directories: Iterable[str | Path]) -> list[Run]:
                 json.loads((d / "summary.json").read_text()),
                 metrics,
                 d,
-                json.loads(measure_path.read_text()) if measure_path.exists() else None,
+                measures,
             )
         )
     return sorted(runs, key=lambda r: (r.group, r.name, r.seed))
@@ -83,7 +89,8 @@ def copy_runs(runs: list[Run], out: Path) -> list[Run]:
     for run in runs:
         target = out / "runs" / run.name / f"seed{run.seed}"
         if target.resolve() != run.directory.resolve():
-            for name in COPIED:
+            measured = [str(p.relative_to(run.directory)) for p in run.directory.glob(MEASUREMENTS)]
+            for name in (*COPIED, *measured):
                 source = run.directory / name
                 if source.exists():
                     (target / name).parent.mkdir(parents=True, exist_ok=True)
@@ -229,26 +236,43 @@ def plot_groups(groups: dict[str, list[Run]], out: Path) -> list[str]:
 
 
 def _measure_table(runs: list[Run]) -> list[str]:
-    measured = [(r, r.measure) for r in runs if r.measure is not None]
+    measured = [r for r in runs if r.measures]
     if not measured:
         return ["No measurement of a trained Dropout_1 model was found."]
-    run, m = measured[0]
+    run = measured[0]
+    lines: list[str] = []
+    for directory, m in sorted(run.measures.items(), key=lambda kv: kv[0] != "measure"):
+        lines += [] if not lines else [""]
+        lines += _one_measure_table(run, directory, m)
+    return lines
+
+
+def _one_measure_table(run: Run, directory: str, m: dict[str, Any]) -> list[str]:
+    """Gap against the Gauss-Newton prediction per site (and the full second-order term)."""
+    full = "full" in m["total"]
+    at = "" if m.get("q", "trained") == "trained" else f", every dropping site at q = {m['q']}"
     lines = [
-        f"Run `{run.name}/seed{run.seed}` (best weights), validation batches; gap: Monte-Carlo "
-        f"over masks with the first-order control variate; prediction: lambda R with "
-        f"{m['curvature']} curvature, under both groupings (`dropsplit measure`, {m['samples']}).",
+        f"Run `{run.name}/seed{run.seed}` (best weights{at}; `{directory}/`), validation batches; "
+        f"gap: Monte-Carlo over masks with the first-order control variate; prediction: lambda R "
+        f"with {m['curvature']} curvature, under both groupings (`dropsplit measure`, "
+        f"{m['samples']}).",
         "",
         "| site | measured gap | ± s.e. | predicted lambda R (mask) | predicted (element) | "
-        "gap / prediction (mask) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "gap / prediction (mask) |"
+        + (" full second order | ± s.e. | gap / full |" if full else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if full else ""),
     ]
     rows = [*m["sites"].items(), ("**total**", m["total"])]
     for site, v in rows:
         ratio = v["gap"] / v["mask"] if v["mask"] else float("nan")
-        lines.append(
+        line = (
             f"| {site} | {v['gap']:.4f} | {v['gap_stderr']:.4f} | {v['mask']:.4f} | "
             f"{v['element']:.4f} | {ratio:.2f} |"
         )
+        if full:
+            full_ratio = v["gap"] / v["full"] if v["full"] else float("nan")
+            line += f" {v['full']:.4f} | {v['full_stderr']:.4f} | {full_ratio:.2f} |"
+        lines.append(line)
     return lines
 
 

@@ -152,8 +152,8 @@ def _cells(runs: list[Any], target: float, costs: dict[str, float]) -> list[str]
         eq_text = f"{statistics.fmean(equivalents):.0f}{suffix}"
     clean = [h["seconds"] / 60 for r, h in hits if clean_timing(r.summary)]
     wall = f"{statistics.fmean(clean):.1f}" if clean else "not clean"
-    if clean and len(clean) < len(runs):
-        wall += f" ({len(clean)} of {len(runs)} seeds clean)"
+    if clean and len(clean) < len(hits):
+        wall += f" ({len(clean)} of {len(hits)} clean)"
     return [f"{steps:.0f}{suffix}", eq_text, wall, share]
 
 

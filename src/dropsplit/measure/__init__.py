@@ -10,6 +10,7 @@ from dropsplit.measure.quantities import (
     GapEstimate,
     explicit_gap,
     explicit_regularizer,
+    full_curvature,
     gradient_noise,
 )
 
@@ -18,6 +19,7 @@ __all__ = [
     "explicit_gap",
     "explicit_regularizer",
     "format_effects",
+    "full_curvature",
     "gradient_noise",
     "measure_effects",
     "plot_effects",

@@ -22,7 +22,13 @@ from dropsplit.core.explicit import MAX_EXACT_JACOBIAN_ROWS
 from dropsplit.core.forward import ForwardFn, call_forward
 from dropsplit.core.losses import get_loss
 from dropsplit.core.sites import SiteContext, named_sites, site_context
-from dropsplit.measure.quantities import explicit_gap, explicit_regularizer, gradient_noise
+from dropsplit.measure.quantities import (
+    GapEstimate,
+    explicit_gap,
+    explicit_regularizer,
+    full_curvature,
+    gradient_noise,
+)
 from dropsplit.optional import require
 
 KINDS = ("dropout", "difference", "analytic")
@@ -59,6 +65,63 @@ def _n_targets(model, forward_fn, batch, loss) -> tuple[int, int]:
     return rows, classes
 
 
+def _mean_estimate(estimates: Sequence[GapEstimate]) -> tuple[float, float]:
+    """Mean of per-batch estimates and its standard error."""
+    mean = sum(e.mean for e in estimates) / len(estimates)
+    return mean, math.sqrt(sum(e.stderr**2 for e in estimates)) / len(estimates)
+
+
+def _site_row(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batches: Sequence[Any],
+    name: str,
+    curvature: str,
+    samples: dict[str, int],
+    seed: int,
+    loss: str,
+) -> dict[str, float]:
+    """One site's measured gap and predictions, averaged over the batches.
+
+    ``samples``: draws of the ``"gap"``, the sampled ``"curvature"`` and the ``"full"`` term
+    (0: skipped).
+    """
+    row: dict[str, float] = {}
+    row["gap"], row["gap_stderr"] = _mean_estimate(
+        [
+            explicit_gap(
+                model, forward_fn, b, samples["gap"], sites=[name], seed=seed + i, loss=loss
+            )
+            for i, b in enumerate(batches)
+        ]
+    )
+    for grouping in ("mask", "element"):
+        row[grouping] = sum(
+            explicit_regularizer(
+                model,
+                forward_fn,
+                b,
+                curvature,
+                grouping=grouping,
+                samples=samples["curvature"],
+                sites=[name],
+                seed=seed + i,
+                loss=loss,
+            )
+            for i, b in enumerate(batches)
+        ) / len(batches)
+    if samples["full"]:
+        row["full"], row["full_stderr"] = _mean_estimate(
+            [
+                full_curvature(
+                    model, forward_fn, b, samples["full"], sites=[name], seed=seed + i, loss=loss
+                )[name]
+                for i, b in enumerate(batches)
+            ]
+        )
+    return row
+
+
 def measure_effects(
     model: nn.Module,
     forward_fn: ForwardFn,
@@ -67,6 +130,7 @@ def measure_effects(
     gap_samples: int = 64,
     curvature_samples: int = 16,
     noise_samples: int = 64,
+    full_samples: int = 0,
     top: int = 5,
     seed: int = 0,
     loss: str = "cross_entropy",
@@ -81,6 +145,9 @@ def measure_effects(
         gap_samples: Mask draws per batch and site for the gap.
         curvature_samples: Label draws of the sampled curvature.
         noise_samples: Draws of each gradient noise.
+        full_samples: Hutchinson draws per batch and site of the whole second-order term
+            (:func:`~dropsplit.measure.quantities.full_curvature`: ``"full"`` and
+            ``"full_stderr"`` per site); ``0`` skips it (a double backward per draw).
         top: Number of top eigenvalues.
         seed: Seed of every draw.
         loss: Loss family.
@@ -102,33 +169,20 @@ def measure_effects(
             iterator = tqdm(names, desc="sites", disable=None)
         except ImportError:
             pass
-    sites: dict[str, dict[str, float]] = {}
-    for name in iterator:
-        row: dict[str, float] = {}
-        gaps = [
-            explicit_gap(model, forward_fn, b, gap_samples, sites=[name], seed=seed + i, loss=loss)
-            for i, b in enumerate(batches)
-        ]
-        row["gap"] = sum(g.mean for g in gaps) / len(gaps)
-        row["gap_stderr"] = math.sqrt(sum(g.stderr**2 for g in gaps)) / len(gaps)
-        for grouping in ("mask", "element"):
-            row[grouping] = sum(
-                explicit_regularizer(
-                    model,
-                    forward_fn,
-                    b,
-                    curvature,
-                    grouping=grouping,
-                    samples=curvature_samples,
-                    sites=[name],
-                    seed=seed + i,
-                    loss=loss,
-                )
-                for i, b in enumerate(batches)
-            ) / len(batches)
-        sites[name] = row
-    total = {key: sum(r[key] for r in sites.values()) for key in ("gap", "mask", "element")}
-    total["gap_stderr"] = math.sqrt(sum(r["gap_stderr"] ** 2 for r in sites.values()))
+    samples = {
+        "gap": gap_samples,
+        "curvature": curvature_samples,
+        "noise": noise_samples,
+        "full": full_samples,
+    }
+    sites = {
+        name: _site_row(model, forward_fn, batches, name, curvature, samples, seed, loss)
+        for name in iterator
+    }
+    keys = ("gap", "mask", "element", "full") if full_samples else ("gap", "mask", "element")
+    total = {key: sum(r[key] for r in sites.values()) for key in keys}
+    for key in ("gap_stderr", "full_stderr")[: 2 if full_samples else 1]:
+        total[key] = math.sqrt(sum(r[key] ** 2 for r in sites.values()))
     noise, bases = {}, {}
     for kind in KINDS:
         draws = gradient_noise(
@@ -152,7 +206,7 @@ def measure_effects(
         "total": total,
         "noise": noise,
         "alignment": alignment,
-        "samples": {"gap": gap_samples, "curvature": curvature_samples, "noise": noise_samples},
+        "samples": samples,
     }
 
 
@@ -163,11 +217,18 @@ def format_effects(result: dict[str, Any]) -> str:
         f"{'site':<14} {'MC gap':>22} {'lambda R (mask)':>16} {'lambda R (elem)':>16} "
         f"{'gap/mask':>9}",
     ]
+    full = "full" in result["total"]
+    if full:
+        lines[1] += f" {'full (Hutchinson)':>22} {'gap/full':>9}"
     rows = {**result["sites"], "total": result["total"]}
     for name, r in rows.items():
         gap = f"{r['gap']:.4e} +- {r['gap_stderr']:.1e}"
         ratio = r["gap"] / r["mask"] if r["mask"] else float("nan")
-        lines.append(f"{name:<14} {gap:>22} {r['mask']:>16.4e} {r['element']:>16.4e} {ratio:>9.3f}")
+        line = f"{name:<14} {gap:>22} {r['mask']:>16.4e} {r['element']:>16.4e} {ratio:>9.3f}"
+        if full:
+            estimate = f"{r['full']:.4e} +- {r['full_stderr']:.1e}"
+            line += f" {estimate:>22} {r['gap'] / r['full'] if r['full'] else float('nan'):>9.3f}"
+        lines.append(line)
     lines.append("")
     lines.append(f"Gradient noise ({result['samples']['noise']} draws each)")
     dropout_trace = result["noise"]["dropout"]["trace"]

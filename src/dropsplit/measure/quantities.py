@@ -3,7 +3,7 @@
 * :func:`explicit_gap`: Monte-Carlo ``E_eta[loss_drop] - loss`` with a control variate.
 * :func:`explicit_regularizer`: the prediction ``lambda * R_approx`` in the same units (or,
   with ``curvature="full"``, the whole second-order term, model curvature included:
-  :func:`full_curvature_terms`).
+  :func:`full_curvature`, with error bars).
 * :func:`gradient_noise`: draws of the dropout, difference or analytic gradient noise.
 """
 
@@ -120,13 +120,13 @@ def explicit_gap(
     return GapEstimate(float(values.mean()), float(values.std() / math.sqrt(samples)))
 
 
-def full_curvature_terms(
+def full_curvature_draws(
     out: ForwardOutput,
     record: Sequence[tuple[Site, torch.Tensor]],
     loss: Loss,
     samples: int,
     generator: torch.Generator,
-) -> list[float]:
+) -> torch.Tensor:
     r"""The whole second-order term of the explicit effect per recorded gate, by Hutchinson.
 
     The second-order Taylor expansion of :math:`\mathbb{E}_\eta L(1 + \eta) - L(1)` in the gates
@@ -150,19 +150,70 @@ def full_curvature_terms(
         generator: Source of the Rademacher vectors.
 
     Returns:
-        One value per recorded gate, in the units of :func:`explicit_gap`.
+        ``[samples, len(record)]`` float64: each draw's value per recorded gate, in the units
+        of :func:`explicit_gap` (their mean is the estimate).
     """
     gates = [g for _, g in record]
+    coefficients = [explicit_coefficient(site.p) for site, _ in record]
     mean = loss.summed(out.logits, out.targets) / out.n
     firsts = site_gradients(mean, gates, create_graph=True)
-    totals = [0.0] * len(gates)
-    for _ in range(samples):
+    draws = torch.zeros(samples, len(gates), dtype=torch.float64)
+    for k in range(samples):
         zs = [sample_rademacher(g.shape, generator, g.dtype, g.device) for g in gates]
         tangent = torch.stack([(f * z).sum() for f, z in zip(firsts, zs, strict=True)]).sum()
         hz = site_gradients(tangent, gates, create_graph=False)
-        for i, ((site, _), z, h) in enumerate(zip(record, zs, hz, strict=True)):
-            totals[i] += explicit_coefficient(site.p) * float((z * h).sum()) / samples
-    return totals
+        for i, (c, z, h) in enumerate(zip(coefficients, zs, hz, strict=True)):
+            draws[k, i] = c * float((z * h).sum())
+    return draws
+
+
+def full_curvature(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    samples: int = 16,
+    *,
+    grouping: str = "mask",
+    sites: Iterable[str] | None = None,
+    seed: int | None = None,
+    loss: str | Loss = "cross_entropy",
+) -> dict[str, GapEstimate]:
+    """The whole second-order explicit term per site, with its Hutchinson standard error.
+
+    :func:`full_curvature_draws` on one batch, the draws of each site's calls summed per draw.
+    ``explicit_regularizer(..., "full")`` gives the means; this adds the error bars.
+
+    Args:
+        model: A model with sites.
+        forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
+        batch: Passed to ``forward_fn``.
+        samples: Hutchinson draws (``>= 2``).
+        grouping: ``"mask"`` or ``"element"``.
+        sites: Names of the sites to include (default: all).
+        seed: Seed of the Rademacher draws.
+        loss: Loss family.
+
+    Returns:
+        ``{site name: (mean, stderr)}``.
+    """
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+    samples = _positive_int(samples, "samples", 2)
+    loss = get_loss(loss)
+    require_sites(model, "full_curvature")
+    active = select_sites(model, sites)
+    names = {s: n for n, s in named_sites(model)}
+    out, ctx = gated_forward(model, forward_fn, batch, loss, grouping, active)
+    gen = make_generator(seed, model_device(model))
+    draws = full_curvature_draws(out, ctx.record, loss, samples, gen)
+    per_name: dict[str, torch.Tensor] = {}
+    for i, (site, _) in enumerate(ctx.record):
+        name = names[site]
+        per_name[name] = per_name.get(name, torch.zeros(samples, dtype=torch.float64)) + draws[:, i]
+    return {
+        name: GapEstimate(float(v.mean()), float(v.std() / math.sqrt(samples)))
+        for name, v in per_name.items()
+    }
 
 
 @overload
@@ -219,7 +270,7 @@ def explicit_regularizer(
         curvature: ``"exact"`` (full ``H_out``), ``"sampled"`` (mean of ``samples`` one-label
             estimates), ``"label"`` (R-tilde), ``"identity"`` (``H_out = I / C``), or
             ``"full"``: not R_approx but the whole second-order term, the model's own curvature
-            included (:func:`full_curvature_terms`, ``samples`` Hutchinson draws).
+            included (:func:`full_curvature`, ``samples >= 2`` Hutchinson draws).
         grouping: ``"mask"`` (the site's real mask groups) or ``"element"``.
         samples: Draws averaged for the random curvatures.
         sites: Names of the sites to include (default: all).
@@ -232,6 +283,12 @@ def explicit_regularizer(
     """
     if curvature not in MEASURED_CURVATURES:
         raise ValueError(f"curvature must be one of {MEASURED_CURVATURES}, got {curvature!r}")
+    if curvature == "full":
+        estimates = full_curvature(
+            model, forward_fn, batch, samples, grouping=grouping, sites=sites, seed=seed, loss=loss
+        )
+        full = {name: estimate.mean for name, estimate in estimates.items()}
+        return full if per_site else sum(full.values())
     if grouping not in GROUPINGS:
         raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
     samples = _positive_int(samples, "samples")
@@ -241,14 +298,10 @@ def explicit_regularizer(
     names = {s: n for n, s in named_sites(model)}
     out, ctx = gated_forward(model, forward_fn, batch, loss, grouping, active)
     gen = make_generator(seed, model_device(model))
-    draws = 1 if curvature in ("exact", "label", "full") else samples
+    draws = 1 if curvature in ("exact", "label") else samples
     totals: dict[str, float] = {}
     for _ in range(draws):
-        if curvature == "full":
-            terms = full_curvature_terms(out, ctx.record, loss, samples, gen)
-        else:
-            tensors = explicit_terms(out, ctx.record, loss, curvature, gen, create_graph=False)
-            terms = [float(t) for t in tensors]
+        terms = explicit_terms(out, ctx.record, loss, curvature, gen, create_graph=False)
         for (site, _), term in zip(ctx.record, terms, strict=True):
             totals[names[site]] = totals.get(names[site], 0.0) + float(term) / draws
     if per_site:

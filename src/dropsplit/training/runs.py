@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from dropsplit.core.sites import sites
 from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
 from dropsplit.models import LanguageModel
 from dropsplit.training.build import build_model
@@ -46,13 +47,18 @@ def measure_run(
     batches: int = 2,
     gap_samples: int = 64,
     noise_samples: int = 32,
+    full_samples: int = 0,
+    q: float | None = None,
     seed: int = 0,
     out: str | Path | None = None,
     data: str | None = None,
 ) -> tuple[dict[str, Any], Path, list[str]]:
     """:func:`~dropsplit.measure.effects.measure_effects` on validation batches of a trained run.
 
-    Writes ``measure.json`` and the figures to ``out`` (default ``RUN/measure``).
+    Writes ``measure.json`` and the figures to ``out`` (default ``RUN/measure``). ``q``: measure
+    with every dropping site at this probability instead of the trained ones (at small ``q``
+    the second-order terms dominate the gap, so a prediction can be checked site by site);
+    ``full_samples``: Hutchinson draws of the whole second-order term (0: skip).
 
     Returns:
         ``(measurement, out directory, figure file names)``.
@@ -60,7 +66,12 @@ def measure_run(
     from dropsplit.measure.effects import measure_effects, plot_effects
     from dropsplit.models.awd import lm_forward
 
+    if q is not None and not 0.0 <= q < 1.0:
+        raise ValueError(f"--q must be in [0, 1), got {q}")
     config, corpus, model = load_run(run, data)
+    if q is not None:
+        for site in sites(model):
+            site.p = q if site.p > 0 else site.p
     valid = batchify(corpus.valid, config.data.eval_batch_size)
     chosen: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
     state = model.init_state(valid.shape[1])
@@ -78,9 +89,11 @@ def measure_run(
         chosen,
         gap_samples=gap_samples,
         noise_samples=noise_samples,
+        full_samples=full_samples,
         seed=seed,
         progress=True,
     )
+    result["q"] = "trained" if q is None else q
     out = Path(out) if out else run / "measure"
     out.mkdir(parents=True, exist_ok=True)
     (out / "measure.json").write_text(json.dumps(result, indent=2) + "\n")
