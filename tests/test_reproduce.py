@@ -498,5 +498,7 @@ def test_report_tables_every_measurement_with_the_full_second_order_term(tmp_pat
         tmp_path / "report" / "runs" / "dropout-1" / "seed0" / "measure-q0.05" / "measure.json"
     ).exists()
     assert "every dropping site at q = 0.05; `measure-q0.05/`" in text
-    assert "| input | 0.0200 | 0.0010 | 0.0400 | 0.0500 | 0.50 | 0.0250 | 0.0020 | 0.80 |" in text
-    assert "| input | 0.0200 | 0.0010 | 0.0400 | 0.0500 | 0.50 |\n" in text  # the trained-q table
+    assert (
+        "| input | 0.0200 | 1.00e-03 | 0.0400 | 0.0500 | 0.50 | 0.0250 | 2.00e-03 | 0.80 |" in text
+    )
+    assert "| input | 0.0200 | 1.00e-03 | 0.0400 | 0.0500 | 0.50 |\n" in text  # the trained-q table

@@ -247,6 +247,11 @@ def _measure_table(runs: list[Run]) -> list[str]:
     return lines
 
 
+def _num(x: float) -> str:
+    """Four decimals, or three significant digits below 0.01 (small-q gaps are ~1e-4)."""
+    return f"{x:.4f}" if abs(x) >= 0.01 or x == 0 else f"{x:.2e}"
+
+
 def _one_measure_table(run: Run, directory: str, m: dict[str, Any]) -> list[str]:
     """Gap against the Gauss-Newton prediction per site (and the full second-order term)."""
     full = "full" in m["total"]
@@ -266,12 +271,12 @@ def _one_measure_table(run: Run, directory: str, m: dict[str, Any]) -> list[str]
     for site, v in rows:
         ratio = v["gap"] / v["mask"] if v["mask"] else float("nan")
         line = (
-            f"| {site} | {v['gap']:.4f} | {v['gap_stderr']:.4f} | {v['mask']:.4f} | "
-            f"{v['element']:.4f} | {ratio:.2f} |"
+            f"| {site} | {_num(v['gap'])} | {_num(v['gap_stderr'])} | {_num(v['mask'])} | "
+            f"{_num(v['element'])} | {ratio:.2f} |"
         )
         if full:
             full_ratio = v["gap"] / v["full"] if v["full"] else float("nan")
-            line += f" {v['full']:.4f} | {v['full_stderr']:.4f} | {full_ratio:.2f} |"
+            line += f" {_num(v['full'])} | {_num(v['full_stderr'])} | {full_ratio:.2f} |"
         lines.append(line)
     return lines
 
