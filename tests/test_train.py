@@ -217,6 +217,35 @@ def test_divergence_guard_skips_the_step(tmp_path, monkeypatch, model):
     assert summary["skipped_steps"] == 1 and math.isfinite(summary["best_val_loss"])
 
 
+def test_a_spike_of_the_explicit_term_is_skipped(tmp_path, monkeypatch):
+    """One step whose lambda R is 15 times its running mean (a rare sampled label) is skipped
+    like a diverged loss; the steps around it are taken."""
+    import dropsplit.training.trainer as tr
+
+    real = tr.build_method
+    taken = []
+
+    def spiky(cfg, seed, columns):
+        method = real(cfg, seed, columns)
+        step = method.step
+
+        def maybe_spike(model, forward_fn, batch):
+            result = step(model, forward_fn, batch)
+            if len(taken) == 14:
+                result.stats["explicit"] *= 15.0
+            taken.append(result.stats["explicit"])
+            return result
+
+        method.step = maybe_spike
+        return method
+
+    monkeypatch.setattr(tr, "build_method", spiky)
+    config = tiny("train.max_steps=20", "method.name=analytic")
+    with pytest.warns(RuntimeWarning, match="explicit term .* x its mean .*; step skipped"):
+        summary = train(config, tmp_path / "r")
+    assert summary["skipped_steps"] == 1 and len(taken) == 20
+
+
 def test_divergence_guard_can_restore_the_checkpoint(tmp_path, monkeypatch):
     import dropsplit.training.trainer as tr
 

@@ -147,6 +147,7 @@ class Progress:
     stat_sums: dict[str, float] = field(default_factory=dict)
     skipped: int = 0
     loss_ema: float = 0.0
+    explicit_ema: float = 0.0  # running mean of the explicit term, for the spike guard
     train_seconds: float = 0.0
     train_cpu_seconds: float = 0.0  # process CPU time of the steps (CPU / wall shows contention)
     train_tokens: int = 0
@@ -166,6 +167,18 @@ def diverged(loss: float, progress: Progress, factor: float) -> bool:
     if not math.isfinite(loss):
         return True
     return progress.step >= 10 and loss > factor * progress.loss_ema
+
+
+def explicit_spike(explicit: float | None, progress: Progress, factor: float) -> bool:
+    """The explicit term above ``factor`` times its running mean.
+
+    One rare label of the sampled curvature can make one step's lambda R ten times its usual
+    value; its gradient, although clipped, wrecks a recurrent model for good (docs/results/
+    char-time/NOTES.md: R_approx + xi_approx, seed 1111, step 876: 2.79 against 0.18).
+    """
+    if explicit is None or progress.step < 10 or progress.explicit_ema <= 0:
+        return False
+    return explicit > factor * progress.explicit_ema
 
 
 class Trainer:
@@ -369,8 +382,13 @@ class Trainer:
         result = self.method.step(self.trained, lm_forward, (x, y, self.state))
         progress.step += 1
         progress.position = start + x.shape[0]
-        if not result.finite or diverged(result.loss, progress, config.train.divergence_factor):
-            self._skip(result.loss)
+        factor, explicit = config.train.divergence_factor, result.stats.get("explicit")
+        if not result.finite or diverged(result.loss, progress, factor):
+            self._skip(f"loss {result.loss:.4g} diverged")
+        elif explicit_spike(explicit, progress, factor):
+            self._skip(
+                f"explicit term {explicit:.4g} > {factor} x its mean {progress.explicit_ema:.4g}"
+            )
         else:
             if config.optim.clip > 0:
                 nn.utils.clip_grad_norm_(self.params, config.optim.clip)
@@ -385,6 +403,12 @@ class Trainer:
             progress.loss_ema = (
                 result.loss if progress.step == 1 else 0.9 * progress.loss_ema + 0.1 * result.loss
             )
+            if explicit is not None:
+                progress.explicit_ema = (
+                    0.9 * progress.explicit_ema + 0.1 * explicit
+                    if progress.explicit_ema > 0
+                    else explicit
+                )
         progress.train_seconds += time.perf_counter() - tick
         progress.train_cpu_seconds += time.process_time() - cpu_tick
         progress.train_tokens += x.numel() * self.world
@@ -392,12 +416,12 @@ class Trainer:
         if progress.step % config.train.log_every == 0:
             self.bar.set_postfix(epoch=progress.epoch, loss=f"{result.loss:.3f}")
 
-    def _skip(self, loss: float) -> None:
+    def _skip(self, reason: str) -> None:
         """The divergence guard: count the step, warn, and skip it or restore the checkpoint."""
         restore = self.config.train.divergence == "restore"
         self.progress.skipped += 1
         warnings.warn(
-            f"step {self.progress.step}: loss {loss:.4g} diverged; "
+            f"step {self.progress.step}: {reason}; "
             + ("last checkpoint restored" if restore else "step skipped"),
             RuntimeWarning,
             stacklevel=3,
