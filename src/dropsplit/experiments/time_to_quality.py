@@ -220,13 +220,17 @@ def _verdicts(groups, reference, costs) -> list[str]:
         if not all(first_reaching(r, stat(reference).mean) for r in runs):
             lines.append(f"- {runs[0].label}: a seed never reaches Dropout_1's quality; {quality}.")
             continue
-        step_text = "no benchmark rows" if steps is None else f"**{steps.text()}** x Dropout_1's"
-        wall_text = (
-            "no clean timing of every seed" if wall is None else f"**{wall.text()}** x Dropout_1's"
+        step_text = (
+            "(no step-cost benchmark for its dropout-step equivalents)"
+            if steps is None
+            else f"in **{steps.text()}** x Dropout_1's dropout-step equivalents"
         )
+        wall_text = "no clean timing of every seed"
+        if wall is not None:
+            wall_text = f"**{wall.text()}** x Dropout_1's"
         lines.append(
-            f"- {runs[0].label} reaches Dropout_1's quality in {step_text} dropout-step "
-            f"equivalents; in wall time: {wall_text}; {quality}."
+            f"- {runs[0].label} reaches Dropout_1's quality {step_text}; in wall time: "
+            f"{wall_text}; {quality}."
         )
     return lines
 
