@@ -351,6 +351,7 @@ class DropoutK(Method):
                 grouping=self.grouping,
                 implicit_scale=scale,
                 hvp_step=self.hvp_step,
+                with_loss=False,
             )
             est = self.estimator.estimate(model, forward_fn, batch, spec, gen)
             assert est.regularizers is not None and est.implicit is not None  # separable

@@ -37,6 +37,10 @@ class EstimatorSpec:
         hvp_step: Largest gate displacement of ``"hvp-difference"``.
         fd_epsilon: Step of ``"finite-difference"``, relative to the noise's standard deviation.
         fd_examples: ``fd_examples(out)``: example index of each target (``"finite-difference"``).
+        with_loss: Whether the caller backpropagates ``surrogate`` (loss + regularizers, the
+            default) or only ``regularizers`` (Dropout_k adding the analytic noise to its own
+            loss); an estimator that takes its gradients early (``"hvp-difference"``) needs to
+            know which, and gives ``regularizers`` only when ``with_loss`` is ``False``.
     """
 
     loss: Loss
@@ -48,6 +52,7 @@ class EstimatorSpec:
     hvp_step: float = 1e-3
     fd_epsilon: float = 0.05
     fd_examples: Callable[[ForwardOutput], torch.Tensor] | None = None
+    with_loss: bool = True
 
 
 @dataclass

@@ -20,20 +20,33 @@ double-backward path with the same labels and signs, up to :math:`O(t)` and roun
 :mod:`~dropsplit.estimators.finite_difference`, the direction ``d`` is the exact one (from one
 backward to the gates), so no products of random signs enter: the estimator has the exact
 path's noise, and the explicit term's value is exact. Cost: three forwards (the clean gated
-one, one along ``d``, one along ``d'``), one backward to the gates and one through all three
-forwards, all with single-backward kernels; without the implicit term, two forwards.
+one, one along ``d``, one along ``d'``), one backward to the gates and one through each forward,
+all with single-backward kernels; without the implicit term, two forwards.
+
+Memory: ``t`` and ``t'`` are known before the moved forwards, so the clean forward's part of
+the surrogate (``L / N - P(1) / t - L(1) / t'``) is backpropagated first and its graph freed,
+then each moved forward right after it is built; the parameter gradients add up in one buffer
+that enters the surrogate as a zero-valued linear term (:func:`inject`). At most one graph is
+alive at a time (three at once cost 3.5 dropout steps' memory at the paper's size).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from dropsplit.core.explicit import explicit_penalty, probe_function, site_gradients
-from dropsplit.core.forward import ForwardFn, ForwardOutput, call_forward, gated_forward
+from dropsplit.core.forward import (
+    ForwardFn,
+    ForwardOutput,
+    call_forward,
+    gated_forward,
+    trainable_parameters,
+)
 from dropsplit.core.losses import Loss
 from dropsplit.core.noise import explicit_coefficient, noise_variance, sample_rademacher
 from dropsplit.core.sites import SiteContext, site_context
@@ -41,15 +54,43 @@ from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature, 
 
 CURVATURES = ("sampled", "label", "identity")
 SEPARABLE = True
-__all__ = ["CURVATURES", "SEPARABLE", "estimate", "forward_along"]
+__all__ = ["CURVATURES", "SEPARABLE", "estimate", "forward_along", "inject"]
+
+Gradients = list[torch.Tensor | None]
+
+
+def inject(grads: Gradients, params: list[nn.Parameter]) -> torch.Tensor:
+    """A zero-valued scalar whose gradient with respect to ``params`` is ``grads``.
+
+    ``sum_p <p, g_p> - sum_p <p, g_p>.detach()``: gradients taken early, their graphs freed,
+    enter the caller's single backward.
+    """
+    terms = [(p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None]
+    if not terms:
+        return torch.zeros((), dtype=params[0].dtype if params else None)
+    linear = torch.stack(terms).sum()
+    return linear - linear.detach()
+
+
+def _add_gradient(total: Gradients, scalar: torch.Tensor, params: list[nn.Parameter]) -> Gradients:
+    """``total + d scalar / d params``, taken now so that ``scalar``'s graph is freed."""
+    grads = torch.autograd.grad(scalar, params, allow_unused=True)
+    return [
+        g if t is None else t if g is None else t + g for t, g in zip(total, grads, strict=True)
+    ]
+
+
+def _step_size(directions: list[torch.Tensor], step: float) -> float:
+    """``t`` such that the largest gate of ``1 + t d`` moves by ``step``."""
+    largest = max(float(d.abs().max()) for d in directions)
+    return step / largest if largest > 0 else step
 
 
 def forward_along(
     model: nn.Module, forward_fn: ForwardFn, batch: Any, loss: Loss, directions, step: float
 ) -> tuple[ForwardOutput, float]:
     """The forward at gates ``1 + t d``, ``t`` scaled so that the largest gate moves by ``step``."""
-    largest = max(float(d.abs().max()) for d in directions)
-    t = step / largest if largest > 0 else step
+    t = _step_size(directions, step)
     multipliers = [1.0 + t * d for d in directions]
     with site_context(model, SiteContext("fixed", multipliers=multipliers)):
         out = call_forward(forward_fn, model, batch, loss)
@@ -88,9 +129,12 @@ def estimate(
         out, ctx = gated_forward(model, forward_fn, batch, loss, spec.grouping, twice=False)
     check_precision("hvp-difference", out.logits.dtype)
     n, gates, qs = out.n, ctx.gates, [site.p for site, _ in ctx.record]
+    params = trainable_parameters(model)
     summed = loss.summed(out.logits, out.targets)
-    regularizers = summed.new_zeros(())
-    terms, explicit, implicit_value = None, None, None
+    clean = summed / n if spec.with_loss else summed.new_zeros(())  # the clean graph's part
+    # (label, directions, t, function of the moved logits or None for the true loss, its value at 1)
+    moves: list[tuple[str, list[torch.Tensor], float, Callable | None, torch.Tensor]] = []
+    terms, explicit, implicit_value, probe = None, None, None, None
     if spec.curvature is not None:
         probe = probe_function(spec.curvature, out, loss, generator)
         at_one = probe(out.logits)
@@ -102,22 +146,41 @@ def estimate(
         directions = [
             2 * scale * explicit_coefficient(q) / n * g for g, q in zip(grads, qs, strict=True)
         ]
-        with torch.profiler.record_function("dropsplit.hvp_difference.explicit_forward"):
-            moved, t = forward_along(model, forward_fn, batch, loss, directions, step)
-        regularizers = regularizers + (probe(moved.logits) - at_one) / t
+        del grads
+        t = _step_size(directions, step)
+        clean = clean - at_one / t
+        moves.append(("explicit", directions, t, probe, at_one.detach()))
     if spec.implicit:
         scales = [math.sqrt(spec.implicit_scale * noise_variance(q)) / n for q in qs]
         directions = [
             c * sample_rademacher(g.shape, generator, g.dtype, g.device)
             for g, c in zip(gates, scales, strict=True)
         ]
-        with torch.profiler.record_function("dropsplit.hvp_difference.implicit_forward"):
-            moved, t = forward_along(model, forward_fn, batch, loss, directions, step)
-        difference = (loss.summed(moved.logits, moved.targets) - summed) / t
-        implicit_value = difference.detach()
-        regularizers = regularizers + difference
+        t = _step_size(directions, step)
+        clean = clean - summed / t
+        moves.append(("implicit", directions, t, None, summed.detach()))
+    value = summed.new_zeros(())  # the regularizers' value
+    with torch.profiler.record_function("dropsplit.hvp_difference.clean_backward"):
+        total = _add_gradient([None] * len(params), clean, params)  # frees the clean graph
+    for label, directions, t, function, at_start in moves:
+        with torch.profiler.record_function(f"dropsplit.hvp_difference.{label}_forward"):
+            moved, _ = forward_along(model, forward_fn, batch, loss, directions, step)
+            at_end = (
+                function(moved.logits)
+                if function is not None
+                else loss.summed(moved.logits, moved.targets)
+            )
+            total = _add_gradient(total, at_end / t, params)  # frees the moved graph
+        difference = (at_end.detach() - at_start) / t
+        value = value + difference
+        if label == "implicit":
+            implicit_value = difference
+    injected = value + inject(total, params)
+    # with the loss, the injected gradient is the whole surrogate's: no separable part to give
+    regularizers = None if spec.with_loss else injected
+    surrogate = (summed / n).detach() + injected if spec.with_loss else injected
     return Estimate(
-        surrogate=summed / n + regularizers,
+        surrogate=surrogate,
         regularizers=regularizers,
         loss=(summed / n).detach(),
         explicit=explicit,
