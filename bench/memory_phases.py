@@ -10,8 +10,6 @@ over the one before the measured steps (two steps after a warm-up, as ``dropspli
 
 import argparse
 import gc
-import threading
-import time
 
 import torch
 
@@ -53,20 +51,8 @@ def main() -> None:
     step = benchmark.steps(args.size, "cpu", "lstm")[args.method]
     step()
     gc.collect()
-    before, peaks, done = benchmark._rss_bytes(), {}, threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            rss, label = benchmark._rss_bytes(), phase[0]
-            peaks[label] = max(peaks.get(label, 0), rss)
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    step()
-    step()
-    done.set()
-    sampler.join()
+    before = benchmark._rss_bytes()
+    peaks = benchmark.rss_peaks(lambda: (step(), step()), lambda: phase[0])
     for label, rss in sorted(peaks.items(), key=lambda kv: -kv[1]):
         print(f"{label:32s} {(rss - before) / 2**20:8.0f} MiB")
 

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -225,20 +225,33 @@ def step_peak_memory(size: str, name: str, device: str = "cpu", model: str = "ls
     step()  # first-call allocations (thread pools, kernels) are not the step's
     gc.collect()
     before = _rss_bytes()
-    peak, done = [before], threading.Event()
+    peaks = rss_peaks(lambda: (step(), step()))
+    return (max(before, *peaks.values()) - before) / 2**20
 
-    def sample():  # the kernel's high-water mark cannot be reset, so poll the resident set
+
+def rss_peaks(run: Callable[[], Any], label: Callable[[], str] = lambda: "run") -> dict[str, int]:
+    """The highest resident set (bytes) while ``run()`` runs, per ``label()`` when polled.
+
+    The kernel's high-water mark cannot be reset, so the resident set is polled every 0.5 ms
+    from a thread; ``label`` lets a caller tag phases (``bench/memory_phases.py``).
+    """
+    peaks: dict[str, int] = {}
+    done = threading.Event()
+
+    def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            rss, key = _rss_bytes(), label()
+            peaks[key] = max(peaks.get(key, 0), rss)
             time.sleep(0.0005)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    step()
-    step()
-    done.set()
-    sampler.join()
-    return (peak[0] - before) / 2**20
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
+    return peaks
 
 
 def memory_rows(size: str, names, device: str = "cpu", model: str = "lstm") -> dict[str, float]:
