@@ -14,10 +14,12 @@ from dropsplit.experiments.time_to_quality import (
     comparable,
     dropout_step_equivalents,
     plot_time_to_quality,
+    step_counts,
     step_kind,
     time_to_quality_lines,
 )
 
+STEP_KINDS = ("clean", "both", "explicit", "implicit")
 COSTS = {
     "DropoutK(1)": 1.0,
     "DropoutK(4) loop": 3.9,
@@ -58,6 +60,25 @@ def test_step_kinds_are_the_terms_the_method_takes(options):
         kind = step_kind(analytic(**options), step)
         assert ("explicit" in stats) == (kind in ("both", "explicit"))
         assert ("implicit" in stats) == (kind in ("both", "implicit"))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"start_step": 7},
+        {"explicit_every": 2, "implicit_every": 3},
+        {"start_step": 5, "explicit_every": 4, "implicit_every": 6},
+        {"implicit": False, "explicit_every": 3},
+        {"curvature": None, "implicit_every": 2},
+    ],
+    ids=["every-step", "scheduled", "lazy", "scheduled-lazy", "explicit-only", "implicit-only"],
+)
+def test_counted_step_kinds_are_those_of_each_step(options):
+    method = analytic(**options)
+    for steps in (0, 1, 4, 5, 12, 37, 60):
+        kinds = [step_kind(method, s) for s in range(steps)]
+        assert step_counts(method, steps) == {k: kinds.count(k) for k in STEP_KINDS}
 
 
 def test_dropout_step_equivalents_sum_each_steps_cost():

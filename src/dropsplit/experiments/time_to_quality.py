@@ -11,6 +11,7 @@ lines give each analytic run's ratio to it with the spread over seeds.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,32 @@ def step_kind(method: dict[str, Any], step: int) -> str:
     return "both" if explicit and implicit else "explicit" if explicit else "implicit"
 
 
+def step_counts(method: dict[str, Any], steps: int) -> dict[str, int]:
+    """How many of the first ``steps`` steps are of each :func:`step_kind`, counted directly.
+
+    Of the ``R`` steps from the start on, ``ceil(R / m)`` take the explicit term, ``ceil(R /
+    m')`` the implicit one and ``ceil(R / lcm(m, m'))`` both (a report costs every evaluation of
+    every run, so no loop over the steps).
+    """
+    regularized = max(0, steps - method.get("start_step", 0))
+    m, m_noise = method.get("explicit_every", 1), method.get("implicit_every", 1)
+    explicit = -(-regularized // m) if _curvature(method) is not None else 0
+    implicit = -(-regularized // m_noise) if method.get("implicit", True) else 0
+    both = -(-regularized // math.lcm(m, m_noise)) if explicit and implicit else 0
+    return {
+        "clean": steps - explicit - implicit + both,
+        "both": both,
+        "explicit": explicit - both,
+        "implicit": implicit - both,
+    }
+
+
+def cpu_share(summary: dict[str, Any]) -> float | None:
+    """The steps' CPU time over their wall time (``None``: not recorded)."""
+    cpu, wall = summary.get("train_cpu_seconds"), summary.get("train_seconds")
+    return None if cpu is None or not wall else cpu / wall
+
+
 def dropout_step_equivalents(
     config: dict[str, Any], steps: int, costs: dict[str, float]
 ) -> float | None:
@@ -68,9 +95,7 @@ def dropout_step_equivalents(
         return None
     if _curvature(method) not in ("sampled", None):
         return None
-    counts = dict.fromkeys(STEP_ROWS, 0)
-    for step in range(steps):
-        counts[step_kind(method, step)] += 1
+    counts = step_counts(method, steps)
     if any(n and STEP_ROWS[kind] not in costs for kind, n in counts.items()):
         return None
     return sum(n * costs[STEP_ROWS[kind]] for kind, n in counts.items() if n)
@@ -86,10 +111,8 @@ def clean_timing(summary: dict[str, Any]) -> bool:
     """
     if summary.get("device") == "cuda":
         return True
-    cpu, wall = summary.get("train_cpu_seconds"), summary.get("train_seconds")
-    if cpu is None or not wall or summary.get("threads") != 1:
-        return False
-    return cpu / wall >= MIN_CPU_SHARE
+    share = cpu_share(summary)
+    return share is not None and summary.get("threads") == 1 and share >= MIN_CPU_SHARE
 
 
 def own_best(run: Any) -> dict[str, Any]:
@@ -133,11 +156,7 @@ def _cost(run, evaluation, costs, key) -> float | None:
 
 
 def _cells(runs: list[Any], target: float, costs: dict[str, float]) -> list[str]:
-    shares = [
-        r.summary["train_cpu_seconds"] / r.summary["train_seconds"]
-        for r in runs
-        if r.summary.get("train_cpu_seconds") is not None and r.summary.get("train_seconds")
-    ]
+    shares = [x for x in map(cpu_share, (r.summary for r in runs)) if x is not None]
     share = f"{min(shares):.2f}" if shares else "-"
     reached = [(r, first_reaching(r, target)) for r in runs]
     hits = [(r, h) for r, h in reached if h is not None]
