@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -87,14 +88,12 @@ def _step_size(directions: list[torch.Tensor], step: float) -> float:
 
 
 def forward_along(
-    model: nn.Module, forward_fn: ForwardFn, batch: Any, loss: Loss, directions, step: float
-) -> tuple[ForwardOutput, float]:
-    """The forward at gates ``1 + t d``, ``t`` scaled so that the largest gate moves by ``step``."""
-    t = _step_size(directions, step)
+    model: nn.Module, forward_fn: ForwardFn, batch: Any, loss: Loss, directions, t: float
+) -> ForwardOutput:
+    """The forward at gates ``1 + t d`` (``t`` from :func:`_step_size`)."""
     multipliers = [1.0 + t * d for d in directions]
     with site_context(model, SiteContext("fixed", multipliers=multipliers)):
-        out = call_forward(forward_fn, model, batch, loss)
-    return out, t
+        return call_forward(forward_fn, model, batch, loss)
 
 
 def estimate(
@@ -132,9 +131,9 @@ def estimate(
     params = trainable_parameters(model)
     summed = loss.summed(out.logits, out.targets)
     clean = summed / n if spec.with_loss else summed.new_zeros(())  # the clean graph's part
-    # (label, directions, t, function of the moved logits or None for the true loss, its value at 1)
-    moves: list[tuple[str, list[torch.Tensor], float, Callable | None, torch.Tensor]] = []
-    terms, explicit, implicit_value, probe = None, None, None, None
+    # (label, directions, t, the function of the logits it differentiates, its value at 1)
+    moves: list[tuple[str, list[torch.Tensor], float, Callable, torch.Tensor]] = []
+    terms, explicit, implicit_value = None, None, None
     if spec.curvature is not None:
         probe = probe_function(spec.curvature, out, loss, generator)
         at_one = probe(out.logits)
@@ -158,18 +157,14 @@ def estimate(
         ]
         t = _step_size(directions, step)
         clean = clean - summed / t
-        moves.append(("implicit", directions, t, None, summed.detach()))
+        true_loss = partial(loss.summed, targets=out.targets)
+        moves.append(("implicit", directions, t, true_loss, summed.detach()))
     value = summed.new_zeros(())  # the regularizers' value
     with torch.profiler.record_function("dropsplit.hvp_difference.clean_backward"):
         total = _add_gradient([None] * len(params), clean, params)  # frees the clean graph
     for label, directions, t, function, at_start in moves:
         with torch.profiler.record_function(f"dropsplit.hvp_difference.{label}_forward"):
-            moved, _ = forward_along(model, forward_fn, batch, loss, directions, step)
-            at_end = (
-                function(moved.logits)
-                if function is not None
-                else loss.summed(moved.logits, moved.targets)
-            )
+            at_end = function(forward_along(model, forward_fn, batch, loss, directions, t).logits)
             total = _add_gradient(total, at_end / t, params)  # frees the moved graph
         difference = (at_end.detach() - at_start) / t
         value = value + difference

@@ -242,7 +242,8 @@ def _measure_table(runs: list[Run]) -> list[str]:
     run = measured[0]
     lines: list[str] = []
     for directory, m in sorted(run.measures.items(), key=lambda kv: kv[0] != "measure"):
-        lines += [] if not lines else [""]
+        if lines:
+            lines.append("")
         lines += _one_measure_table(run, directory, m)
     return lines
 

@@ -179,10 +179,10 @@ def measure_effects(
         name: _site_row(model, forward_fn, batches, name, curvature, samples, seed, loss)
         for name in iterator
     }
-    keys = ("gap", "mask", "element", "full") if full_samples else ("gap", "mask", "element")
-    total = {key: sum(r[key] for r in sites.values()) for key in keys}
-    for key in ("gap_stderr", "full_stderr")[: 2 if full_samples else 1]:
-        total[key] = math.sqrt(sum(r[key] ** 2 for r in sites.values()))
+    full = ["full"] if full_samples else []
+    total = {key: sum(r[key] for r in sites.values()) for key in ["gap", "mask", "element", *full]}
+    for key in ("gap", *full):  # independent errors add in quadrature
+        total[f"{key}_stderr"] = math.sqrt(sum(r[f"{key}_stderr"] ** 2 for r in sites.values()))
     noise, bases = {}, {}
     for kind in KINDS:
         draws = gradient_noise(

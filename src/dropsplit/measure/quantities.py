@@ -66,6 +66,23 @@ def _positive_int(value: Any, argument: str, minimum: int = 1) -> int:
     return value
 
 
+def _gated_sites(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    loss: Loss,
+    grouping: str,
+    sites: Iterable[str] | None,
+    caller: str,
+) -> tuple[ForwardOutput, SiteContext, dict[Site, str]]:
+    """The checks, the gated forward on the chosen sites, and each site's name."""
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+    require_sites(model, caller)
+    out, ctx = gated_forward(model, forward_fn, batch, loss, grouping, select_sites(model, sites))
+    return out, ctx, {s: n for n, s in named_sites(model)}
+
+
 def explicit_gap(
     model: nn.Module,
     forward_fn: ForwardFn,
@@ -196,14 +213,11 @@ def full_curvature(
     Returns:
         ``{site name: (mean, stderr)}``.
     """
-    if grouping not in GROUPINGS:
-        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
     samples = _positive_int(samples, "samples", 2)
     loss = get_loss(loss)
-    require_sites(model, "full_curvature")
-    active = select_sites(model, sites)
-    names = {s: n for n, s in named_sites(model)}
-    out, ctx = gated_forward(model, forward_fn, batch, loss, grouping, active)
+    out, ctx, names = _gated_sites(
+        model, forward_fn, batch, loss, grouping, sites, "full_curvature"
+    )
     gen = make_generator(seed, model_device(model))
     draws = full_curvature_draws(out, ctx.record, loss, samples, gen)
     per_name: dict[str, torch.Tensor] = {}
@@ -289,14 +303,10 @@ def explicit_regularizer(
         )
         full = {name: estimate.mean for name, estimate in estimates.items()}
         return full if per_site else sum(full.values())
-    if grouping not in GROUPINGS:
-        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
     samples = _positive_int(samples, "samples")
     loss = get_loss(loss)
-    require_sites(model, "explicit_regularizer")
-    active = select_sites(model, sites)
-    names = {s: n for n, s in named_sites(model)}
-    out, ctx = gated_forward(model, forward_fn, batch, loss, grouping, active)
+    caller = "explicit_regularizer"
+    out, ctx, names = _gated_sites(model, forward_fn, batch, loss, grouping, sites, caller)
     gen = make_generator(seed, model_device(model))
     draws = 1 if curvature in ("exact", "label") else samples
     totals: dict[str, float] = {}
