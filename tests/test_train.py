@@ -246,6 +246,35 @@ def test_a_spike_of_the_explicit_term_is_skipped(tmp_path, monkeypatch):
     assert summary["skipped_steps"] == 1 and len(taken) == 20
 
 
+def test_a_lasting_rise_of_the_explicit_term_is_followed_not_skipped_forever(tmp_path, monkeypatch):
+    """From step 12 on lambda R is 20 times larger for good (as early in training, when it
+    grows fast): a few steps are skipped while the running mean catches up, then training goes
+    on (the mean once moved only on taken steps, so every later step was skipped)."""
+    import dropsplit.training.trainer as tr
+
+    real = tr.build_method
+    calls = []
+
+    def shifted(cfg, seed, columns):
+        method = real(cfg, seed, columns)
+        step = method.step
+
+        def level_shift(model, forward_fn, batch):
+            result = step(model, forward_fn, batch)
+            calls.append(None)
+            if len(calls) >= 12:
+                result.stats["explicit"] *= 20.0
+            return result
+
+        method.step = level_shift
+        return method
+
+    monkeypatch.setattr(tr, "build_method", shifted)
+    with pytest.warns(RuntimeWarning, match="explicit term"):
+        summary = train(tiny("train.max_steps=30", "method.name=analytic"), tmp_path / "r")
+    assert 1 <= summary["skipped_steps"] <= 6
+
+
 def test_divergence_guard_can_restore_the_checkpoint(tmp_path, monkeypatch):
     import dropsplit.training.trainer as tr
 

@@ -403,12 +403,14 @@ class Trainer:
             progress.loss_ema = (
                 result.loss if progress.step == 1 else 0.9 * progress.loss_ema + 0.1 * result.loss
             )
-            if explicit is not None:
-                progress.explicit_ema = (
-                    0.9 * progress.explicit_ema + 0.1 * explicit
-                    if progress.explicit_ema > 0
-                    else explicit
-                )
+        if explicit is not None and math.isfinite(explicit):
+            # on skipped steps too: a lasting rise (the term grows fast early in training) must
+            # move the mean, or every later step would be skipped
+            progress.explicit_ema = (
+                0.9 * progress.explicit_ema + 0.1 * explicit
+                if progress.explicit_ema > 0
+                else explicit
+            )
         progress.train_seconds += time.perf_counter() - tick
         progress.train_cpu_seconds += time.process_time() - cpu_tick
         progress.train_tokens += x.numel() * self.world
