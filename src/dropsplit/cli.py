@@ -122,10 +122,11 @@ def _measure(args: argparse.Namespace) -> int:
 
 def _reproduce(args: argparse.Namespace) -> int:
     from dropsplit.experiments.report import write_report
-    from dropsplit.experiments.reproduce import load_suite, reproduce
+    from dropsplit.experiments.reproduce import load_suite, reproduce, suite_path
     from dropsplit.optional import require
 
     require("matplotlib", "the report of reproduce")  # before hours of training, not after
+    args.suite = suite_path(args.suite).as_posix()  # a name (char-qrnn) becomes its file
     suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds, overrides=args.set)
     out = Path(args.out or default_out(args.suite, args.quick))
     if args.quick:
@@ -183,6 +184,14 @@ def _report(args: argparse.Namespace) -> int:
         costs = {name: row["ratio_median"] for name, row in rows.items()}
     report = write_report(args.runs, args.out, suite, command, step_costs=costs)
     print(f"Report: {report}")
+    return 0
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    from dropsplit.experiments.matrix import write_matrix
+
+    command = f"dropsplit matrix {args.columns} --out {args.out}"
+    print(f"Report: {write_matrix(args.columns, args.out, command)}")
     return 0
 
 
@@ -256,8 +265,8 @@ def _add_suite_commands(sub: Any) -> None:
     rep.add_argument(
         "--suite",
         default="configs/paper/suite-char.toml",
-        help="suite file (default: the character-level suite; the word-level one is "
-        "configs/paper/suite.toml)",
+        help="suite file or name: char (the default), char-qrnn, char-transformer, char-wt2, "
+        "char-time, word (configs/paper/suite-NAME.toml; word: suite.toml)",
     )
     rep.add_argument(
         "--out", help="run directory (default runs/paper-char[-quick] for suite-char.toml)"
@@ -292,6 +301,13 @@ def _add_suite_commands(sub: Any) -> None:
         "the practitioner's table (kept there for later regenerations)",
     )
     report.set_defaults(handler=_report)
+
+    matrix = sub.add_parser(
+        "matrix", help="one verdict table across the suites' reports (a column per configuration)"
+    )
+    matrix.add_argument("columns", help="matrix file (configs/paper/matrix.toml)")
+    matrix.add_argument("--out", required=True, help="report directory")
+    matrix.set_defaults(handler=_matrix)
 
 
 def _add_data_and_run_commands(sub: Any) -> None:

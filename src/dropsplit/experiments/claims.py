@@ -21,6 +21,7 @@ from typing import Any
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 NOT_RUN, FINDING = "not run", "finding"
+DROPOUT_K = "dropout-[0-9]"  # Dropout_1 ... Dropout_9 (not dropout-4-difference)
 SINGLE_SEED_MARGIN = 0.05
 
 
@@ -161,6 +162,7 @@ class Claim:
         judge: ``(stats, main_fraction) -> (verdict, effect)`` from the best validation
             perplexities per run name (``main_fraction``: training fraction of the main runs).
         one_seed_rule: A verdict that rests on a one-seed comparison is at most inconclusive.
+        shows: The runs its figure draws (``fnmatch`` patterns, in drawing order).
     """
 
     key: str
@@ -169,6 +171,7 @@ class Claim:
     judge: Judge
     needs: tuple[str, ...] = ()
     one_seed_rule: bool = True
+    shows: tuple[str, ...] = ()
 
 
 def _judge_a(stats: dict[str, Stat], _: str | None) -> tuple[str, str]:
@@ -294,6 +297,15 @@ def _judge_fig4(stats: dict[str, Stat], _: str | None) -> tuple[str, str]:
     return verdict, "; ".join(parts)
 
 
+def _judge_baselines(stats: dict[str, Stat], _: str | None) -> tuple[str, str]:
+    """The best strength of each baseline grid against Dropout_1 and the analytic replacement."""
+    chosen = [b for b in (_best(stats, "rdrop-"), _best(stats, "fraternal-")) if b is not None]
+    if "dropout-1" not in stats or not chosen:
+        return NOT_RUN, "needs dropout-1 and rdrop-* or fraternal-* runs"
+    pairs = [("dropout-1", b) for b in chosen] + [(b, "analytic") for b in chosen]
+    return finding(*pairs)(stats, _)
+
+
 def finding(*pairs: tuple[str, str]) -> Judge:
     """A comparison of ours with no paper verdict: ``b - a`` for each pair that exists."""
 
@@ -318,6 +330,7 @@ CLAIMS: tuple[Claim, ...] = (
         "PTB: worse as k grows; Dropout_32 still beats no dropout (~120 best val ppl). "
         "[G]: Dropout_1 83.0, Dropout_4 89.2, Dropout_8 91.6, no reg 118.6",
         _judge_a,
+        shows=(DROPOUT_K, "dropout-[0-9][0-9]", "no-dropout"),
     ),
     Claim(
         "b",
@@ -325,6 +338,7 @@ CLAIMS: tuple[Claim, ...] = (
         "Dropout_4 + xi~ back to Dropout_1 (qualitative)",
         _judge_b,
         needs=("dropout-1", "dropout-4", "dropout-4-difference"),
+        shows=("dropout-1", "dropout-4", "dropout-4-difference"),
     ),
     Claim(
         "c",
@@ -332,6 +346,7 @@ CLAIMS: tuple[Claim, ...] = (
         "R_approx beats Dropout_32, trails Dropout_1 (qualitative). [G]: explicit only 87.0 "
         "vs Dropout_1 83.0, Dropout_8 91.6",
         _judge_c,
+        shows=(DROPOUT_K, "explicit", "no-dropout"),
     ),
     Claim(
         "d",
@@ -339,12 +354,14 @@ CLAIMS: tuple[Claim, ...] = (
         "R_approx + xi_approx matches dropout (qualitative). [G]: 77.4 vs Dropout_1 83.0",
         _judge_d,
         needs=("dropout-1", "analytic"),
+        shows=("dropout-1", "analytic", "no-dropout"),
     ),
     Claim(
         "e",
         "Identity H_out, tuned, is about as good as the best l2 and worse than R_approx.",
         "PTB (slides): identity H 108.76, l2 112.04, R-tilde 84.06, R_approx 84.52",
         _judge_e,
+        shows=("dropout-1", "explicit", "identity-*", "l2-*", "label-*"),
     ),
     Claim(
         "f",
@@ -352,12 +369,14 @@ CLAIMS: tuple[Claim, ...] = (
         "WT103: Dropout_1 34.24, Dropout_2 33.35, Dropout_4 32.74, Dropout_8 32.78 "
         "(no implicit effect with much data)",
         _judge_f,
+        shows=("data-*", "dropout-1", "dropout-4"),
     ),
     Claim(
         "Fig. 4",
         "Dropout_k + sqrt(1 - 1/k) xi_approx tracks Dropout_1.",
         "tracks Dropout_1 (qualitative). [G]: Dropout_8 + implicit 83.1 vs Dropout_1 83.0",
         _judge_fig4,
+        shows=("dropout-1", "dropout-*-analytic"),
     ),
     Claim(
         "grouping",
@@ -365,6 +384,7 @@ CLAIMS: tuple[Claim, ...] = (
         "the original code squares per element",
         finding(("explicit", "explicit-element"), ("analytic", "analytic-element")),
         one_seed_rule=False,
+        shows=("explicit", "explicit-element", "analytic", "analytic-element"),
     ),
     Claim(
         "estimator",
@@ -378,6 +398,16 @@ CLAIMS: tuple[Claim, ...] = (
             ("explicit", "explicit-fd"),
         ),
         one_seed_rule=False,
+        shows=("analytic", "analytic-exact", "analytic-fd", "explicit", "explicit-fd"),
+    ),
+    Claim(
+        "baselines",
+        "(ours) R-Drop and fraternal dropout (the best strength of each grid) against Dropout_1 "
+        "and against R_approx + xi_approx.",
+        "-",
+        _judge_baselines,
+        one_seed_rule=False,
+        shows=("dropout-1", "rdrop-*", "fraternal-*", "analytic"),
     ),
 )
 

@@ -282,6 +282,12 @@ def _one_measure_table(run: Run, directory: str, m: dict[str, Any]) -> list[str]
     return lines
 
 
+def main_fraction(groups: dict[str, list[Run]]) -> str | None:
+    """Training fraction of the main runs (Dropout_1's), for the data-size claim."""
+    main = groups.get("dropout-1")
+    return str(main[0].summary["config"]["data"]["train_fraction"]) if main else None
+
+
 def _verdict_lines(stats: dict[str, Stat], groups: dict[str, list[Run]]) -> list[str]:
     """The verdict section: the rules, then one row per claim of :data:`CLAIMS`."""
     lines = [
@@ -295,10 +301,8 @@ def _verdict_lines(stats: dict[str, Stat], groups: dict[str, list[Run]]) -> list
         "| claim | paper | our effect | verdict |",
         "|---|---|---|---|",
     ]
-    main = groups.get("dropout-1")
-    main_fraction = str(main[0].summary["config"]["data"]["train_fraction"]) if main else None
     claims = {c.key: c for c in CLAIMS}
-    for v in judge_claims(stats, main_fraction):
+    for v in judge_claims(stats, main_fraction(groups)):
         c = claims[v.claim]
         lines.append(f"| ({v.claim}) {c.statement} | {c.paper} | {v.effect} | **{v.verdict}** |")
     return lines

@@ -83,6 +83,36 @@ class Suite:
     runs: tuple[RunSpec, ...]
 
 
+SUITES = Path("configs") / "paper"  # where `--suite NAME` looks: suite-NAME.toml (suite.toml: word)
+
+
+def suite_names() -> dict[str, Path]:
+    """The shipped suites by name.
+
+    ``suite-char-qrnn.toml`` is ``char-qrnn``; ``suite.toml`` (the word-level suite) is ``word``.
+    """
+    names = {}
+    for path in sorted(find_config(SUITES).glob("suite*.toml")):
+        name = path.stem.removeprefix("suite").removeprefix("-") or "word"
+        names[name] = find_config(SUITES / path.name)
+    return dict(sorted(names.items()))
+
+
+def suite_path(suite: str | Path) -> Path:
+    """A suite file from a path or a shipped suite's name (``char-qrnn``; see :func:`suite_names`).
+
+    Raises:
+        ValueError: If ``suite`` is neither a path (it has a ``/`` or ends in ``.toml``) nor a name.
+    """
+    text = str(suite)
+    if "/" in text or text.endswith(".toml"):
+        return Path(suite)
+    names = suite_names()
+    if text not in names:
+        raise ValueError(f"no suite named {text!r}; the suites are {', '.join(names)}")
+    return names[text]
+
+
 def load_suite(
     path: str | Path,
     quick: bool = False,
@@ -92,7 +122,7 @@ def load_suite(
     """Read a suite file and expand its runs over seeds.
 
     Args:
-        path: The suite TOML file.
+        path: The suite TOML file, or a shipped suite's name (:func:`suite_path`).
         quick: Keep only ``quick = true`` runs, with the ``[quick]`` overrides and seeds.
         seeds: Override the number of seeds of every run.
         overrides: ``section.key=value`` overrides of every run, applied after the suite's own
@@ -105,7 +135,7 @@ def load_suite(
         FileNotFoundError: If the suite or its base config is missing.
         ValueError: If a run is malformed or names repeat.
     """
-    path = find_config(path)
+    path = find_config(suite_path(path))
     if not path.exists():
         raise FileNotFoundError(f"suite file {path} does not exist")
     with path.open("rb") as f:

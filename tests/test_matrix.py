@@ -1,0 +1,191 @@
+"""The matrix report: every cell is its column's single-report verdict; coverage; data size."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from dropsplit.cli import main
+from dropsplit.experiments.matrix import (
+    data_size_table,
+    load_columns,
+    missing_cost,
+    shown,
+    write_matrix,
+)
+from dropsplit.experiments.report import write_report
+from dropsplit.experiments.reproduce import load_suite, suite_names, suite_path
+
+REPO = Path(__file__).parents[1]
+
+
+def _run(root, name, seed, ppl, model="lstm", corpus="ptb-char", fraction=0.005, seconds=60.0):
+    """A finished run's small files, as `dropsplit report` copies them."""
+    d = root / "runs" / name / f"seed{seed}"
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"name": name, "group": "g", "seed": seed}))
+    config = {
+        "model": {"name": model},
+        "data": {"corpus": corpus, "train_fraction": fraction},
+        "method": {"name": "dropout", "k": 1},
+    }
+    summary = {"best_val_ppl": ppl, "test_ppl": ppl, "epochs": 1, "train_seconds": seconds}
+    summary |= {"train_cpu_seconds": seconds, "seconds_per_step": 0.1, "config": config}
+    (d / "summary.json").write_text(json.dumps(summary))
+    line = {"step": 10, "epoch": 1, "seconds": seconds, "val_ppl": ppl}
+    (d / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    return d
+
+
+def _suite(path, runs):
+    entries = "".join(
+        f'[[run]]\nname = "{n}"\ngroup = "g"\nset = []\nseeds = {s}\n' for n, s in runs
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / "base.toml").write_text('[data]\ncorpus = "synthetic"\n')
+    path.write_text('base = "base.toml"\n' + entries)
+    return path
+
+
+@pytest.fixture
+def two_columns(tmp_path, monkeypatch):
+    """An LSTM column with the Dropout_k and ablation runs, a QRNN one with fewer runs."""
+    monkeypatch.chdir(tmp_path)
+    lstm, qrnn = Path("lstm"), Path("qrnn")
+    values = {
+        "dropout-1": [5.0, 5.1, 5.05],
+        "dropout-4": [5.4, 5.5, 5.45],
+        "no-dropout": [6.0, 6.1, 6.05],
+        "analytic": [4.6, 4.7, 4.65],
+        "explicit": [4.9],
+        "identity-x1": [5.3],
+        "l2-1e-5": [5.6],
+    }
+    for name, ppls in values.items():
+        for seed, ppl in enumerate(ppls):
+            _run(lstm, name, seed, ppl, seconds=100.0 * (2 if name == "dropout-4" else 1))
+    for name, ppls in {"dropout-1": [6.0, 6.2], "dropout-4": [5.9, 6.0]}.items():
+        for seed, ppl in enumerate(ppls):
+            _run(qrnn, name, seed, ppl, model="qrnn", seconds=50.0)
+    plan = [("dropout-1", 3), ("dropout-4", 3), ("no-dropout", 3), ("analytic", 3)]
+    _suite(Path("s/lstm.toml"), [*plan, ("explicit", 1), ("identity-x1", 1), ("l2-1e-5", 1)])
+    _suite(Path("s/qrnn.toml"), [*plan, ("dropout-4-difference", 3)])
+    matrix = Path("matrix.toml")
+    matrix.write_text(
+        '[[column]]\nreport = "lstm"\nsuite = "s/lstm.toml"\n'
+        '[[column]]\nreport = "qrnn"\nsuite = "s/qrnn.toml"\n'
+    )
+    return matrix
+
+
+def _matrix_cells(text):
+    """Claim key -> the row's cells (one per column)."""
+    rows = [line.removesuffix(" |") for line in text.splitlines() if line.startswith("| (")]
+    return {re.match(r"\| \((.+?)\) ", row)[1]: row.split(" | ")[1:] for row in rows}
+
+
+def test_every_cell_is_its_columns_single_report_verdict(two_columns, tmp_path):
+    """Two ways to the same verdict: the matrix's cell and the column's own REPORT.md row."""
+    text = write_matrix(two_columns, "out", "cmd").read_text()
+    cells, compared = _matrix_cells(text), 0
+    for index, report in enumerate(("lstm", "qrnn")):
+        single = write_report(sorted(Path(report, "runs").glob("*/*")), tmp_path / f"r{index}")
+        for row in single.read_text().splitlines():
+            match = re.match(r"\| \((.+?)\) .* \| (.*) \| \*\*(.+)\*\* \|$", row)
+            if not match or match[1] not in cells:
+                continue
+            key, effect, verdict = match[1], match[2].split(" | ")[-1], match[3]
+            if cells[key][index] != "-":  # a claim the column's suite does not plan: no cell
+                assert cells[key][index] == f"**{verdict}**<br>{effect}", key
+                compared += 1
+    assert compared == 7  # LSTM: a, c, d, e; QRNN: a, b (not run), d
+    assert cells["a"][0].startswith("**inconclusive**") or cells["a"][0].startswith("**reproduced")
+    assert cells["d"][1] == "**not run**<br>missing runs: analytic"
+
+
+def test_claims_a_suite_does_not_plan_are_a_dash(two_columns):
+    cells = _matrix_cells(write_matrix(two_columns, "out", "cmd").read_text())
+    assert cells["e"][0].startswith("**") and cells["e"][1] == "-"
+    assert cells["b"][0] == "-"  # no difference-noise run in the LSTM suite
+    assert cells["b"][1].startswith("**not run**<br>missing runs: dropout-4-difference")
+
+
+def test_the_matrix_regenerates_byte_for_byte(two_columns):
+    write_matrix(two_columns, "out", "cmd")
+    first = {p.name: p.read_bytes() for p in Path("out").iterdir()}
+    write_matrix(two_columns, "out", "cmd")
+    second = {p.name: p.read_bytes() for p in Path("out").iterdir()}
+    assert first == second and "claim_a.png" in first and "claim_e.png" in first
+
+
+def test_missing_seeds_are_costed_from_their_own_or_another_columns_runs(two_columns):
+    columns = load_columns(two_columns)
+    # own seeds: the LSTM's dropout-4 took 200 CPU-s a seed
+    assert missing_cost(columns, 0, "dropout-4") == pytest.approx(200.0)
+    # no QRNN seed of no-dropout: the LSTM's 100 s scaled by Dropout_1's 50 / 100
+    assert missing_cost(columns, 1, "no-dropout") == pytest.approx(50.0)
+    assert missing_cost(columns, 1, "dropout-4-difference") is None
+    text = Path(write_matrix(two_columns, "out", "cmd")).read_text()
+    # 3 - 2 seeds of dropout-4 at 50 s, 3 of no-dropout and analytic at 50 s each: 350 s in all
+    assert "| QRNN · PTB characters | `dropout-4` | 2 / 3 | 0.0 |" in text
+    assert "| QRNN · PTB characters | `dropout-4-difference` | 0 / 3 | no seed anywhere" in text
+    assert "| QRNN · PTB characters | **in all** | | **0.1** |" in text
+
+
+def test_data_size_table_has_a_row_per_fraction_with_the_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for seed, (a, b) in enumerate([(5.0, 5.3), (5.1, 5.4)]):
+        _run(Path("r"), "dropout-1", seed, a)
+        _run(Path("r"), "dropout-8", seed, b)
+    _run(Path("r"), "data-0.02-dropout-1", 0, 3.2, fraction=0.02)
+    _run(Path("r"), "data-0.02-dropout-8", 0, 3.0, fraction=0.02)
+    _suite(Path("s.toml"), [("dropout-1", 2)])
+    Path("m.toml").write_text('[[column]]\nreport = "r"\nsuite = "s.toml"\n')
+    (column,) = load_columns("m.toml")
+    lines = data_size_table(column)
+    assert (
+        "| 0.005 | 5.05 ± 0.07 (2) | 5.35 ± 0.07 (2) | 1 < 8 | Dropout_8: +0.30 ± 0.14 (clear) |"
+        in (lines)
+    )
+    assert (
+        "| 0.02 | 3.20 (1 seed) | 3.00 (1 seed) | 8 < 1 | Dropout_8: -0.20 (1 seed) (clear) |"
+        in (lines)
+    )
+
+
+def test_a_figure_draws_the_claims_runs_in_natural_order():
+    from dropsplit.experiments.claims import CLAIMS
+
+    claim_a = next(c for c in CLAIMS if c.key == "a")
+    names = ["dropout-16", "dropout-2", "no-dropout", "dropout-4-difference", "dropout-1"]
+    assert shown(claim_a, names) == ["dropout-1", "dropout-2", "dropout-16", "no-dropout"]
+
+
+def test_suites_are_found_by_name():
+    names = suite_names()
+    assert {"char", "char-qrnn", "char-transformer", "char-wt2", "char-time", "word"} <= set(names)
+    assert suite_path("char-qrnn").name == "suite-char-qrnn.toml"
+    assert suite_path("word").name == "suite.toml"
+    assert (
+        load_suite("char-transformer").runs
+        == load_suite(REPO / "configs" / "paper" / "suite-char-transformer.toml").runs
+    )
+    with pytest.raises(ValueError, match="no suite named 'nope'; the suites are char, "):
+        suite_path("nope")
+
+
+def test_reproduce_with_an_unknown_suite_name_is_one_clear_error(capsys):
+    assert main(["reproduce", "--suite", "nope", "--out", "x"]) == 2
+    assert "error: no suite named 'nope'" in capsys.readouterr().err
+
+
+def test_the_committed_matrix_report_regenerates(tmp_path, monkeypatch):
+    """REPORT.md of docs/results/matrix from the committed summaries, byte for byte."""
+    committed = REPO / "docs" / "results" / "matrix" / "REPORT.md"
+    if not committed.exists():
+        pytest.skip("no committed matrix report yet")
+    monkeypatch.chdir(REPO)
+    command = "dropsplit matrix configs/paper/matrix.toml --out docs/results/matrix"
+    report = write_matrix("configs/paper/matrix.toml", tmp_path, command)
+    assert report.read_text() == committed.read_text()
