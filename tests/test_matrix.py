@@ -189,3 +189,16 @@ def test_the_committed_matrix_report_regenerates(tmp_path, monkeypatch):
     command = "dropsplit matrix configs/paper/matrix.toml --out docs/results/matrix"
     report = write_matrix("configs/paper/matrix.toml", tmp_path, command)
     assert report.read_text() == committed.read_text()
+
+
+def test_explicit_gap_rows_divide_the_gap_by_each_prediction(two_columns):
+    """gap / R_approx and gap / full per site from a measure.json, and 'not measured' without."""
+    site = {"gap": 0.03, "mask": 0.06, "element": 0.07, "full": 0.025}
+    measured = {"q": 0.05, "curvature": "sampled", "sites": {"input": site}, "total": site}
+    target = Path("lstm/runs/dropout-1/seed0/measure-q0.05")
+    target.mkdir()
+    (target / "measure.json").write_text(json.dumps(measured))
+    text = write_matrix(two_columns, "out", "cmd").read_text()
+    row = "| `lstm/runs/dropout-1/seed0/measure-q0.05` | 0.05 | input 0.50 (1.20) | 0.50 (1.20) |"
+    assert f"| LSTM · PTB characters {row}" in text
+    assert "| QRNN · PTB characters | not measured | | | |" in text

@@ -48,6 +48,7 @@ class Column:
     report: Path
     suite: Suite
     groups: dict[str, list[Run]]
+    measured: Run | None = None  # the trained Dropout_1 whose explicit gap per site was measured
 
     @property
     def label(self) -> str:
@@ -85,7 +86,10 @@ def load_columns(path: str | Path) -> list[Column]:
         groups = by_name(load_runs(sorted((report / "runs").glob("*/*"))))
         if "dropout-1" not in groups:
             raise ValueError(f"{report} has no finished dropout-1 run to label its column by")
-        columns.append(Column(report, load_suite(entry["suite"]), groups))
+        measured = groups["dropout-1"][0]
+        if "measured" in entry:  # another run of the same config holds the measurements
+            (measured,) = load_runs([entry["measured"]])
+        columns.append(Column(report, load_suite(entry["suite"]), groups, measured))
     return columns
 
 
@@ -216,6 +220,36 @@ def data_size_table(column: Column) -> list[str]:
     return lines + [""]
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def explicit_gap_lines(columns: list[Column]) -> list[str]:
+    """Measured gap over the predicted explicit term per site, a row per (column, q)."""
+    lines = [
+        "| configuration | run (measurement) | q | gap / lambda R_approx per site (gap / full "
+        "second-order term) | total |",
+        "|---|---|---|---|---|",
+    ]
+    for c in columns:
+        run = c.measured
+        if run is None or not run.measures:
+            lines.append(f"| {c.label} | not measured | | | |")
+            continue
+        for directory, m in sorted(run.measures.items(), key=lambda kv: kv[0] != "measure"):
+            cells = []
+            for site, v in [*m["sites"].items(), ("total", m["total"])]:
+                full = f" ({_ratio(v['gap'], v['full'])})" if "full" in v else ""
+                cells.append(f"{site} {_ratio(v['gap'], v['mask'])}{full}")
+            where = run.directory.as_posix()
+            lines.append(
+                f"| {c.label} | `{where}/{directory}` | {m.get('q', 'trained')} | "
+                + "; ".join(cells[:-1])
+                + f" | {cells[-1].removeprefix('total ')} |"
+            )
+    return lines
+
+
 def _seconds(runs: list[Run]) -> float:
     """Mean training CPU seconds of a run's seeds (wall seconds where CPU time was not kept)."""
     return statistics.fmean(
@@ -317,6 +351,17 @@ def write_matrix(path: str | Path, out: str | Path, command: str) -> Path:
         "implicit effect is gone). Here the same row at each training size we ran.",
         "",
         *[line for c in columns for line in data_size_table(c)],
+        "## Is R_approx the explicit effect? Per site, per architecture",
+        "",
+        "Measured on a trained Dropout_1 of each configuration (`dropsplit measure`, best weights, "
+        "validation batches): the explicit gap E[loss(dropped)] - loss(clean) per dropout site "
+        "(Monte-Carlo over masks) over the Gauss-Newton prediction lambda R_approx (mask "
+        "grouping) and, in parentheses, over the whole second-order term with the model's own "
+        "curvature (Hutchinson). 1.00 is a perfect prediction; each report's table has the "
+        "values with their standard errors.",
+        "",
+        *explicit_gap_lines(columns),
+        "",
         "## Seeds not run yet",
         "",
         "CPU-hours from the finished seeds of the same run (their training CPU time, one thread "
