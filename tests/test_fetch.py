@@ -132,6 +132,71 @@ def test_canonical_plain_text_is_gzipped_deterministically(server, tmp_path, mon
     assert a == gzip.compress(gzip.decompress(a), compresslevel=9, mtime=0)
 
 
+def _archive_corpus(root, url, texts, monkeypatch):
+    """A WikiText-103-like corpus: three members of one zip at the server, sha1-checked."""
+    import hashlib
+    import zipfile
+
+    with zipfile.ZipFile(root / "wt.zip", "w") as z:
+        for split, text in texts.items():
+            z.writestr(f"wt/wiki.{split}.tokens", text)
+    files = tuple(
+        fetch.CorpusFile(
+            "wikitext-103",
+            f"{split}.txt.gz",
+            "",
+            f"{url}/wt.zip",
+            0,
+            0,
+            sha1=hashlib.sha1(b"Sword play\n" if split == "train" else text).hexdigest(),
+            member=f"wt/wiki.{split}.tokens",
+        )
+        for split, text in texts.items()
+    )
+    monkeypatch.setattr(fetch, "CORPUS_FILES", files)
+    monkeypatch.setattr(data, "FILES", {f.relative: f for f in files})
+    monkeypatch.delenv("DROPSPLIT_MIRROR", raising=False)
+    return files
+
+
+def test_an_archive_is_fetched_once_extracted_verified_and_deleted(server, tmp_path, monkeypatch):
+    """WikiText-103's route: one zip download for its three files, each checked by sha1,
+    stored as gzip -9 -n; the archive goes once every member is stored."""
+    root, url = server
+    texts = {"train": b"Sword play\n", "valid": b"play Sword\n", "test": b"Sword\n"}
+    _archive_corpus(root, url, texts, monkeypatch)
+    target = tmp_path / "data"
+    RangeHandler.seen = []
+    fetch.fetch(["wikitext-103"], target, progress=False)
+    assert [path for path, _ in RangeHandler.seen] == ["/wt.zip"]
+    for split, text in texts.items():
+        stored = (target / "wikitext-103" / f"{split}.txt.gz").read_bytes()
+        assert stored == gzip.compress(text, compresslevel=9, mtime=0)
+    assert sorted(p.name for p in (target / "wikitext-103").iterdir()) == [
+        "test.txt.gz",
+        "train.txt.gz",
+        "valid.txt.gz",
+    ]
+    corpus = data.load_corpus("wikitext-103", target, download=False)
+    assert corpus.vocab.itos == ["Sword", "play", "<eos>"] and corpus.valid.numel() == 3
+
+
+def test_a_wrong_archive_member_is_rejected_and_the_archive_deleted(
+    server, tmp_path, monkeypatch, capsys
+):
+    root, url = server
+    texts = {"train": b"Sword PLAY\n", "valid": b"a b\n", "test": b"b a\n"}  # not the sha1
+    _archive_corpus(root, url, texts, monkeypatch)
+    target = tmp_path / "data"
+    assert main(["data", "fetch", "wikitext-103", "--to", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "wt.zip: sha1 mismatch: the download is not the expected wikitext-103/train" in err
+    assert not list((target / "wikitext-103").iterdir())  # no file, no part, no archive
+    assert main(["data", "list", "--data", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "size unknown" in out and "(wt/wiki.train.tokens)" in out
+
+
 def test_training_fetches_a_missing_corpus_or_says_how_to_provide_it(
     server, tmp_path, monkeypatch, capsys
 ):

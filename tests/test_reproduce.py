@@ -359,6 +359,8 @@ def test_one_seed_verdicts_are_at_most_inconclusive():
         "suite-char-wt2.toml",
         "gpu/suite-ptb-lstm.toml",
         "gpu/suite-wt2-lstm.toml",
+        "gpu/suite-wt103-qrnn.toml",
+        "gpu/suite-wt103-transformer.toml",
     ],
 )
 def test_shipped_suites_load_and_every_run_config_is_valid(name):

@@ -500,3 +500,29 @@ def test_an_existing_run_is_replaced_only_with_overwrite(tmp_path, capsys):
     assert main([*args, "--set", "optim.lr=1.0", "--overwrite"]) == 0
     assert load_config(tmp_path / "r" / "config.toml").optim.lr == 1.0
     assert main([*args, "--resume", "--overwrite"]) == 2
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_the_learning_rate_decays_after_its_epoch_and_not_before(name, tmp_path):
+    """The paper's WikiText-103 QRNN schedule (AWD's --when 12 --lr_decay 0.1): epoch 1 trains
+    exactly as without the decay, epoch 2 at lr * lr_decay (times AWD's window scaling for SGD)."""
+    common = (
+        "data.train_fraction=0.02",
+        "train.epochs=2",
+        "train.max_steps=0",
+        f"optim.name={name}",
+    )
+    common += ("train.eval_every=0", "data.variable_bptt=false", "optim.lr=0.01")
+    plain = train(tiny(*common), tmp_path / "plain")
+    decayed = train(
+        tiny(*common, "optim.decay_after=1", "optim.lr_decay=0.5"), tmp_path / "decayed"
+    )
+    first, second = metrics(tmp_path / "plain"), metrics(tmp_path / "decayed")
+    assert first[0] == second[0] and first[1] != second[1]  # epoch 1 equal, epoch 2 not
+    lrs = []
+    for run in ("plain", "decayed"):
+        ckpt = torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)
+        lrs.append(ckpt["optimizer"]["param_groups"][0]["lr"])
+    # SGD's last window is shorter than bptt, and AWD scales its lr by the window length
+    assert lrs[1] == pytest.approx(0.5 * lrs[0]) and (name == "sgd" or lrs[0] == 0.01)
+    assert plain["epochs"] == decayed["epochs"] == 2

@@ -52,7 +52,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from dropsplit.data import data_root
-    from dropsplit.fetch import CORPUS_FILES, LICENSES, decompressed_sha256, fetch
+    from dropsplit.fetch import CORPUS_FILES, LICENSES, decompressed_digest, fetch
 
     if args.action == "fetch" and args.dir:
         Path(args.dir).mkdir(parents=True, exist_ok=True)
@@ -65,12 +65,14 @@ def _data(args: argparse.Namespace) -> int:
     print(f"data directory: {root}")
     for f in CORPUS_FILES:
         path = root / f.relative
-        digest = decompressed_sha256(path) if path.exists() else None
-        state = "missing" if not path.exists() else "ok" if digest == f.sha256 else "CORRUPT"
+        digest = decompressed_digest(path, f) if path.exists() else None
+        state = "missing" if not path.exists() else "ok" if digest == f.checksum else "CORRUPT"
         bad += state == "CORRUPT" or (args.action == "verify" and state == "missing")
         if args.action == "list":
-            print(f"{f.relative:30} {f.bytes:>11,} B  sha256 {f.sha256[:16]}…  {state}")
-            print(f"  source {f.url}  ({LICENSES[f.corpus]})")
+            size = f"{f.bytes:>11,} B" if f.bytes else "   size unknown"
+            print(f"{f.relative:30} {size}  {f.checksum[:23]}…  {state}")
+            source = f"{f.url} ({f.member})" if f.member else f.url
+            print(f"  source {source}  ({LICENSES[f.corpus]})")
         elif state != "missing" or args.action == "verify":
             print(f"{f.relative:30} {state}")
     if args.action == "verify" and bad:
@@ -325,7 +327,7 @@ def _add_data_and_run_commands(sub: Any) -> None:
     get.add_argument(
         "--mirror", help="base URL serving URL/<corpus>/<file> (default $DROPSPLIT_MIRROR)"
     )
-    check = data_sub.add_parser("verify", help="check the sha256 of every corpus file present")
+    check = data_sub.add_parser("verify", help="check the checksum of every corpus file present")
     check.add_argument("dir", nargs="?", help="data directory (default: as for --data)")
     data.set_defaults(handler=_data)
 

@@ -12,7 +12,6 @@ second-order Markov source) for tests and quick runs.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import sys
 from collections.abc import Iterator
@@ -30,8 +29,16 @@ from dropsplit.fetch import (
     files_of,
 )
 
-CHECKSUMS = {f.relative: f.sha256 for f in CORPUS_FILES}  # of the decompressed files
-CORPORA = ("ptb", "ptb-char", "wikitext-2", "wikitext-2-char", "tinyshakespeare", "synthetic")
+FILES = {f.relative: f for f in CORPUS_FILES}
+CORPORA = (
+    "ptb",
+    "ptb-char",
+    "wikitext-2",
+    "wikitext-2-char",
+    "wikitext-103",
+    "tinyshakespeare",
+    "synthetic",
+)
 
 
 def data_root(path: str | os.PathLike | None = None) -> Path:
@@ -78,7 +85,7 @@ def ensure_corpus(name: str, root: Path, download: bool = True) -> None:
 
 
 def read_text(root: Path, relative: str) -> str:
-    """Read one corpus file and verify its sha256.
+    """Read one corpus file and verify its checksum.
 
     Raises:
         FileNotFoundError: If the file is missing.
@@ -95,12 +102,12 @@ def read_text(root: Path, relative: str) -> str:
         raw = gzip.decompress(path.read_bytes())
     except (OSError, EOFError) as err:
         raise ValueError(f"corrupt corpus file {path} ({err}): {refetch}") from err
-    digest = hashlib.sha256(raw).hexdigest()
-    expected = CHECKSUMS[relative]
-    if digest != expected:
+    file = FILES[relative]
+    digest = file.digest(raw)
+    if digest != file.checksum:
         raise ValueError(
-            f"corrupt corpus file {path}: sha256 {digest} does not match the expected "
-            f"{expected}; {refetch}"
+            f"corrupt corpus file {path}: {digest} does not match the expected "
+            f"{file.checksum.split()[1]}; {refetch}"
         )
     return raw.decode("utf-8")
 
@@ -162,7 +169,8 @@ def load_corpus(
 
     Args:
         name: ``"ptb"``, ``"ptb-char"`` (PTB as characters), ``"wikitext-2"``,
-            ``"wikitext-2-char"`` (WikiText-2 as characters), ``"tinyshakespeare"``
+            ``"wikitext-2-char"`` (WikiText-2 as characters), ``"wikitext-103"``,
+            ``"tinyshakespeare"``
             (characters, 90/5/5 split) or ``"synthetic"``.
         root: Data directory (default ``$DROPSPLIT_DATA``, else the user cache); unused for
             ``"synthetic"``.

