@@ -20,6 +20,7 @@ line that says what happened and what to do.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import gzip
 import hashlib
@@ -64,7 +65,7 @@ class CorpusFile:
         """``sha256 <hex>`` or ``sha1 <hex>``: the digest that verifies the file."""
         return f"sha256 {self.sha256}" if self.sha256 else f"sha1 {self.sha1}"
 
-    def digest(self, raw: bytes) -> str:
+    def digest(self, raw: builtins.bytes) -> str:  # `bytes` is a field here
         """``raw``'s digest in the form of :attr:`checksum`."""
         if self.sha256:
             return f"sha256 {hashlib.sha256(raw).hexdigest()}"
