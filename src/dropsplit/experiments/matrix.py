@@ -208,6 +208,7 @@ def data_size_table(column: Column) -> list[str]:
         + " | order (best first) | largest k - Dropout_1 |",
         "|---:|" + "---:|" * len(ks) + "---|---|",
     ]
+    turns = []  # sizes where the largest k is no longer worse than Dropout_1
     for fraction in sorted(sizes):
         by_k = sizes[fraction]
         cells = [stat(by_k[k]).text() if k in by_k else "-" for k in ks]
@@ -216,7 +217,17 @@ def data_size_table(column: Column) -> list[str]:
         if 1 in by_k and max(by_k) > 1:
             c = Comparison(stat(by_k[1]), stat(by_k[max(by_k)]))
             gap = f"Dropout_{max(by_k)}: {c.text()}" + (" (clear)" if c.clear() else "")
+            if c.diff <= 0 or not c.clear():
+                turns.append(f"{fraction:g}")
         lines.append(f"| {fraction:g} | " + " | ".join(cells) + f" | {order} | {gap} |")
+    lines.append("")
+    if turns:
+        lines.append(
+            "The largest k is not clearly worse than Dropout_1 at training fraction "
+            f"{', '.join(turns)}; the implicit effect is not seen there."
+        )
+    else:
+        lines.append("The largest k is clearly worse than Dropout_1 at every size run.")
     return lines + [""]
 
 
