@@ -152,6 +152,10 @@ def test_data_size_table_has_a_row_per_fraction_with_the_order(tmp_path, monkeyp
         "| 0.02 | 3.20 (1 seed) | 3.00 (1 seed) | 8 < 1 | Dropout_8: -0.20 (1 seed) (clear) |"
         in (lines)
     )
+    assert (
+        "The largest k is not clearly worse than Dropout_1 at training fraction 0.02; the "
+        "implicit effect is not seen there." in lines
+    )
 
 
 def test_a_figure_draws_the_claims_runs_in_natural_order():
