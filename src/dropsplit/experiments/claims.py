@@ -401,6 +401,16 @@ CLAIMS: tuple[Claim, ...] = (
         shows=("analytic", "analytic-exact", "analytic-fd", "explicit", "explicit-fd"),
     ),
     Claim(
+        "q",
+        "(ours) Is (a) about the architecture or about q? Dropout_8 - Dropout_1 on the LSTM at "
+        "q = 0.2 (the QRNN's and Transformer's q) and at the suite's q.",
+        "-",
+        finding(("q0.2-dropout-1", "q0.2-dropout-8"), ("dropout-1", "dropout-8")),
+        needs=("q0.2-dropout-1", "q0.2-dropout-8"),
+        one_seed_rule=False,
+        shows=("dropout-1", "dropout-8", "q0.2-dropout-*"),
+    ),
+    Claim(
         "baselines",
         "(ours) R-Drop and fraternal dropout (the best strength of each grid) against Dropout_1 "
         "and against R_approx + xi_approx.",
