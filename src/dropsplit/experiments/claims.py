@@ -369,7 +369,7 @@ CLAIMS: tuple[Claim, ...] = (
         "WT103: Dropout_1 34.24, Dropout_2 33.35, Dropout_4 32.74, Dropout_8 32.78 "
         "(no implicit effect with much data)",
         _judge_f,
-        shows=("data-*", "dropout-1", "dropout-4"),
+        shows=("data-*", DROPOUT_K),
     ),
     Claim(
         "Fig. 4",
