@@ -99,7 +99,7 @@ def test_every_cell_is_its_columns_single_report_verdict(two_columns, tmp_path):
             if cells[key][index] != "-":  # a claim the column's suite does not plan: no cell
                 assert cells[key][index] == f"**{verdict}**<br>{effect}", key
                 compared += 1
-    assert compared == 7  # LSTM: a, c, d, e; QRNN: a, b (not run), d
+    assert compared == 8  # LSTM: a, c, d, e, noise; QRNN: a, b (not run), d
     assert cells["a"][0].startswith("**inconclusive**") or cells["a"][0].startswith("**reproduced")
     assert cells["d"][1] == "**not run**<br>missing runs: analytic"
 

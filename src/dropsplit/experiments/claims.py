@@ -401,6 +401,16 @@ CLAIMS: tuple[Claim, ...] = (
         shows=("analytic", "analytic-exact", "analytic-fd", "explicit", "explicit-fd"),
     ),
     Claim(
+        "noise",
+        "(ours) Does the analytic noise xi_approx help on top of R_approx? The implicit effect "
+        "measured by its replacement: R_approx + xi_approx against R_approx alone.",
+        "xi_approx is needed to match dropout (R_approx alone trails Dropout_1)",
+        finding(("explicit", "analytic")),
+        needs=("explicit", "analytic"),
+        one_seed_rule=False,
+        shows=("dropout-1", "explicit", "analytic"),
+    ),
+    Claim(
         "q",
         "(ours) Is (a) about the architecture or about q? Dropout_8 - Dropout_1 on the LSTM at "
         "q = 0.2 (the QRNN's and Transformer's q) and at the suite's q.",
