@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -217,29 +218,36 @@ def test_divergence_guard_skips_the_step(tmp_path, monkeypatch, model):
     assert summary["skipped_steps"] == 1 and math.isfinite(summary["best_val_loss"])
 
 
-def test_a_spike_of_the_explicit_term_is_skipped(tmp_path, monkeypatch):
-    """One step whose lambda R is 15 times its running mean (a rare sampled label) is skipped
-    like a diverged loss; the steps around it are taken."""
+def _scale_explicit(monkeypatch, factor: Callable[[int], float]) -> list[float]:
+    """Multiply the method's reported lambda R at call ``i`` (0-based) by ``factor(i)``.
+
+    Returns the list of the reported values, one per call, filled as training runs.
+    """
     import dropsplit.training.trainer as tr
 
-    real = tr.build_method
-    taken = []
+    real, reported = tr.build_method, []
 
-    def spiky(cfg, seed, columns):
+    def scaled(cfg, seed, columns):
         method = real(cfg, seed, columns)
         step = method.step
 
-        def maybe_spike(model, forward_fn, batch):
+        def scaled_step(model, forward_fn, batch):
             result = step(model, forward_fn, batch)
-            if len(taken) == 14:
-                result.stats["explicit"] *= 15.0
-            taken.append(result.stats["explicit"])
+            result.stats["explicit"] *= factor(len(reported))
+            reported.append(result.stats["explicit"])
             return result
 
-        method.step = maybe_spike
+        method.step = scaled_step
         return method
 
-    monkeypatch.setattr(tr, "build_method", spiky)
+    monkeypatch.setattr(tr, "build_method", scaled)
+    return reported
+
+
+def test_a_spike_of_the_explicit_term_is_skipped(tmp_path, monkeypatch):
+    """One step whose lambda R is 15 times its running mean (a rare sampled label) is skipped
+    like a diverged loss; the steps around it are taken."""
+    taken = _scale_explicit(monkeypatch, lambda i: 15.0 if i == 14 else 1.0)
     config = tiny("train.max_steps=20", "method.name=analytic")
     with pytest.warns(RuntimeWarning, match="explicit term .* x its mean .*; step skipped"):
         summary = train(config, tmp_path / "r")
@@ -250,26 +258,7 @@ def test_a_lasting_rise_of_the_explicit_term_is_followed_not_skipped_forever(tmp
     """From step 12 on lambda R is 20 times larger for good (as early in training, when it
     grows fast): a few steps are skipped while the running mean catches up, then training goes
     on (the mean once moved only on taken steps, so every later step was skipped)."""
-    import dropsplit.training.trainer as tr
-
-    real = tr.build_method
-    calls = []
-
-    def shifted(cfg, seed, columns):
-        method = real(cfg, seed, columns)
-        step = method.step
-
-        def level_shift(model, forward_fn, batch):
-            result = step(model, forward_fn, batch)
-            calls.append(None)
-            if len(calls) >= 12:
-                result.stats["explicit"] *= 20.0
-            return result
-
-        method.step = level_shift
-        return method
-
-    monkeypatch.setattr(tr, "build_method", shifted)
+    _scale_explicit(monkeypatch, lambda i: 20.0 if i >= 11 else 1.0)
     with pytest.warns(RuntimeWarning, match="explicit term"):
         summary = train(tiny("train.max_steps=30", "method.name=analytic"), tmp_path / "r")
     assert 1 <= summary["skipped_steps"] <= 6
