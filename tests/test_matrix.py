@@ -165,6 +165,14 @@ def test_a_figure_draws_the_claims_runs_in_natural_order():
     claim_a = next(c for c in CLAIMS if c.key == "a")
     names = ["dropout-16", "dropout-2", "no-dropout", "dropout-4-difference", "dropout-1"]
     assert shown(claim_a, names) == ["dropout-1", "dropout-2", "dropout-16", "no-dropout"]
+    # a number and a word in the same place sort without comparing the two
+    claim_e = next(c for c in CLAIMS if c.key == "e")
+    assert shown(claim_e, ["label-x1", "label-0.3", "l2-adamw-0.1", "l2-1e-5"]) == [
+        "l2-1e-5",
+        "l2-adamw-0.1",
+        "label-0.3",
+        "label-x1",
+    ]
 
 
 def test_suites_are_found_by_name():

@@ -22,7 +22,6 @@ import statistics
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dropsplit.experiments.claims import (
     CLAIMS,
@@ -125,9 +124,16 @@ def verdict_matrix(columns: list[Column]) -> list[str]:
     return lines
 
 
-def _natural(name: str) -> list[Any]:
-    """Sort key: ``dropout-2`` before ``dropout-16``, ``data-0.0025`` before ``data-0.01``."""
-    return [float(t) if re.fullmatch(r"\d+(\.\d+)?", t) else t for t in re.split(r"-", name)]
+def _natural(name: str) -> list[tuple[int, float, str]]:
+    """Sort key: ``dropout-2`` before ``dropout-16``, ``data-0.0025`` before ``data-0.01``.
+
+    Each ``-``-separated part is ``(0, number, "")`` or ``(1, 0, text)``, so a number is never
+    compared with a string.
+    """
+    return [
+        (0, float(t), "") if re.fullmatch(r"\d+(\.\d+)?", t) else (1, 0.0, t)
+        for t in name.split("-")
+    ]
 
 
 def shown(claim: Claim, names: list[str]) -> list[str]:
