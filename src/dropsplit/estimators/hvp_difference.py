@@ -96,6 +96,35 @@ def forward_along(
         return call_forward(forward_fn, model, batch, loss)
 
 
+Move = tuple[str, list[torch.Tensor], float, Callable, torch.Tensor]
+
+
+def _backpropagate(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    loss: Loss,
+    params: list[nn.Parameter],
+    clean: torch.Tensor,
+    moves: list[Move],
+) -> tuple[Gradients, dict[str, torch.Tensor]]:
+    """The parameter gradients of ``clean`` and of each moved forward, one graph at a time.
+
+    ``clean`` is backpropagated first (its graph freed), then each move's forward is built
+    and backpropagated right away. Returns the summed gradients and each move's difference
+    ``(f(moved) - f(1)) / t`` by its label.
+    """
+    with torch.profiler.record_function("dropsplit.hvp_difference.clean_backward"):
+        total = _add_gradient([None] * len(params), clean, params)  # frees the clean graph
+    values = {}
+    for label, directions, t, function, at_start in moves:
+        with torch.profiler.record_function(f"dropsplit.hvp_difference.{label}_forward"):
+            at_end = function(forward_along(model, forward_fn, batch, loss, directions, t).logits)
+            total = _add_gradient(total, at_end / t, params)  # frees the moved graph
+        values[label] = (at_end.detach() - at_start) / t
+    return total, values
+
+
 def estimate(
     model: nn.Module,
     forward_fn: ForwardFn,
@@ -132,8 +161,8 @@ def estimate(
     summed = loss.summed(out.logits, out.targets)
     clean = summed / n if spec.with_loss else summed.new_zeros(())  # the clean graph's part
     # (label, directions, t, the function of the logits it differentiates, its value at 1)
-    moves: list[tuple[str, list[torch.Tensor], float, Callable, torch.Tensor]] = []
-    terms, explicit, implicit_value = None, None, None
+    moves: list[Move] = []
+    terms, explicit = None, None
     if spec.curvature is not None:
         probe = probe_function(spec.curvature, out, loss, generator)
         at_one = probe(out.logits)
@@ -159,18 +188,9 @@ def estimate(
         clean = clean - summed / t
         true_loss = partial(loss.summed, targets=out.targets)
         moves.append(("implicit", directions, t, true_loss, summed.detach()))
-    value = summed.new_zeros(())  # the regularizers' value
-    with torch.profiler.record_function("dropsplit.hvp_difference.clean_backward"):
-        total = _add_gradient([None] * len(params), clean, params)  # frees the clean graph
-    for label, directions, t, function, at_start in moves:
-        with torch.profiler.record_function(f"dropsplit.hvp_difference.{label}_forward"):
-            at_end = function(forward_along(model, forward_fn, batch, loss, directions, t).logits)
-            total = _add_gradient(total, at_end / t, params)  # frees the moved graph
-        difference = (at_end.detach() - at_start) / t
-        value = value + difference
-        if label == "implicit":
-            implicit_value = difference
-    injected = value + inject(total, params)
+    total, values = _backpropagate(model, forward_fn, batch, loss, params, clean, moves)
+    implicit_value = values.get("implicit")
+    injected = sum(values.values(), summed.new_zeros(())) + inject(total, params)
     # with the loss, the injected gradient is the whole surrogate's: no separable part to give
     regularizers = None if spec.with_loss else injected
     surrogate = (summed / n).detach() + injected if spec.with_loss else injected
