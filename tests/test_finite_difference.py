@@ -190,3 +190,9 @@ def test_method_step_writes_the_surrogate_gradient_and_replays():
 def test_bad_finite_difference_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         ds.Analytic(gradient="finite-difference", **kwargs)
+
+
+def test_example_map_of_the_wrong_shape_is_refused():
+    pb = make_problem(PROBLEMS[0])
+    with pytest.raises(ValueError, match="one example index per target"):
+        _draw(pb, "sampled", True, 1e-3, examples=lambda out: torch.arange(out.n + 1))

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dropsplit.core.forward import ForwardFn, call_forward
+from dropsplit.core.forward import ForwardFn, ForwardOutput, call_forward
 from dropsplit.core.noise import sample_rademacher
 from dropsplit.core.sites import SiteContext, site_context
 from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature, check_precision
@@ -91,13 +91,7 @@ def estimate(
         The estimator's draw; backpropagate ``surrogate``.
     """
     check_curvature("finite-difference", CURVATURES, spec.curvature)
-    loss, curvature, epsilon, examples = (
-        spec.loss,
-        spec.curvature,
-        spec.fd_epsilon,
-        spec.fd_examples,
-    )
-    explicit_scale, implicit_scale = spec.explicit_scale, spec.implicit_scale
+    loss, epsilon = spec.loss, spec.fd_epsilon
     with (
         torch.profiler.record_function("dropsplit.finite_difference.forward_plus"),
         site_context(
@@ -115,43 +109,22 @@ def estimate(
     ):
         minus = call_forward(forward_fn, model, batch, loss)
     n = plus.n
-    ids = torch.zeros(n, dtype=torch.long, device=plus.logits.device)
-    if examples is not None:
-        ids = examples(plus).to(plus.logits.device)
-        if ids.shape != (n,):
-            raise ValueError(f"examples(out) must give one example index per target, shape ({n},)")
-    if curvature == "identity":
-        u = sample_rademacher(plus.logits.shape, generator, plus.logits.dtype, plus.logits.device)
-        (loss_plus,), (loss_minus,) = (
-            loss.per_target_at(o.logits, o.targets) for o in (plus, minus)
-        )
-
-        def probe(logits: torch.Tensor) -> torch.Tensor:
-            return (u * logits).sum(1) / math.sqrt(logits.shape[1])
-
-        probe_plus, probe_minus = probe(plus.logits), probe(minus.logits)
-    else:
-        targets = plus.targets
-        if curvature == "sampled":  # the O(eps) shift of the m_+ law cancels in expectation
-            targets = loss.sample_targets(plus.logits, generator)
-        loss_plus, probe_plus = loss.per_target_at(plus.logits, plus.targets, targets)
-        loss_minus, probe_minus = loss.per_target_at(minus.logits, minus.targets, targets)
-
-        def probe(logits: torch.Tensor) -> torch.Tensor:
-            return loss.per_target(logits, targets)
-
+    loss_plus, loss_minus, probe_plus, probe_minus, probe = _per_target_values(
+        spec, plus, minus, generator
+    )
     summed_plus, summed_minus = loss_plus.sum(), loss_minus.sum()
     mean_loss = (summed_plus + summed_minus) / (2 * n)
     surrogate = mean_loss
     explicit = implicit_value = None
-    if curvature is not None:
+    if spec.curvature is not None:
+        ids = _example_ids(spec, plus)
         slopes = (probe_plus - probe_minus) / (2 * epsilon)  # per target
         slopes = slopes.new_zeros(int(ids.max()) + 1).index_add(0, ids, slopes)  # per example
-        explicit = explicit_scale * slopes.detach().pow(2).sum() / (2 * n)
-        surrogate = surrogate + explicit_scale * (slopes.detach() * slopes).sum() / n
+        explicit = spec.explicit_scale * slopes.detach().pow(2).sum() / (2 * n)
+        surrogate = surrogate + spec.explicit_scale * (slopes.detach() * slopes).sum() / n
     if spec.implicit:
         slope = (summed_plus - summed_minus) / (2 * epsilon)
-        implicit_value = math.sqrt(implicit_scale) / n * slope
+        implicit_value = math.sqrt(spec.implicit_scale) / n * slope
         surrogate = surrogate + implicit_value
     return FiniteDifferenceEstimate(
         surrogate=surrogate,
@@ -165,3 +138,46 @@ def estimate(
         directions=[(m - 1.0) / epsilon for m in plus_ctx.gates],
         probe=probe,
     )
+
+
+def _example_ids(spec: EstimatorSpec, out: ForwardOutput) -> torch.Tensor:
+    """The example index of each target (``spec.fd_examples``; all zeros without it)."""
+    if spec.fd_examples is None:
+        return torch.zeros(out.n, dtype=torch.long, device=out.logits.device)
+    ids = spec.fd_examples(out).to(out.logits.device)
+    if ids.shape != (out.n,):
+        raise ValueError(f"examples(out) must give one example index per target, shape ({out.n},)")
+    return ids
+
+
+def _per_target_values(
+    spec: EstimatorSpec, plus: ForwardOutput, minus: ForwardOutput, generator: torch.Generator
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]
+]:
+    """The true-label losses and the probe at ``m_+`` and ``m_-``, and the probe itself.
+
+    Draws ``u`` (``"identity"``) or the probe labels (``"sampled"``, from the model at ``m_+``:
+    the O(eps) shift of that law cancels in expectation) from ``generator``.
+    """
+    loss, curvature = spec.loss, spec.curvature
+    if curvature == "identity":
+        u = sample_rademacher(plus.logits.shape, generator, plus.logits.dtype, plus.logits.device)
+        (loss_plus,), (loss_minus,) = (
+            loss.per_target_at(o.logits, o.targets) for o in (plus, minus)
+        )
+
+        def probe(logits: torch.Tensor) -> torch.Tensor:
+            return (u * logits).sum(1) / math.sqrt(logits.shape[1])
+
+        return loss_plus, loss_minus, probe(plus.logits), probe(minus.logits), probe
+    targets = plus.targets
+    if curvature == "sampled":
+        targets = loss.sample_targets(plus.logits, generator)
+    loss_plus, probe_plus = loss.per_target_at(plus.logits, plus.targets, targets)
+    loss_minus, probe_minus = loss.per_target_at(minus.logits, minus.targets, targets)
+
+    def label_probe(logits: torch.Tensor) -> torch.Tensor:
+        return loss.per_target(logits, targets)
+
+    return loss_plus, loss_minus, probe_plus, probe_minus, label_probe
