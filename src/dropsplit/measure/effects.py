@@ -122,6 +122,34 @@ def _site_row(
     return row
 
 
+def _noise_spectra(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batch: Any,
+    samples: int,
+    top: int,
+    seed: int,
+    loss: str,
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Trace and top eigenvalues of each gradient noise on ``batch``, and their alignments."""
+    noise, bases = {}, {}
+    for kind in KINDS:
+        draws = gradient_noise(model, forward_fn, batch, kind, samples, seed=seed, loss=loss)
+        values, vectors = top_eigen(draws, top, seed)
+        noise[kind] = {
+            "trace": float(draws.pow(2).sum(1).mean()),
+            "top_eigenvalues": values.tolist(),
+        }
+        bases[kind] = vectors
+        del draws
+    alignment = {
+        f"{a}/{b}": subspace_alignment(bases[a], bases[b])
+        for i, a in enumerate(KINDS)
+        for b in KINDS[i + 1 :]
+    }
+    return noise, alignment
+
+
 def measure_effects(
     model: nn.Module,
     forward_fn: ForwardFn,
@@ -183,23 +211,7 @@ def measure_effects(
     total = {key: sum(r[key] for r in sites.values()) for key in ["gap", "mask", "element", *full]}
     for key in ("gap", *full):  # independent errors add in quadrature
         total[f"{key}_stderr"] = math.sqrt(sum(r[f"{key}_stderr"] ** 2 for r in sites.values()))
-    noise, bases = {}, {}
-    for kind in KINDS:
-        draws = gradient_noise(
-            model, forward_fn, batches[0], kind, noise_samples, seed=seed, loss=loss
-        )
-        values, vectors = top_eigen(draws, top, seed)
-        noise[kind] = {
-            "trace": float(draws.pow(2).sum(1).mean()),
-            "top_eigenvalues": values.tolist(),
-        }
-        bases[kind] = vectors
-        del draws
-    alignment = {
-        f"{a}/{b}": subspace_alignment(bases[a], bases[b])
-        for i, a in enumerate(KINDS)
-        for b in KINDS[i + 1 :]
-    }
+    noise, alignment = _noise_spectra(model, forward_fn, batches[0], noise_samples, top, seed, loss)
     return {
         "curvature": curvature,
         "sites": sites,
