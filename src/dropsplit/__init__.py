@@ -23,6 +23,7 @@ from dropsplit.measure import (
     explicit_regularizer,
     full_curvature,
     gradient_noise,
+    minibatch_noise,
 )
 from dropsplit.methods import Analytic, DropoutK, Method, NoDropout, StepResult
 
@@ -50,6 +51,7 @@ __all__ = [
     "full_curvature",
     "gradient_noise",
     "matching_strength",
+    "minibatch_noise",
     "named_sites",
     "noise_variance",
     "oracles",

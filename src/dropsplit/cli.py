@@ -122,6 +122,21 @@ def _measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _noise_scale(args: argparse.Namespace) -> int:
+    from dropsplit.training.runs import noise_scale_run
+
+    r, path = noise_scale_run(
+        Path(args.run), batches=args.batches, samples=args.samples, seed=args.seed, data=args.data
+    )
+    print(
+        f"dropout noise trace {r['dropout']:.4g} +- {r['dropout_stderr']:.2g}, minibatch noise "
+        f"trace {r['minibatch']:.4g} +- {r['minibatch_stderr']:.2g} ({r['batches']} batches of "
+        f"{r['batch_size']}): ratio {r['ratio']:.3g}"
+    )
+    print(f"Wrote {path}")
+    return 0
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from dropsplit.experiments.report import write_report
     from dropsplit.experiments.reproduce import load_suite, reproduce, suite_path
@@ -252,6 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--out", help="output directory (default RUN/measure)")
     measure.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
     measure.set_defaults(handler=_measure)
+
+    scale = sub.add_parser(
+        "noise-scale", help="dropout's gradient noise against plain SGD's minibatch noise"
+    )
+    scale.add_argument("run", help="run directory (writes RUN/noise_scale.json)")
+    scale.add_argument(
+        "--batches", type=int, default=16, help="training batches (default 16, at least 2)"
+    )
+    scale.add_argument("--samples", type=int, default=8, help="masks per batch (default 8)")
+    scale.add_argument("--seed", type=int, default=0, help="seed of the masks (default 0)")
+    scale.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    scale.set_defaults(handler=_noise_scale)
 
     _add_suite_commands(sub)
     _add_data_and_run_commands(sub)

@@ -5,13 +5,14 @@ regularizer, draws of the gradient noise); :mod:`~dropsplit.measure.effects` run
 over several batches and summarizes, prints and plots the result.
 """
 
-from dropsplit.measure.effects import format_effects, measure_effects, plot_effects
+from dropsplit.measure.effects import format_effects, measure_effects, noise_scale, plot_effects
 from dropsplit.measure.quantities import (
     GapEstimate,
     explicit_gap,
     explicit_regularizer,
     full_curvature,
     gradient_noise,
+    minibatch_noise,
 )
 
 __all__ = [
@@ -22,5 +23,7 @@ __all__ = [
     "full_curvature",
     "gradient_noise",
     "measure_effects",
+    "minibatch_noise",
+    "noise_scale",
     "plot_effects",
 ]

@@ -5,7 +5,8 @@ to a trained run. Per site it gives the Monte-Carlo explicit gap with its standa
 the predicted ``lambda * R`` (exact curvature when ``N * C`` allows, sampled otherwise; both
 groupings); for the dropout, difference and analytic gradient noise it gives the covariance
 trace, the top eigenvalues (randomized SVD of the draws, the matrix is never formed) and the
-alignment of the top eigenvectors between the noises.
+alignment of the top eigenvectors between the noises. :func:`noise_scale` puts dropout's noise
+on the scale of the noise plain SGD already has.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dropsplit.measure.quantities import (
     explicit_regularizer,
     full_curvature,
     gradient_noise,
+    minibatch_noise,
 )
 from dropsplit.optional import require
 
@@ -219,6 +221,62 @@ def measure_effects(
         "noise": noise,
         "alignment": alignment,
         "samples": samples,
+    }
+
+
+def noise_scale(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batches: Sequence[Any],
+    *,
+    samples: int = 8,
+    seed: int = 0,
+    loss: str = "cross_entropy",
+) -> dict[str, Any]:
+    r"""Dropout's gradient noise against the minibatch noise of plain SGD, at one batch size.
+
+    Dropout_k removes part of dropout's noise (its covariance is that of Dropout_1 over ``k``),
+    so the implicit effect can matter only where that noise is not small beside the noise SGD
+    has anyway. Over ``B`` batches: the minibatch trace
+    :math:`\operatorname{tr} \operatorname{Cov}_b[\nabla L_b]` (clean gradients,
+    :func:`~dropsplit.measure.quantities.minibatch_noise`) and the mean over the batches of
+    the dropout trace :math:`\operatorname{tr} \operatorname{Cov}_\eta[\nabla L_b(\eta)]`
+    (``samples`` masks each); their ratio. Standard errors are over the batches (the
+    minibatch one approximate: the centred draws are weakly dependent).
+
+    Args:
+        model: A model with sites.
+        forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
+        batches: At least two batches of the training batch size.
+        samples: Masks per batch for the dropout trace.
+        seed: Seed of the masks (batch ``i`` uses ``seed + i``).
+        loss: Loss family.
+
+    Returns:
+        ``{"batches", "samples", "minibatch", "minibatch_stderr", "dropout",
+        "dropout_stderr", "ratio"}`` (``ratio`` = dropout / minibatch).
+    """
+    minibatch = minibatch_noise(model, forward_fn, batches, loss=loss).pow(2).sum(1)
+    dropout = torch.tensor(
+        [
+            float(
+                gradient_noise(model, forward_fn, b, "dropout", samples, seed=seed + i, loss=loss)
+                .pow(2)
+                .sum(1)
+                .mean()
+            )
+            for i, b in enumerate(batches)
+        ]
+    )
+    n = len(batches)
+    return {
+        "batches": n,
+        "samples": samples,
+        "minibatch": float(minibatch.mean()),
+        "minibatch_stderr": float(minibatch.std() / math.sqrt(n)),
+        "dropout": float(dropout.mean()),
+        "dropout_stderr": float(dropout.std() / math.sqrt(n)),
+        "ratio": float(dropout.mean() / minibatch.mean()),
     }
 
 

@@ -5,6 +5,7 @@
   with ``curvature="full"``, the whole second-order term, model curvature included:
   :func:`full_curvature`, with error bars).
 * :func:`gradient_noise`: draws of the dropout, difference or analytic gradient noise.
+* :func:`minibatch_noise`: draws of the noise SGD adds without dropout, the scale to judge it by.
 """
 
 from __future__ import annotations
@@ -380,3 +381,39 @@ def gradient_noise(
             for _ in range(samples)
         ]
     )
+
+
+def minibatch_noise(
+    model: nn.Module,
+    forward_fn: ForwardFn,
+    batches: Sequence[Any],
+    *,
+    loss: str | Loss = "cross_entropy",
+) -> torch.Tensor:
+    """Draws of the minibatch gradient noise: each batch's clean gradient about their mean.
+
+    ``(g_b - mean_c g_c) * sqrt(B / (B - 1))`` for the ``B`` batches, with ``g_b`` the gradient of
+    the mean loss of batch ``b`` with every site off, so that ``X^T X / B`` is unbiased for the
+    covariance of one batch's clean gradient: the noise plain SGD has at that batch size, the
+    scale against which dropout's own noise (:func:`gradient_noise`) is small or large.
+
+    Args:
+        model: The model (sites are switched off).
+        forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
+        batches: At least two batches of the same size, ideally disjoint text.
+        loss: Loss family.
+
+    Returns:
+        ``Tensor[B, n_params]`` of mean-zero draws.
+    """
+    if len(batches) < 2:
+        raise ValueError(f"minibatch_noise needs at least 2 batches, got {len(batches)}")
+    loss = get_loss(loss)
+    params = trainable_parameters(model)
+    grads = []
+    for batch in batches:
+        with site_context(model, SiteContext("off")):
+            out = call_forward(forward_fn, model, batch, loss)
+        grads.append(flat_gradient(mean_loss(out, loss), params))
+    draws = torch.stack(grads)
+    return (draws - draws.mean(0)) * math.sqrt(len(batches) / (len(batches) - 1))

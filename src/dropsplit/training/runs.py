@@ -41,6 +41,24 @@ def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, Langua
     return config, corpus, model
 
 
+def _first_batches(
+    model: LanguageModel, split: torch.Tensor, batch_size: int, config: Config, n: int
+) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """The first ``n`` BPTT batches of ``split``, each with the clean state the text before left."""
+    stream = batchify(split, batch_size)
+    chosen: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+    state = model.init_state(stream.shape[1])
+    model.eval()
+    with torch.no_grad():
+        for _, x, y in bptt_batches(stream, config.data.bptt):
+            if len(chosen) == n:
+                break
+            chosen.append((x, y, state))
+            state = model(x, state)[1]
+    model.train()
+    return chosen
+
+
 def measure_run(
     run: Path,
     *,
@@ -72,17 +90,7 @@ def measure_run(
     if q is not None:
         for site in sites(model):
             site.p = q if site.p > 0 else site.p
-    valid = batchify(corpus.valid, config.data.eval_batch_size)
-    chosen: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
-    state = model.init_state(valid.shape[1])
-    model.eval()
-    with torch.no_grad():
-        for _, x, y in bptt_batches(valid, config.data.bptt):
-            if len(chosen) == batches:
-                break
-            chosen.append((x, y, state))
-            state = model(x, state)[1]
-    model.train()
+    chosen = _first_batches(model, corpus.valid, config.data.eval_batch_size, config, batches)
     result = measure_effects(
         model,
         lm_forward,
@@ -98,3 +106,35 @@ def measure_run(
     out.mkdir(parents=True, exist_ok=True)
     (out / "measure.json").write_text(json.dumps(result, indent=2) + "\n")
     return result, out, plot_effects(result, out)
+
+
+def noise_scale_run(
+    run: Path,
+    *,
+    batches: int = 16,
+    samples: int = 8,
+    seed: int = 0,
+    data: str | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """:func:`~dropsplit.measure.effects.noise_scale` on training batches of a trained run.
+
+    The first ``batches`` BPTT batches of the training text at the run's training batch size
+    and its trained probabilities; writes ``RUN/noise_scale.json``.
+
+    Returns:
+        ``(measurement, path written)``.
+    """
+    from dropsplit.measure.effects import noise_scale
+    from dropsplit.models.awd import lm_forward
+
+    if batches < 2:
+        raise ValueError(f"--batches must be at least 2 (a covariance needs two), got {batches}")
+    config, corpus, model = load_run(run, data)
+    chosen = _first_batches(model, corpus.train, config.data.batch_size, config, batches)
+    if len(chosen) < batches:
+        raise ValueError(f"the training text has only {len(chosen)} batches, asked {batches}")
+    result = noise_scale(model, lm_forward, chosen, samples=samples, seed=seed)
+    result["batch_size"] = config.data.batch_size
+    path = run / "noise_scale.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result, path
