@@ -14,7 +14,7 @@ from dropsplit.experiments.matrix import (
     shown,
     write_matrix,
 )
-from dropsplit.experiments.report import write_report
+from dropsplit.experiments.report import copy_runs, load_runs, write_report
 from dropsplit.experiments.reproduce import load_suite, suite_names, suite_path
 
 REPO = Path(__file__).parents[1]
@@ -215,3 +215,24 @@ def test_explicit_gap_rows_divide_the_gap_by_each_prediction(two_columns):
     row = "| `lstm/runs/dropout-1/seed0/measure-q0.05` | 0.05 | input 0.50 (1.20) | 0.50 (1.20) |"
     assert f"| LSTM · PTB characters {row}" in text
     assert "| QRNN · PTB characters | not measured | | | |" in text
+
+
+def test_noise_scale_rows_average_the_dropout_1_seeds(two_columns):
+    """Mean ± sd over the seeds with a noise_scale.json; Dropout_8's remaining noise by hand."""
+    for seed, ratio in enumerate([2.0, 4.0]):
+        scale = {"batches": 18, "samples": 8, "dropout": ratio, "minibatch": 1.0, "ratio": ratio}
+        Path(f"lstm/runs/dropout-1/seed{seed}/noise_scale.json").write_text(json.dumps(scale))
+    text = write_matrix(two_columns, "out", "cmd").read_text()
+    left = [(2.0 / 8 + 1) / 3.0, (4.0 / 8 + 1) / 5.0]  # 0.41667, 0.3
+    spread = abs(left[0] - left[1]) / 2**0.5
+    row = f"| 2 | 18 x 8 | 3 ± 1.4 | 1 ± 0 | 3 ± 1.4 | {sum(left) / 2:.3g} ± {spread:.2g} |"
+    assert f"| LSTM · PTB characters {row}" in text
+    assert "| QRNN · PTB characters | not measured | | | | | |" in text
+
+
+def test_report_copies_carry_the_noise_scale(tmp_path):
+    source = _run(tmp_path / "a", "dropout-1", 0, 5.0)
+    (source / "noise_scale.json").write_text(json.dumps({"ratio": 2.5}))
+    (copied,) = copy_runs(load_runs([source]), tmp_path / "b")
+    assert copied.noise_scale == {"ratio": 2.5}
+    assert (tmp_path / "b/runs/dropout-1/seed0/noise_scale.json").exists()

@@ -20,7 +20,7 @@ import fnmatch
 import re
 import statistics
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dropsplit.experiments.claims import (
@@ -48,6 +48,7 @@ class Column:
     suite: Suite
     groups: dict[str, list[Run]]
     measured: Run | None = None  # the trained Dropout_1 whose explicit gap per site was measured
+    noise_scales: list[dict] = field(default_factory=list)  # its seeds' `dropsplit noise-scale`
 
     @property
     def label(self) -> str:
@@ -88,7 +89,9 @@ def load_columns(path: str | Path) -> list[Column]:
         measured = groups["dropout-1"][0]
         if "measured" in entry:  # another run of the same config holds the measurements
             (measured,) = load_runs([entry["measured"]])
-        columns.append(Column(report, load_suite(entry["suite"]), groups, measured))
+        seeds = load_runs(sorted(measured.directory.parent.glob("seed*")))
+        scales = [r.noise_scale for r in seeds if r.noise_scale is not None]
+        columns.append(Column(report, load_suite(entry["suite"]), groups, measured, scales))
     return columns
 
 
@@ -268,6 +271,33 @@ def explicit_gap_lines(columns: list[Column]) -> list[str]:
     return lines
 
 
+def noise_scale_lines(columns: list[Column]) -> list[str]:
+    """Dropout's noise over the minibatch noise per configuration, mean and sd over seeds."""
+    lines = [
+        "| configuration | seeds | batches x masks | dropout noise trace | minibatch noise trace "
+        "| dropout / minibatch | total noise left with Dropout_8 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in columns:
+        if not c.noise_scales:
+            lines.append(f"| {c.label} | not measured | | | | | |")
+            continue
+        cells = []
+        for values in (
+            [s["dropout"] for s in c.noise_scales],
+            [s["minibatch"] for s in c.noise_scales],
+            [s["ratio"] for s in c.noise_scales],
+            # Dropout_k keeps the minibatch noise and 1/k of dropout's: (r / 8 + 1) / (r + 1)
+            [(s["ratio"] / 8 + 1) / (s["ratio"] + 1) for s in c.noise_scales],
+        ):
+            spread = f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else ""
+            cells.append(f"{statistics.fmean(values):.3g}{spread}")
+        first = c.noise_scales[0]
+        size = f"{first['batches']} x {first['samples']}"
+        lines.append(f"| {c.label} | {len(c.noise_scales)} | {size} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _seconds(runs: list[Run]) -> float:
     """Mean training CPU seconds of a run's seeds (wall seconds where CPU time was not kept)."""
     return statistics.fmean(
@@ -379,6 +409,17 @@ def write_matrix(path: str | Path, out: str | Path, command: str) -> Path:
         "values with their standard errors.",
         "",
         *explicit_gap_lines(columns),
+        "",
+        "## Dropout's noise against the minibatch noise",
+        "",
+        "Dropout_k keeps the noise plain SGD has (the spread of clean gradients between "
+        "minibatches) and removes all but 1/k of dropout's own (the spread over masks on one "
+        "minibatch), so the implicit effect can only matter where dropout's noise is not small "
+        "beside the minibatch noise. Measured on each seed of the trained Dropout_1 (`dropsplit "
+        "noise-scale`: best weights, the first training batches at the training batch size, "
+        "several masks each; traces of the covariances); mean ± sd over seeds.",
+        "",
+        *noise_scale_lines(columns),
         "",
         "## Seeds not run yet",
         "",

@@ -25,7 +25,7 @@ from dropsplit.experiments.practice import practitioner_lines
 from dropsplit.experiments.time_to_quality import plot_time_to_quality, time_to_quality_lines
 from dropsplit.optional import require
 
-COPIED = ("run.json", "summary.json", "metrics.jsonl")
+COPIED = ("run.json", "summary.json", "metrics.jsonl", "noise_scale.json")  # when present
 MEASUREMENTS = "measure*/measure.json"  # `dropsplit measure` outputs: measure/, measure-q0.05/, ...
 
 
@@ -41,6 +41,7 @@ class Run:
     metrics: list[dict[str, Any]]
     directory: Path
     measures: dict[str, dict[str, Any]] = field(default_factory=dict)  # by directory name
+    noise_scale: dict[str, Any] | None = None  # `dropsplit noise-scale` output, if measured
 
     @property
     def measure(self) -> dict[str, Any] | None:
@@ -68,6 +69,7 @@ def load_runs(directories: Iterable[str | Path]) -> list[Run]:
             json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()
         ]
         measures = {p.parent.name: json.loads(p.read_text()) for p in sorted(d.glob(MEASUREMENTS))}
+        scale = d / "noise_scale.json"
         runs.append(
             Run(
                 spec["name"],
@@ -78,6 +80,7 @@ def load_runs(directories: Iterable[str | Path]) -> list[Run]:
                 metrics,
                 d,
                 measures,
+                json.loads(scale.read_text()) if scale.exists() else None,
             )
         )
     return sorted(runs, key=lambda r: (r.group, r.name, r.seed))
