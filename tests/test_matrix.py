@@ -222,12 +222,15 @@ def test_noise_scale_rows_average_the_dropout_1_seeds(two_columns):
     for seed, ratio in enumerate([2.0, 4.0]):
         scale = {"batches": 18, "samples": 8, "dropout": ratio, "minibatch": 1.0, "ratio": ratio}
         Path(f"lstm/runs/dropout-1/seed{seed}/noise_scale.json").write_text(json.dumps(scale))
+    one = {"batches": 9, "samples": 4, "dropout": 3.0, "minibatch": 2.0, "ratio": 1.5}
+    Path("lstm/runs/dropout-4/seed1/noise_scale.json").write_text(json.dumps(one))
     text = write_matrix(two_columns, "out", "cmd").read_text()
+    assert "| LSTM · PTB characters | `dropout-4` | 1 | 9 x 4 | 3 | 2 | 1.5 | 0.475 |" in text
     left = [(2.0 / 8 + 1) / 3.0, (4.0 / 8 + 1) / 5.0]  # 0.41667, 0.3
     spread = abs(left[0] - left[1]) / 2**0.5
     row = f"| 2 | 18 x 8 | 3 ± 1.4 | 1 ± 0 | 3 ± 1.4 | {sum(left) / 2:.3g} ± {spread:.2g} |"
-    assert f"| LSTM · PTB characters {row}" in text
-    assert "| QRNN · PTB characters | not measured | | | | | |" in text
+    assert f"| LSTM · PTB characters | `dropout-1` {row}" in text
+    assert "| QRNN · PTB characters | not measured | | | | | | |" in text
 
 
 def test_report_copies_carry_the_noise_scale(tmp_path):

@@ -48,7 +48,8 @@ class Column:
     suite: Suite
     groups: dict[str, list[Run]]
     measured: Run | None = None  # the trained Dropout_1 whose explicit gap per site was measured
-    noise_scales: list[dict] = field(default_factory=list)  # its seeds' `dropsplit noise-scale`
+    # `dropsplit noise-scale` of each seed, by run name: Dropout_1's from the measured run's seeds
+    noise_scales: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -90,7 +91,11 @@ def load_columns(path: str | Path) -> list[Column]:
         if "measured" in entry:  # another run of the same config holds the measurements
             (measured,) = load_runs([entry["measured"]])
         seeds = load_runs(sorted(measured.directory.parent.glob("seed*")))
-        scales = [r.noise_scale for r in seeds if r.noise_scale is not None]
+        scales = {
+            name: [r.noise_scale for r in runs if r.noise_scale] for name, runs in groups.items()
+        }
+        scales["dropout-1"] = [r.noise_scale for r in seeds if r.noise_scale]
+        scales = {name: values for name, values in scales.items() if values}
         columns.append(Column(report, load_suite(entry["suite"]), groups, measured, scales))
     return columns
 
@@ -272,29 +277,30 @@ def explicit_gap_lines(columns: list[Column]) -> list[str]:
 
 
 def noise_scale_lines(columns: list[Column]) -> list[str]:
-    """Dropout's noise over the minibatch noise per configuration, mean and sd over seeds."""
+    """Dropout's noise over the minibatch noise per configuration and run (mean, sd over seeds)."""
     lines = [
-        "| configuration | seeds | batches x masks | dropout noise trace | minibatch noise trace "
-        "| dropout / minibatch | total noise left with Dropout_8 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| configuration | run | seeds | batches x masks | dropout noise trace | minibatch noise "
+        "trace | dropout / minibatch | total noise left with Dropout_8 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in columns:
         if not c.noise_scales:
-            lines.append(f"| {c.label} | not measured | | | | | |")
-            continue
-        cells = []
-        for values in (
-            [s["dropout"] for s in c.noise_scales],
-            [s["minibatch"] for s in c.noise_scales],
-            [s["ratio"] for s in c.noise_scales],
-            # Dropout_k keeps the minibatch noise and 1/k of dropout's: (r / 8 + 1) / (r + 1)
-            [(s["ratio"] / 8 + 1) / (s["ratio"] + 1) for s in c.noise_scales],
-        ):
-            spread = f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else ""
-            cells.append(f"{statistics.fmean(values):.3g}{spread}")
-        first = c.noise_scales[0]
-        size = f"{first['batches']} x {first['samples']}"
-        lines.append(f"| {c.label} | {len(c.noise_scales)} | {size} | " + " | ".join(cells) + " |")
+            lines.append(f"| {c.label} | not measured | | | | | | |")
+        for name, scales in sorted(c.noise_scales.items(), key=lambda kv: _natural(kv[0])):
+            cells = []
+            for values in (
+                [s["dropout"] for s in scales],
+                [s["minibatch"] for s in scales],
+                [s["ratio"] for s in scales],
+                # Dropout_k keeps the minibatch noise and 1/k of dropout's: (r / 8 + 1) / (r + 1)
+                [(s["ratio"] / 8 + 1) / (s["ratio"] + 1) for s in scales],
+            ):
+                spread = f" ± {statistics.stdev(values):.2g}" if len(values) > 1 else ""
+                cells.append(f"{statistics.fmean(values):.3g}{spread}")
+            size = f"{scales[0]['batches']} x {scales[0]['samples']}"
+            lines.append(
+                f"| {c.label} | `{name}` | {len(scales)} | {size} | " + " | ".join(cells) + " |"
+            )
     return lines
 
 
