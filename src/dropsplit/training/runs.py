@@ -42,7 +42,7 @@ def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, Langua
 
 
 def _first_batches(
-    model: LanguageModel, split: torch.Tensor, batch_size: int, config: Config, n: int
+    model: LanguageModel, split: torch.Tensor, batch_size: int, bptt: int, n: int
 ) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
     """The first ``n`` BPTT batches of ``split``, each with the clean state the text before left."""
     stream = batchify(split, batch_size)
@@ -50,7 +50,7 @@ def _first_batches(
     state = model.init_state(stream.shape[1])
     model.eval()
     with torch.no_grad():
-        for _, x, y in bptt_batches(stream, config.data.bptt):
+        for _, x, y in bptt_batches(stream, bptt):
             if len(chosen) == n:
                 break
             chosen.append((x, y, state))
@@ -87,10 +87,11 @@ def measure_run(
     if q is not None and not 0.0 <= q < 1.0:
         raise ValueError(f"--q must be in [0, 1), got {q}")
     config, corpus, model = load_run(run, data)
+    d = config.data
     if q is not None:
         for site in sites(model):
             site.p = q if site.p > 0 else site.p
-    chosen = _first_batches(model, corpus.valid, config.data.eval_batch_size, config, batches)
+    chosen = _first_batches(model, corpus.valid, d.eval_batch_size, d.bptt, batches)
     result = measure_effects(
         model,
         lm_forward,
@@ -130,7 +131,8 @@ def noise_scale_run(
     if batches < 2:
         raise ValueError(f"--batches must be at least 2 (a covariance needs two), got {batches}")
     config, corpus, model = load_run(run, data)
-    chosen = _first_batches(model, corpus.train, config.data.batch_size, config, batches)
+    d = config.data
+    chosen = _first_batches(model, corpus.train, d.batch_size, d.bptt, batches)
     if len(chosen) < batches:
         raise ValueError(f"the training text has only {len(chosen)} batches, asked {batches}")
     result = noise_scale(model, lm_forward, chosen, samples=samples, seed=seed)
