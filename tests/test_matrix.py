@@ -157,6 +157,8 @@ def test_data_size_table_has_a_row_per_fraction_with_the_order(tmp_path, monkeyp
         "report's rules: a size with one seed needs a 5 % difference); there the implicit "
         "effect is not seen." in lines
     )
+    better = "It is clearly better at training fraction 0.02: there more masks per step help"
+    assert any(line.startswith(better) for line in lines)
 
 
 def test_a_figure_draws_the_claims_runs_in_natural_order():
