@@ -87,14 +87,14 @@ def load_columns(path: str | Path) -> list[Column]:
         groups = by_name(load_runs(sorted((report / "runs").glob("*/*"))))
         if "dropout-1" not in groups:
             raise ValueError(f"{report} has no finished dropout-1 run to label its column by")
-        measured = groups["dropout-1"][0]
+        measured, dropout_1 = groups["dropout-1"][0], groups["dropout-1"]
         if "measured" in entry:  # another run of the same config holds the measurements
             (measured,) = load_runs([entry["measured"]])
-        seeds = load_runs(sorted(measured.directory.parent.glob("seed*")))
+            dropout_1 = load_runs(sorted(measured.directory.parent.glob("seed*")))
         scales = {
-            name: [r.noise_scale for r in runs if r.noise_scale] for name, runs in groups.items()
+            name: [r.noise_scale for r in runs if r.noise_scale]
+            for name, runs in {**groups, "dropout-1": dropout_1}.items()
         }
-        scales["dropout-1"] = [r.noise_scale for r in seeds if r.noise_scale]
         scales = {name: values for name, values in scales.items() if values}
         columns.append(Column(report, load_suite(entry["suite"]), groups, measured, scales))
     return columns
