@@ -285,8 +285,17 @@ def explicit_gap_lines(columns: list[Column]) -> list[str]:
 
 
 def noise_scale_lines(columns: list[Column]) -> list[str]:
-    """Dropout's noise over the minibatch noise per configuration and run (mean, sd over seeds)."""
+    """The section on dropout's noise over the minibatch noise, a row per configuration and run."""
     lines = [
+        "## Dropout's noise against the minibatch noise",
+        "",
+        "Dropout_k keeps the noise plain SGD has (the spread of clean gradients between "
+        "minibatches) and removes all but 1/k of dropout's own (the spread over masks on one "
+        "minibatch), so the implicit effect can only matter where dropout's noise is not small "
+        "beside the minibatch noise. Measured on each seed of the trained Dropout_1 (`dropsplit "
+        "noise-scale`: best weights, the first training batches at the training batch size, "
+        "several masks each; traces of the covariances); mean ± sd over seeds.",
+        "",
         "| configuration | run | seeds | batches x masks | dropout noise trace | minibatch noise "
         "trace | dropout / minibatch | total noise left with Dropout_8 |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -423,15 +432,6 @@ def write_matrix(path: str | Path, out: str | Path, command: str) -> Path:
         "values with their standard errors.",
         "",
         *explicit_gap_lines(columns),
-        "",
-        "## Dropout's noise against the minibatch noise",
-        "",
-        "Dropout_k keeps the noise plain SGD has (the spread of clean gradients between "
-        "minibatches) and removes all but 1/k of dropout's own (the spread over masks on one "
-        "minibatch), so the implicit effect can only matter where dropout's noise is not small "
-        "beside the minibatch noise. Measured on each seed of the trained Dropout_1 (`dropsplit "
-        "noise-scale`: best weights, the first training batches at the training batch size, "
-        "several masks each; traces of the covariances); mean ± sd over seeds.",
         "",
         *noise_scale_lines(columns),
         "",
