@@ -127,10 +127,11 @@ def test_missing_seeds_are_costed_from_their_own_or_another_columns_runs(two_col
     assert missing_cost(columns, 1, "no-dropout") == pytest.approx(50.0)
     assert missing_cost(columns, 1, "dropout-4-difference") is None
     text = Path(write_matrix(two_columns, "out", "cmd")).read_text()
-    # 3 - 2 seeds of dropout-4 at 50 s, 3 of no-dropout and analytic at 50 s each: 350 s in all
+    # 3 - 2 seeds of dropout-4 at 50 s, 3 of no-dropout and analytic at 50 s each: 350 s, and
+    # dropout-4-difference's unknown cost on top: a lower bound
     assert "| QRNN · PTB characters | `dropout-4` | 2 / 3 | 0.0 |" in text
     assert "| QRNN · PTB characters | `dropout-4-difference` | 0 / 3 | no seed anywhere" in text
-    assert "| QRNN · PTB characters | **in all** | | **0.1** |" in text
+    assert "| QRNN · PTB characters | **in all** | | **at least 0.1** |" in text
 
 
 def test_data_size_table_has_a_row_per_fraction_with_the_order(tmp_path, monkeypatch):

@@ -421,6 +421,16 @@ CLAIMS: tuple[Claim, ...] = (
         shows=("dropout-1", "dropout-8", "q0.2-dropout-*"),
     ),
     Claim(
+        "budget",
+        "(ours) Is (a) a budget artefact? Dropout_4 - Dropout_1 with 500 epochs (`e500-*`, same "
+        "patience) and with the suite's budget.",
+        "-",
+        finding(("e500-dropout-1", "e500-dropout-4"), ("dropout-1", "dropout-4")),
+        needs=("e500-dropout-1", "e500-dropout-4"),
+        one_seed_rule=False,
+        shows=("dropout-1", "dropout-4", "e500-dropout-*"),
+    ),
+    Claim(
         "baselines",
         "(ours) R-Drop and fraternal dropout (the best strength of each grid) against Dropout_1 "
         "and against R_approx + xi_approx.",
