@@ -8,9 +8,11 @@ import pytest
 
 from dropsplit.cli import main
 from dropsplit.experiments.matrix import (
+    claim_panels,
     data_size_table,
     load_columns,
     missing_cost,
+    planned,
     shown,
     write_matrix,
 )
@@ -160,6 +162,23 @@ def test_data_size_table_has_a_row_per_fraction_with_the_order(tmp_path, monkeyp
     )
     better = "It is clearly better at training fraction 0.02: there more masks per step help"
     assert any(line.startswith(better) for line in lines)
+
+
+def test_a_claims_figure_has_a_panel_per_column_that_plans_it(two_columns):
+    """The figure's panels and the table's non-dash cells are the same columns."""
+    from dropsplit.experiments.claims import CLAIMS
+
+    columns = load_columns(two_columns)
+    plans = [planned(c) for c in columns]
+    cells = _matrix_cells(write_matrix(two_columns, "out", "cmd").read_text())
+    for claim in CLAIMS:
+        panels = [column.label for column, _ in claim_panels(claim, columns, plans)]
+        row = zip(columns, cells[claim.key], strict=True)
+        with_cell = [column.label for column, cell in row if cell != "-"]
+        assert panels == with_cell, claim.key
+    claim_b = next(c for c in CLAIMS if c.key == "b")  # the QRNN suite alone plans (b)
+    [(column, names)] = claim_panels(claim_b, columns, plans)
+    assert column.label.startswith("QRNN") and names == ["dropout-1", "dropout-4"]
 
 
 def test_a_figure_draws_the_claims_runs_in_natural_order():

@@ -376,7 +376,7 @@ CLAIMS: tuple[Claim, ...] = (
         "Dropout_k + sqrt(1 - 1/k) xi_approx tracks Dropout_1.",
         "tracks Dropout_1 (qualitative). [G]: Dropout_8 + implicit 83.1 vs Dropout_1 83.0",
         _judge_fig4,
-        shows=("dropout-1", "dropout-*-analytic"),
+        shows=("dropout-1", DROPOUT_K, "dropout-*-analytic"),
     ),
     Claim(
         "grouping",

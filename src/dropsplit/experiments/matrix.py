@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import statistics
+import textwrap
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,8 +159,22 @@ def figure_name(claim: Claim) -> str:
     return "claim_" + re.sub(r"[^a-z0-9]+", "", claim.key.lower()) + ".png"
 
 
+def claim_panels(
+    claim: Claim, columns: list[Column], plans: list[set[str]]
+) -> list[tuple[Column, list[str]]]:
+    """The panels of a claim's figure: each column whose suite plans it, with the runs drawn.
+
+    The verdict table's "-" columns get no panel: their runs would answer another question.
+    """
+    return [
+        (column, shown(claim, list(column.groups)))
+        for column, plan in zip(columns, plans, strict=True)
+        if claim.key in plan
+    ]
+
+
 def plot_claims(columns: list[Column], out: Path) -> list[str]:
-    """One figure per claim with a panel per configuration.
+    """One figure per claim with a panel per configuration whose suite plans the claim.
 
     Every seed's best validation perplexity is a dot, each run's mean ± sd a marker with a bar;
     a claim no column ran gets no figure.
@@ -167,14 +182,17 @@ def plot_claims(columns: list[Column], out: Path) -> list[str]:
     require("matplotlib", "the matrix's figures").use("Agg")
     import matplotlib.pyplot as plt
 
+    plans = [planned(c) for c in columns]
     written = []
     for claim in CLAIMS:
-        drawn = [shown(claim, list(c.groups)) for c in columns]
-        if not claim.shows or not any(drawn):
+        panels = claim_panels(claim, columns, plans)
+        if not claim.shows or not any(names for _, names in panels):
             continue
-        width = max(3.2, 0.45 * max(len(d) for d in drawn) + 1.5)
-        fig, axes = plt.subplots(1, len(columns), figsize=(width * len(columns), 4.2))
-        for ax, column, names in zip(list(axes), columns, drawn, strict=True):
+        width = max(3.2, 0.45 * max(len(names) for _, names in panels) + 1.5)
+        # at least 9 inches: the title is one line of the claim's statement
+        size = (max(9.0, width * len(panels)), 4.2)
+        fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
+        for ax, (column, names) in zip(axes[0], panels, strict=True):
             ax.set_title(column.label, fontsize=9)
             if not names:
                 ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
@@ -188,8 +206,9 @@ def plot_claims(columns: list[Column], out: Path) -> list[str]:
             ax.set_xticks(range(len(names)), labels, rotation=60, ha="right", fontsize=7)
             ax.set_xlim(-0.6, len(names) - 0.4)
             ax.grid(axis="y", alpha=0.3)
-        axes[0].set_ylabel("best validation perplexity")
-        fig.suptitle(f"({claim.key}) {claim.statement}\ndots: seeds; marker and bar: mean ± sd")
+        axes[0][0].set_ylabel("best validation perplexity")
+        title = textwrap.fill(f"({claim.key}) {claim.statement}", int(11 * size[0]))
+        fig.suptitle(f"{title}\ndots: seeds; marker and bar: mean ± sd")
         fig.tight_layout()
         name = figure_name(claim)
         fig.savefig(out / name, dpi=100, metadata={"Software": None})
