@@ -10,7 +10,7 @@ import torch
 from dropsplit.cli import main
 from dropsplit.experiments.claims import Stat, judge_claims
 from dropsplit.experiments.report import write_report
-from dropsplit.experiments.reproduce import load_suite, reproduce, run_status
+from dropsplit.experiments.reproduce import load_suite, reproduce, run_status, selected
 from dropsplit.training.config import load_config
 
 BASE = """
@@ -214,6 +214,28 @@ def test_unknown_run_names_are_an_error(suite_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no run named dropout-3" in err
     assert "its runs: dropout-1, dropout-2, analytic, explicit" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "only, expected",
+    [
+        ({"dropout-1"}, ["dropout-1/seed0", "dropout-1/seed1"]),
+        ({"dropout-1:1"}, ["dropout-1/seed1"]),
+        ({"dropout-1:0", "explicit"}, ["dropout-1/seed0", "explicit/seed0"]),
+    ],
+    ids=["name-every-seed", "name-one-seed", "mixed"],
+)
+def test_only_selects_runs_by_name_or_by_name_and_seed(suite_file, only, expected):
+    assert [r.directory for r in selected(load_suite(suite_file), only)] == expected
+
+
+@pytest.mark.parametrize("entry", ["dropout-1:2", "explicit:1", "dropout-3:0", "dropout-1:x"])
+def test_a_seed_the_suite_lacks_is_an_error(suite_file, tmp_path, capsys, entry):
+    out = tmp_path / "runs"
+    args = ["reproduce", "--suite", str(suite_file), "--out", str(out), "--only", entry]
+    assert main(args) == 2
+    assert f"no run named {entry} (NAME or NAME:SEED" in capsys.readouterr().err
     assert not out.exists()
 
 

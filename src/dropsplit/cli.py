@@ -302,7 +302,12 @@ def _add_suite_commands(sub: Any) -> None:
     )
     rep.add_argument("--report", help="report directory (default OUT/report)")
     rep.add_argument("--seeds", type=int, help="seeds per run (default: the suite's)")
-    rep.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs")
+    rep.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="train only these runs: NAME (every seed) or NAME:SEED (one seed, from 0)",
+    )
     rep.add_argument("--no-measure", action="store_true", help="skip measuring Dropout_1")
     rep.add_argument("--no-download", action="store_true", help=NO_DOWNLOAD)
     rep.add_argument(

@@ -189,6 +189,26 @@ def run_status(directory: Path) -> str:
 MEASURED = ("dropout-1", 0)  # the run whose explicit gap per site the report tabulates
 
 
+def selected(suite: Suite, only: set[str] | None) -> list[RunSpec]:
+    """The runs of ``suite`` that ``only`` names: ``NAME`` (every seed) or ``NAME:SEED``.
+
+    Raises:
+        ValueError: If an entry names a run or a seed the suite lacks (a typo would otherwise
+            train nothing, silently).
+    """
+    if only is None:
+        return list(suite.runs)
+    keys = {r.name for r in suite.runs} | {f"{r.name}:{r.seed}" for r in suite.runs}
+    unknown = sorted(only - keys)
+    if unknown:
+        names = ", ".join(dict.fromkeys(r.name for r in suite.runs))
+        raise ValueError(
+            f"{suite.path} has no run named {', '.join(unknown)} (NAME or NAME:SEED, seeds from "
+            f"0); its runs: {names}"
+        )
+    return [r for r in suite.runs if r.name in only or f"{r.name}:{r.seed}" in only]
+
+
 def reproduce(
     suite: Suite,
     out: str | Path,
@@ -204,7 +224,7 @@ def reproduce(
         suite: The suite.
         out: Output directory of the runs.
         data: Data directory (default ``$DROPSPLIT_DATA``).
-        only: Names of the runs to train (default all).
+        only: The runs to train, ``NAME`` (every seed) or ``NAME:SEED`` (default all).
         measure: Keyword arguments of :func:`~dropsplit.training.runs.measure_run` for the Dropout_1
             run of seed 0, measured as soon as it is finished (``None``: no measurement).
         jobs: Runs trained at once, each in its own process with ``1 / jobs`` of the torch
@@ -218,19 +238,16 @@ def reproduce(
         The run directories of the suite that are finished.
 
     Raises:
-        ValueError: If ``jobs`` is not a positive int or ``only`` names a run the suite lacks.
+        ValueError: If ``jobs`` is not a positive int or ``only`` names a run or seed the suite
+            lacks.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
     corpora = {load_config(suite.base, list(r.overrides)).data.corpus for r in suite.runs}
     for corpus in sorted(corpora - {"synthetic"}):
         ensure_corpus(corpus, data_root(data), download)
-    unknown = sorted(set(only or ()) - {r.name for r in suite.runs})
-    if unknown:  # a typo would otherwise train nothing, silently
-        names = ", ".join(dict.fromkeys(r.name for r in suite.runs))
-        raise ValueError(f"{suite.path} has no run named {', '.join(unknown)}; its runs: {names}")
+    todo = selected(suite, only)
     out = Path(out)
-    todo = [r for r in suite.runs if only is None or r.name in only]
     started = time.perf_counter()
     tasks = [
         (spec, f"[{i}/{len(todo)}] {spec.directory}", suite.base, out, data, measure, started)
