@@ -422,10 +422,15 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         "budget",
-        "(ours) Is (a) a budget artefact? Dropout_4 - Dropout_1 with 500 epochs (`e500-*`, same "
-        "patience) and with the suite's budget.",
+        "(ours) Is (a) a budget artefact? Dropout_4 and Dropout_8 against Dropout_1 with 500 "
+        "epochs (`e500-*`, same patience) and with the suite's budget.",
         "-",
-        finding(("e500-dropout-1", "e500-dropout-4"), ("dropout-1", "dropout-4")),
+        finding(
+            ("e500-dropout-1", "e500-dropout-4"),
+            ("e500-dropout-1", "e500-dropout-8"),
+            ("dropout-1", "dropout-4"),
+            ("dropout-1", "dropout-8"),
+        ),
         needs=("e500-dropout-1", "e500-dropout-4"),
         one_seed_rule=False,
         shows=("dropout-1", "dropout-4", "e500-dropout-*"),
