@@ -433,7 +433,7 @@ CLAIMS: tuple[Claim, ...] = (
         ),
         needs=("e500-dropout-1", "e500-dropout-4"),
         one_seed_rule=False,
-        shows=("dropout-1", "dropout-4", "e500-dropout-*"),
+        shows=("dropout-1", "dropout-4", "dropout-8", "e500-dropout-*"),
     ),
     Claim(
         "baselines",
