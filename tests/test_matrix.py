@@ -12,7 +12,6 @@ from dropsplit.experiments.matrix import (
     data_size_table,
     load_columns,
     missing_cost,
-    planned,
     shown,
     write_matrix,
 )
@@ -169,15 +168,14 @@ def test_a_claims_figure_has_a_panel_per_column_that_plans_it(two_columns):
     from dropsplit.experiments.claims import CLAIMS
 
     columns = load_columns(two_columns)
-    plans = [planned(c) for c in columns]
     cells = _matrix_cells(write_matrix(two_columns, "out", "cmd").read_text())
     for claim in CLAIMS:
-        panels = [column.label for column, _ in claim_panels(claim, columns, plans)]
+        panels = [column.label for column, _ in claim_panels(claim, columns)]
         row = zip(columns, cells[claim.key], strict=True)
         with_cell = [column.label for column, cell in row if cell != "-"]
         assert panels == with_cell, claim.key
     claim_b = next(c for c in CLAIMS if c.key == "b")  # the QRNN suite alone plans (b)
-    [(column, names)] = claim_panels(claim_b, columns, plans)
+    [(column, names)] = claim_panels(claim_b, columns)
     assert column.label.startswith("QRNN") and names == ["dropout-1", "dropout-4"]
 
 

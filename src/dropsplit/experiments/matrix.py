@@ -22,6 +22,7 @@ import statistics
 import textwrap
 import tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from dropsplit.experiments.claims import (
@@ -65,6 +66,18 @@ class Column:
         """Best validation perplexity per run name."""
         return {name: stat(runs) for name, runs in self.groups.items()}
 
+    @cached_property
+    def plan(self) -> set[str]:
+        """The claims the column's suite can judge once every planned run has finished.
+
+        Judged on stand-in values for every planned run: what is left "not run" is not in the
+        suite. Cached: the verdict table and the figures both ask.
+        """
+        names = {spec.name for spec in self.suite.runs} | set(self.groups)
+        stand_in = {name: Stat([1.0, 1.0]) for name in names}
+        verdicts = judge_claims(stand_in, main_fraction(self.groups))
+        return {v.claim for v in verdicts if v.verdict != NOT_RUN}
+
 
 def load_columns(path: str | Path) -> list[Column]:
     """Read a matrix file (paths relative to the working directory) and the reports it names.
@@ -101,17 +114,6 @@ def load_columns(path: str | Path) -> list[Column]:
     return columns
 
 
-def planned(column: Column) -> set[str]:
-    """The claims the column's suite can judge once every planned run has finished.
-
-    Judged on stand-in values for every planned run: what is left "not run" is not in the suite.
-    """
-    names = {spec.name for spec in column.suite.runs} | set(column.groups)
-    stand_in = {name: Stat([1.0, 1.0]) for name in names}
-    verdicts = judge_claims(stand_in, main_fraction(column.groups))
-    return {v.claim for v in verdicts if v.verdict != NOT_RUN}
-
-
 def verdict_matrix(columns: list[Column]) -> list[str]:
     """The verdict table: a row per claim, a column per configuration.
 
@@ -123,11 +125,10 @@ def verdict_matrix(columns: list[Column]) -> list[str]:
         "|---|" + "---|" * len(columns),
     ]
     verdicts = [judge_claims(c.stats, main_fraction(c.groups)) for c in columns]
-    plans = [planned(c) for c in columns]
     for i, claim in enumerate(CLAIMS):
         cells = [
-            f"**{v[i].verdict}**<br>{v[i].effect}" if claim.key in plan else "-"
-            for v, plan in zip(verdicts, plans, strict=True)
+            f"**{v[i].verdict}**<br>{v[i].effect}" if claim.key in c.plan else "-"
+            for v, c in zip(verdicts, columns, strict=True)
         ]
         lines.append(f"| ({claim.key}) {claim.statement} | " + " | ".join(cells) + " |")
     return lines
@@ -159,18 +160,12 @@ def figure_name(claim: Claim) -> str:
     return "claim_" + re.sub(r"[^a-z0-9]+", "", claim.key.lower()) + ".png"
 
 
-def claim_panels(
-    claim: Claim, columns: list[Column], plans: list[set[str]]
-) -> list[tuple[Column, list[str]]]:
+def claim_panels(claim: Claim, columns: list[Column]) -> list[tuple[Column, list[str]]]:
     """The panels of a claim's figure: each column whose suite plans it, with the runs drawn.
 
     The verdict table's "-" columns get no panel: their runs would answer another question.
     """
-    return [
-        (column, shown(claim, list(column.groups)))
-        for column, plan in zip(columns, plans, strict=True)
-        if claim.key in plan
-    ]
+    return [(c, shown(claim, list(c.groups))) for c in columns if claim.key in c.plan]
 
 
 def plot_claims(columns: list[Column], out: Path) -> list[str]:
@@ -182,10 +177,9 @@ def plot_claims(columns: list[Column], out: Path) -> list[str]:
     require("matplotlib", "the matrix's figures").use("Agg")
     import matplotlib.pyplot as plt
 
-    plans = [planned(c) for c in columns]
     written = []
     for claim in CLAIMS:
-        panels = claim_panels(claim, columns, plans)
+        panels = claim_panels(claim, columns)
         if not claim.shows or not any(names for _, names in panels):
             continue
         width = max(3.2, 0.45 * max(len(names) for _, names in panels) + 1.5)
