@@ -32,6 +32,7 @@ def draws(method, model, batch, n):
     grads, explicit = [], []
     start = time.perf_counter()
     for _ in range(n):
+        model.zero_grad(set_to_none=True)  # step() adds to p.grad
         result = method.step(model, lm_forward, batch)
         grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
         explicit.append(result.stats.get("explicit", float("nan")))

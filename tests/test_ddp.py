@@ -56,6 +56,7 @@ def worker(rank, world, init_file, out_dir):
         model = make_model(model_name)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         for name, make in METHODS.items():
+            ddp.zero_grad(set_to_none=True)  # step() adds to p.grad
             make(seed=10 + rank).step(ddp, lm_forward, rank_batch(model, rank))
             grads[f"{model_name}/{name}"] = [p.grad.clone() for p in model.parameters()]
     torch.save(grads, Path(out_dir) / f"rank{rank}.pt")
@@ -76,6 +77,52 @@ def test_ddp_gradients_equal_the_mean_of_per_process_gradients(tmp_path):
             mean = (a + b) / 2
             for rank in range(2):
                 assert torch.allclose(ddp[rank][key][i], mean, rtol=1e-9, atol=1e-12), key
+
+
+# deterministic objectives: micro-batches weighted by their share of the targets add up exactly
+ACCUMULATED = {
+    "none": lambda: ds.NoDropout(),
+    "analytic-exact": lambda: ds.Analytic("exact", implicit=False),
+}
+
+
+def accumulation_worker(rank, world, init_file, out_dir):
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    grads = {}
+    for name, make in ACCUMULATED.items():
+        model = make_model("lstm")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        x, y, state = rank_batch(model, rank)  # [5, 3]: 15 targets
+        make().step(ddp, lm_forward, (x, y, state))
+        whole = [p.grad.clone() for p in model.parameters()]
+        ddp.zero_grad(set_to_none=True)
+        method = make()
+        with ddp.no_sync():  # the first micro-batch (one column: 5 of 15 targets) stays local
+            method.step(
+                ddp, lm_forward, (x[:, :1], y[:, :1], model.init_state(1)), backward=_scaled(1 / 3)
+            )
+        method.step(
+            ddp, lm_forward, (x[:, 1:], y[:, 1:], model.init_state(2)), backward=_scaled(2 / 3)
+        )
+        grads[name] = (whole, [p.grad.clone() for p in model.parameters()])
+    torch.save(grads, Path(out_dir) / f"accumulated{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _scaled(weight):
+    return lambda t: (weight * t).backward()
+
+
+def test_ddp_no_sync_accumulation_equals_the_whole_batch(tmp_path):
+    init = str(tmp_path / "init")
+    mp.spawn(accumulation_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        for name, (whole, accumulated) in torch.load(
+            tmp_path / f"accumulated{rank}.pt", weights_only=True
+        ).items():
+            for a, b in zip(accumulated, whole, strict=True):
+                assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
 
 
 def test_no_dropout_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):

@@ -9,11 +9,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dropsplit"
 
 # lowest first; a module may import its own layer and the layers before it
 LAYERS = [
-    ["core.noise", "optional"],
+    ["core.noise", "core.unsited", "core.buffers", "optional"],
     ["core.sites"],
     ["core.losses"],
     ["core.forward"],
     ["core.explicit", "core.implicit"],
+    ["integrations"],
     ["estimators"],
     ["methods"],
     ["baselines"],

@@ -12,11 +12,14 @@ from dropsplit.core.sites import (
     Dropout,
     Site,
     SiteContext,
-    convert,
+    checkpoint_kwargs,
     named_sites,
+    replay_masks,
     site_context,
     sites,
 )
+from dropsplit.core.unsited import UnsitedDropoutError
+from dropsplit.integrations import ExampleDropout, convert
 from dropsplit.measure import (
     GapEstimate,
     explicit_gap,
@@ -35,6 +38,7 @@ __all__ = [
     "DropConnect",
     "Dropout",
     "DropoutK",
+    "ExampleDropout",
     "Fraternal",
     "GapEstimate",
     "Method",
@@ -44,6 +48,8 @@ __all__ = [
     "SiteContext",
     "SquaredError",
     "StepResult",
+    "UnsitedDropoutError",
+    "checkpoint_kwargs",
     "convert",
     "explicit_coefficient",
     "explicit_gap",
@@ -55,6 +61,7 @@ __all__ = [
     "named_sites",
     "noise_variance",
     "oracles",
+    "replay_masks",
     "sample_multiplier",
     "site_context",
     "sites",

@@ -1,22 +1,28 @@
 """Gradient makers: the paper's training methods (Alg. 1-4) behind one ``step`` interface.
 
-``method.step(model, forward_fn, batch)`` overwrites ``p.grad`` of every trainable parameter
-with the gradient of the method's objective and returns a :class:`StepResult`. The optimizer,
-clipping and schedule stay with the caller. ``method.objective(...)`` returns the objective
-without the backward pass; with the generator state restored (``load_state_dict``) it is a
-deterministic function of the weights, which is how the tests check every gradient.
+``method.step(model, forward_fn, batch)`` adds the gradient of the method's objective to
+``p.grad`` of every trainable parameter, as ``loss.backward()`` does (the caller zeroes, so
+micro-batches and other losses accumulate), and returns a :class:`StepResult`. The caller may
+own the backward: ``step(..., backward=fn)`` calls ``fn(scalar)`` on the one scalar it
+backpropagates (``lambda t: scaler.scale(t).backward()``, ``accelerator.backward``,
+``self.manual_backward``). The optimizer, clipping and schedule stay with the caller.
+``method.objective(...)`` returns the objective without the backward pass (its ``scalar`` is
+what ``step`` backpropagates); with the generator state restored (``load_state_dict``) it is
+a deterministic function of the weights, which is how the tests check every gradient.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from dropsplit.core.buffers import buffer_scope
 from dropsplit.core.explicit import CURVATURES
 from dropsplit.core.forward import (
     ForwardFn,
@@ -77,6 +83,11 @@ class Objective:
     aux: Any
     stats: dict[str, torch.Tensor]
     surrogate: torch.Tensor | None = None
+
+    @property
+    def scalar(self) -> torch.Tensor:
+        """The scalar to backpropagate: its gradient is the method's gradient."""
+        return self.value if self.surrogate is None else self.surrogate
 
 
 def _choice(value: Any, options: tuple, argument: str) -> Any:
@@ -140,8 +151,10 @@ class Method:
         seed: Seed of the method's generator (masks, labels, signs); drawn from the global
             RNG when ``None``.
         nonfinite: ``"error"`` raises ``FloatingPointError`` on a non-finite objective;
-            ``"warn"`` warns, writes no gradient (``p.grad = None``) and returns
-            ``finite=False``.
+            ``"warn"`` warns, adds no gradient and returns ``finite=False``.
+        overwrite: Deprecated: ``True`` sets ``p.grad`` to the step's gradient (the behaviour
+            before gradients accumulated); zero the gradients before each step instead
+            (``optimizer.zero_grad()``).
     """
 
     needs_sites = True
@@ -152,9 +165,20 @@ class Method:
         loss: str | Loss = "cross_entropy",
         seed: int | None = None,
         nonfinite: str = "error",
+        overwrite: bool = False,
     ) -> None:
         self.loss = get_loss(loss)
         self.nonfinite = _choice(nonfinite, NONFINITE, "nonfinite")
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"overwrite must be a bool, got {type(overwrite).__name__}")
+        if overwrite:
+            warnings.warn(
+                "overwrite=True is deprecated: step() adds to p.grad as backward() does; call "
+                "optimizer.zero_grad() before each step instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        self.overwrite = overwrite
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -178,13 +202,25 @@ class Method:
         """The method's objective on one batch (draws from the method's generator)."""
         raise NotImplementedError
 
-    def step(self, model: nn.Module, forward_fn: ForwardFn, batch: Any) -> StepResult:
-        """Write the gradient of the objective into ``p.grad`` (overwriting).
+    def step(
+        self,
+        model: nn.Module,
+        forward_fn: ForwardFn,
+        batch: Any,
+        *,
+        backward: Callable[[torch.Tensor], Any] | None = None,
+    ) -> StepResult:
+        """Add the gradient of the objective to ``p.grad`` (as ``backward()`` does).
 
         Args:
             model: The model (its sites are driven by the method).
             forward_fn: ``(model, batch) -> (logits[N, C], targets[N][, aux])``.
             batch: Passed to ``forward_fn``.
+            backward: Called on the one scalar the step backpropagates, in place of
+                ``scalar.backward()``: an AMP scaler's ``lambda t: scaler.scale(t).backward()``,
+                ``accelerator.backward``, Lightning's ``self.manual_backward``, or a division
+                by the number of micro-batches. Its gradient is the method's gradient (for an
+                estimator, the gradients it took early enter it as a zero-valued linear term).
 
         Returns:
             Loss, aux and stats of the step.
@@ -193,20 +229,30 @@ class Method:
             FloatingPointError: On a non-finite objective when ``nonfinite="error"``.
         """
         with torch.profiler.record_function(f"dropsplit.{type(self).__name__}.step"):
-            return self._step(model, forward_fn, batch)
+            return self._step(model, forward_fn, batch, backward)
 
-    def _step(self, model: nn.Module, forward_fn: ForwardFn, batch: Any) -> StepResult:
-        with torch.profiler.record_function(f"dropsplit.{type(self).__name__}.objective"):
+    def _step(
+        self,
+        model: nn.Module,
+        forward_fn: ForwardFn,
+        batch: Any,
+        backward: Callable[[torch.Tensor], Any] | None,
+    ) -> StepResult:
+        # buffers (BatchNorm statistics) move once, in the step's first (real training) pass
+        with (
+            torch.profiler.record_function(f"dropsplit.{type(self).__name__}.objective"),
+            buffer_scope(model, keep_first_pass=True),
+        ):
             obj = self.objective(model, forward_fn, batch)
-        params = trainable_parameters(model)
-        for p in params:
-            p.grad = None
+        if self.overwrite:
+            for p in trainable_parameters(model):
+                p.grad = None
         stats = {key: float(v) for key, v in obj.stats.items()}
         stats["objective"] = float(obj.value.detach())
         if not math.isfinite(stats["objective"]):
             message = (
                 f"{type(self).__name__}: non-finite objective (loss {stats['loss']:.4g}, "
-                f"objective {stats['objective']}); no gradient was written"
+                f"objective {stats['objective']}); no gradient was added"
             )
             if self.nonfinite == "error":
                 raise FloatingPointError(message)
@@ -214,12 +260,28 @@ class Method:
             stats["nonfinite"] = 1.0
             return StepResult(stats["loss"], obj.aux, stats, finite=False)
         with torch.profiler.record_function(f"dropsplit.{type(self).__name__}.backward"):
-            (obj.value if obj.surrogate is None else obj.surrogate).backward()
+            if backward is None:
+                obj.scalar.backward()
+            else:
+                backward(obj.scalar)
         return StepResult(stats["loss"], obj.aux, stats)
 
     def _require(self, model: nn.Module) -> None:
-        if self.needs_sites:
-            require_sites(model, type(self).__name__)
+        """Refuse a model without sites, or in eval mode (its dropout is meant to be off).
+
+        A method that drops follows ``model.training`` as ``nn.Dropout`` and ``transformers``'
+        own dropout do, by refusing: in eval mode BatchNorm and every framework dropout are
+        in inference behaviour, so a dropout step there would silently mix the two.
+        """
+        if not self.needs_sites:
+            return
+        require_sites(model, type(self).__name__)
+        if not model.training:
+            raise ValueError(
+                f"{type(self).__name__} trains with dropout, but the model is in eval mode "
+                "(model.training is False): call model.train() first (ds.NoDropout gives a "
+                "clean step in either mode)"
+            )
 
     def sampled_passes(
         self, model: nn.Module, forward_fn: ForwardFn, batch: Any, generators: list

@@ -92,6 +92,32 @@ def flat_gradient(
     )
 
 
+def uncompiled(model: nn.Module, purpose: str) -> nn.Module:
+    """The eager module behind a ``torch.compile``'d model, for a pass differentiated twice.
+
+    Compiled graphs have no double backward (torch raises deep inside a batching rule); the
+    compiled wrapper shares its parameters with the module it wraps, so a twice-differentiated
+    pass runs that module eagerly and gives the eager gradients.
+
+    Raises:
+        ValueError: If a submodule of the model is compiled (its graph cannot be bypassed).
+    """
+    model = getattr(model, "_orig_mod", model) if _is_compiled(model) else model
+    inner = [name for name, m in model.named_modules() if _is_compiled(m)]
+    if inner:
+        raise ValueError(
+            f"{purpose} differentiates twice, which torch.compile'd graphs do not support, and "
+            f"the model has compiled submodules ({', '.join(inner)}): compile the whole model "
+            "(it then runs eagerly for this pass) or use gradient='hvp-difference' or "
+            "'finite-difference' (one backward)"
+        )
+    return model
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+
+
 def mean_loss(out: ForwardOutput, loss: Loss) -> torch.Tensor:
     """Token-mean loss of a forward output."""
     return loss.summed(out.logits, out.targets) / out.n

@@ -87,6 +87,29 @@ def mask_shape(shape: Sequence[int], shared_dims: Sequence[int]) -> tuple[int, .
     return tuple(out)
 
 
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _uniform(
+    shape: Sequence[int],
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+) -> tuple[torch.Tensor, torch.device]:
+    """Uniform draws on the generator's device (float32 for half precision), and the target device.
+
+    A bfloat16 uniform has 8 bits of mantissa: ``u >= 0.1`` then keeps 0.898 instead of 0.9
+    of the elements (a biased mask), so half-precision draws are made in float32 (the
+    comparison is exact there) and only the result is cast. Float32 and float64 draw in
+    their own dtype, as they always have, so their masks do not change.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    draw_device = generator.device if generator is not None else device
+    draw_dtype = torch.float32 if dtype in HALF_PRECISION else dtype
+    u = torch.rand(tuple(shape), generator=generator, device=draw_device, dtype=draw_dtype)
+    return u, device
+
+
 def sample_multiplier(
     shape: Sequence[int],
     q: float,
@@ -106,9 +129,7 @@ def sample_multiplier(
     Returns:
         A tensor with entries ``0`` (probability ``q``) and ``1 / (1 - q)``.
     """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    draw_device = generator.device if generator is not None else device
-    u = torch.rand(tuple(shape), generator=generator, device=draw_device, dtype=dtype)
+    u, device = _uniform(shape, generator, dtype, device)
     keep = (u >= q).to(dtype)
     return (keep / (1.0 - q)).to(device)
 
@@ -133,7 +154,5 @@ def sample_rademacher(
     Returns:
         A tensor of ``-1.0`` and ``+1.0``.
     """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    draw_device = generator.device if generator is not None else device
-    u = torch.rand(tuple(shape), generator=generator, device=draw_device, dtype=dtype)
+    u, device = _uniform(shape, generator, dtype, device)
     return torch.where(u < 0.5, -1.0, 1.0).to(dtype=dtype, device=device)

@@ -25,15 +25,17 @@ from their own attribute, never from a method's state.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dropsplit.core.buffers import pass_ended
 from dropsplit.core.noise import (
     check_probability,
     mask_shape,
@@ -41,6 +43,7 @@ from dropsplit.core.noise import (
     sample_multiplier,
     sample_rademacher,
 )
+from dropsplit.core.unsited import UnsitedDropoutGuard
 
 MODES = ("off", "sample", "gate", "fixed", "perturb")
 GROUPINGS = ("mask", "element")
@@ -95,6 +98,73 @@ class SiteContext:
         return [t for _, t in self.record]
 
 
+class _Tape:
+    """The multipliers of the site calls of one checkpointed region, in call order."""
+
+    def __init__(self) -> None:
+        self.entries: list[torch.Tensor | None] = []
+        self.cursor = 0
+        self.replaying = False
+
+    def next(self) -> torch.Tensor | None:
+        if self.cursor >= len(self.entries):
+            raise RuntimeError(
+                "the recomputed forward called more dropsplit sites than the original one"
+            )
+        self.cursor += 1
+        return self.entries[self.cursor - 1]
+
+
+_TAPE: ContextVar[_Tape | None] = ContextVar("dropsplit_replay_tape", default=None)
+
+
+class _Taping:
+    """Makes ``tape`` the current one, recording or replaying.
+
+    Re-entrant: a region may be recomputed once per backward (for the gate gradients, and
+    again for the step).
+    """
+
+    def __init__(self, tape: _Tape, replaying: bool) -> None:
+        self.tape, self.replaying = tape, replaying
+        self.tokens: list[Any] = []
+
+    def __enter__(self) -> None:
+        self.tape.replaying, self.tape.cursor = self.replaying, 0
+        self.tokens.append(_TAPE.set(self.tape))
+
+    def __exit__(self, *exc: object) -> None:
+        _TAPE.reset(self.tokens.pop())
+
+
+def replay_masks() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` for ``torch.utils.checkpoint``: recomputed sites reuse their multipliers.
+
+    Gradient checkpointing runs a region's forward again during backward. Every site call of
+    the original forward is recorded (mask, gate or ``None`` when the site did not act) and the
+    recomputation gets the same multipliers back in call order, so every method (and plain
+    dropout training) has the same gradient with and without checkpointing; gates stay the
+    leaves the estimators differentiate. Use it with ``use_reentrant=False``::
+
+        torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False,
+                                          context_fn=ds.replay_masks)
+
+    Returns:
+        The context of the original forward and the context of its recomputation.
+    """
+    tape = _Tape()
+    return _Taping(tape, replaying=False), _Taping(tape, replaying=True)
+
+
+def checkpoint_kwargs() -> dict[str, Any]:
+    """Keyword arguments for ``torch.utils.checkpoint`` that replay the sites' masks.
+
+    For ``transformers``: ``model.gradient_checkpointing_enable(
+    gradient_checkpointing_kwargs=ds.checkpoint_kwargs())``.
+    """
+    return {"use_reentrant": False, "context_fn": replay_masks}
+
+
 class Site(nn.Module):
     """Base class of a dropout site.
 
@@ -125,6 +195,7 @@ class Site(nn.Module):
         self.label = label
         self.generator = generator
         self._context: SiteContext | None = None
+        self._driven = False  # whether the last call was driven by a method (for checkpointing)
 
     def extra_repr(self) -> str:
         """Drop probability and shared dims."""
@@ -151,20 +222,49 @@ class Site(nn.Module):
     def apply_noise(self, x: torch.Tensor) -> torch.Tensor:
         """Apply this site's noise to ``x`` according to the current context.
 
+        Under :func:`replay_masks` a recomputed forward (gradient checkpointing) gets the
+        multiplier of the original call back instead of a new draw.
+
         Args:
             x: The tensor ``h`` the site acts on.
 
         Returns:
             ``(1 + eta) * h`` in the current mode (``h`` itself when the site does not act).
+
+        Raises:
+            RuntimeError: When the forward is recomputed in backward without
+                :func:`replay_masks` after a method drove the site (a new mask would be drawn).
         """
-        if not self.acting:
-            return x
+        tape = _TAPE.get()
+        if tape is not None and tape.replaying:
+            mult = tape.next()
+        else:
+            self._refuse_recomputation()
+            mult = self._multiplier(x) if self.acting else None
+            if tape is not None:
+                tape.entries.append(mult)
+        return x if mult is None else x * mult  # a weight site's [r, *shape] stacks the weights
+
+    def _refuse_recomputation(self) -> None:
+        recomputing = torch._C._current_graph_task_id() != -1  # a forward inside a backward
+        if recomputing and (self._driven or self.generator is not None):
+            raise RuntimeError(
+                "a dropsplit site is called again while gradients are computed: gradient "
+                "checkpointing recomputes the forward, and this site would draw a new mask "
+                "(the gradient would be wrong). Pass context_fn=ds.replay_masks with "
+                "use_reentrant=False to torch.utils.checkpoint (transformers: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "ds.checkpoint_kwargs()))"
+            )
+        self._driven = self._context is not None
+
+    def _multiplier(self, x: torch.Tensor) -> torch.Tensor:
+        """The multiplier ``1 + eta`` of an acting site in the current mode (recorded)."""
         ctx = self._context
         if ctx is None:
-            mult = sample_multiplier(
+            return sample_multiplier(
                 self.mask_shape(x.shape), self.p, self.generator, x.dtype, x.device
             )
-            return x * mult
         shape = self.mask_shape(x.shape) if ctx.grouping == "mask" else tuple(x.shape)
         if ctx.mode == "gate":
             mult = torch.ones(shape, dtype=x.dtype, device=x.device, requires_grad=True)
@@ -182,7 +282,7 @@ class Site(nn.Module):
             assert ctx.generators  # checked by SiteContext
             mult = self._sample_replicas(x, ctx.generators)
         ctx.record.append((self, mult))
-        return x * mult  # a weight site's [replicas, *shape] multiplier stacks the weights
+        return mult
 
     def _sample_replicas(self, x: torch.Tensor, generators: Sequence[torch.Generator]):
         raise NotImplementedError
@@ -402,18 +502,27 @@ def site_batch_dim(model: nn.Module) -> int:
     return dims.pop() if dims else 0
 
 
+# set by ``dropsplit.convert`` on the model it returns: what it found and took over (core reads it
+# by name only, so this layer needs nothing from the integrations above it)
+CONVERT_REPORT = "_dropsplit_convert_report"
+
+
 def require_sites(model: nn.Module, method: str) -> list[Site]:
     """Return the sites of ``model`` or raise a clear error naming ``method``.
+
+    When ``dropsplit.convert`` ran on the model (or a part of it), the error says what it found.
 
     Raises:
         ValueError: If the model has no sites.
     """
     found = sites(model)
     if not found:
-        raise ValueError(
-            f"{method} needs dropout sites, but the model has none: build it with "
-            "ds.Dropout / ds.DropConnect or call ds.convert(model) first"
-        )
+        reports = [str(r) for m in model.modules() if (r := getattr(m, CONVERT_REPORT, None))]
+        if reports:
+            hint = "ds.convert(model) ran on it but " + "; ".join(reports)
+        else:
+            hint = "build it with ds.Dropout / ds.DropConnect or call ds.convert(model) first"
+        raise ValueError(f"{method} needs dropout sites, but the model has none: {hint}")
     return found
 
 
@@ -424,7 +533,13 @@ def site_context(model: nn.Module, context: SiteContext) -> Iterator[SiteContext
     Modules of ``model`` that have a ``differentiated_twice`` attribute are told, through it,
     whether the forward will be differentiated twice (a ``"gate"`` context with ``twice``), so
     they can pick a kernel that is cheaper to differentiate twice; nested contexts keep an
-    outer ``True``.
+    outer ``True``. Such a pass also runs ``scaled_dot_product_attention`` on its math kernel
+    (the fused CPU kernels have no double backward).
+
+    No dropout outside the sites: a dropout of the model that is not a site raises
+    :class:`~dropsplit.core.unsited.UnsitedDropoutError` naming the module
+    (:class:`~dropsplit.core.unsited.UnsitedDropoutGuard`). The end of the pass is reported to
+    the enclosing :func:`~dropsplit.core.buffers.buffer_scope`, if any.
 
     Args:
         model: The model whose sites take part.
@@ -443,70 +558,15 @@ def site_context(model: nn.Module, context: SiteContext) -> Iterator[SiteContext
     twice = context.mode == "gate" and context.twice
     for m, prev in zip(aware, previous_twice, strict=True):
         m.differentiated_twice = prev or twice
-    try:
-        yield context
-    finally:
-        for m, prev in zip(aware, previous_twice, strict=True):
-            m.differentiated_twice = prev
-        for s, prev_context in zip(found, previous, strict=True):
-            s._context = prev_context
-
-
-_CONVERSIONS = {
-    nn.Dropout: (),
-    nn.Dropout1d: (-1,),
-    nn.Dropout2d: (-2, -1),
-    nn.Dropout3d: (-3, -2, -1),
-}
-
-
-def convert(model: nn.Module, batch_dim: int | None = None) -> nn.Module:
-    """Replace ``nn.Dropout`` / ``Dropout1d`` / ``Dropout2d`` / ``Dropout3d`` by ``ds.Dropout``.
-
-    Channel dropout becomes a site whose mask is shared over the trailing spatial dims.
-    The replacement happens in place; the (possibly new) root module is returned.
-
-    Dropout that is not a module cannot be taken over: a float ``dropout`` that a module passes
-    to a functional call (``nn.MultiheadAttention``'s attention dropout, so the attention inside
-    ``nn.TransformerEncoderLayer``; ``nn.LSTM`` / ``nn.GRU``'s between-layer dropout). It stays
-    plain dropout, outside the methods (not gated, replayed or counted in ``R_approx``), and a
-    warning names each such module. For a fully sited Transformer use
-    :class:`dropsplit.models.TransformerLM`, or set that dropout to 0 and add a site.
-
-    Args:
-        model: The model to convert.
-        batch_dim: Batch dimension of the new sites (``None``: their first dimension; give 1
-            for sequence-first ``[T, B, ...]`` activations, so Dropout_k tiles the right way).
-
-    Returns:
-        The converted model.
-    """
-    converted = _replace_dropout(model, batch_dim)
-    floats = {name: getattr(m, "dropout", None) for name, m in converted.named_modules()}
-    untaken = [
-        f"{name or '(root)'} (dropout={p})"
-        for name, p in floats.items()
-        if isinstance(p, float) and p > 0
-    ]
-    if untaken:
-        warnings.warn(
-            "convert could not take over the dropout of "
-            + "; ".join(untaken)
-            + ": it is a float passed to a functional call, so it stays plain dropout outside "
-            "dropsplit's methods (set it to 0 and add a site, or use "
-            "dropsplit.models.TransformerLM for a fully sited Transformer)",
-            UserWarning,
-            stacklevel=2,
-        )
-    return converted
-
-
-def _replace_dropout(model: nn.Module, batch_dim: int | None) -> nn.Module:
-    if isinstance(model, nn.modules.dropout._DropoutNd) and type(model) in _CONVERSIONS:
-        site = Dropout(model.p, _CONVERSIONS[type(model)], batch_dim=batch_dim)
-        return site.train(model.training)  # an eval model stays in eval
-    for name, child in model.named_children():
-        new = _replace_dropout(child, batch_dim)
-        if new is not child:
-            setattr(model, name, new)
-    return model
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(UnsitedDropoutGuard(model, f"a {context.mode!r} pass"))
+            if twice:  # fused attention kernels have no double backward (on the CPU)
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            yield context
+            pass_ended()
+        finally:
+            for m, prev in zip(aware, previous_twice, strict=True):
+                m.differentiated_twice = prev
+            for s, prev_context in zip(found, previous, strict=True):
+                s._context = prev_context

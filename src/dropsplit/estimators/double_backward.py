@@ -20,7 +20,7 @@ from dropsplit.core.explicit import (
     joint_site_gradients,
     site_gradients,
 )
-from dropsplit.core.forward import ForwardFn, gated_forward
+from dropsplit.core.forward import ForwardFn, gated_forward, uncompiled
 from dropsplit.core.implicit import implicit_scalar_sum
 from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature
 
@@ -48,6 +48,7 @@ def estimate(
         The estimate; its surrogate is the exact objective.
     """
     check_curvature("double-backward", CURVATURES, spec.curvature)
+    model = uncompiled(model, "gradient='double-backward'")
     loss = spec.loss
     with torch.profiler.record_function("dropsplit.double_backward.gated_forward"):
         out, ctx = gated_forward(model, forward_fn, batch, loss, spec.grouping)

@@ -155,9 +155,13 @@ def problem(size: str, device: str = "cpu", model: str = "lstm"):
 def steps(size: str, device: str = "cpu", model: str = "lstm") -> dict[str, Callable[[], object]]:
     """One training step (forward, backward, gradients written) per row name."""
     lm, batch = problem(size, device, model)
+
+    def method_step(method: ds.Method) -> object:
+        lm.zero_grad(set_to_none=True)  # step() adds to p.grad; the reference sets it anew
+        return method.step(lm, lm_forward, batch)
+
     out: dict[str, Callable[[], object]] = {
-        name: partial(m.step, lm, lm_forward, batch)
-        for name, m in methods(SIZES[size]["batch"]).items()
+        name: partial(method_step, m) for name, m in methods(SIZES[size]["batch"]).items()
     }
     plain = reference(lm).to(device)
     x, y, _ = batch

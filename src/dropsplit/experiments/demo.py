@@ -45,6 +45,7 @@ def run_demo(train_steps: int = 300, q: float = 0.3, seed: int = 0, gap_samples:
     gen = torch.Generator().manual_seed(seed)
     print(f"Training a tiny RNN LM (vocab {vocab}, q = {q} on every site) with Dropout_1 ...")
     for step in range(1, train_steps + 1):
+        optimizer.zero_grad(set_to_none=True)  # step() adds to p.grad
         result = method.step(model, lm_forward, lm_batches(tokens, 16, 20, gen))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -17,6 +17,7 @@ from typing import Any, Literal, NamedTuple, overload
 import torch
 from torch import nn
 
+from dropsplit.core.buffers import buffer_scope, leaves_buffers
 from dropsplit.core.explicit import CURVATURES, explicit_terms, site_gradients
 from dropsplit.core.forward import (
     ForwardFn,
@@ -84,6 +85,7 @@ def _gated_sites(
     return out, ctx, {s: n for n, s in named_sites(model)}
 
 
+@leaves_buffers
 def explicit_gap(
     model: nn.Module,
     forward_fn: ForwardFn,
@@ -185,6 +187,7 @@ def full_curvature_draws(
     return draws
 
 
+@leaves_buffers
 def full_curvature(
     model: nn.Module,
     forward_fn: ForwardFn,
@@ -307,7 +310,8 @@ def explicit_regularizer(
     samples = _positive_int(samples, "samples")
     loss = get_loss(loss)
     caller = "explicit_regularizer"
-    out, ctx, names = _gated_sites(model, forward_fn, batch, loss, grouping, sites, caller)
+    with buffer_scope(model, keep_first_pass=False):  # the measurement moves no statistics
+        out, ctx, names = _gated_sites(model, forward_fn, batch, loss, grouping, sites, caller)
     gen = make_generator(seed, model_device(model))
     draws = 1 if curvature in ("exact", "label") else samples
     totals: dict[str, float] = {}
@@ -320,6 +324,7 @@ def explicit_regularizer(
     return sum(totals.values())
 
 
+@leaves_buffers
 def gradient_noise(
     model: nn.Module,
     forward_fn: ForwardFn,
@@ -383,6 +388,7 @@ def gradient_noise(
     )
 
 
+@leaves_buffers
 def minibatch_noise(
     model: nn.Module,
     forward_fn: ForwardFn,

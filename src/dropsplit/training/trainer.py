@@ -383,6 +383,7 @@ class Trainer:
             lr = lr * x.shape[0] / config.data.bptt  # in this order: the same floats as before
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)  # step() adds to p.grad
         result = self.method.step(self.trained, lm_forward, (x, y, self.state))
         progress.step += 1
         progress.position = start + x.shape[0]
