@@ -63,6 +63,7 @@ def test_tied_decoder_and_shapes():
 )
 def test_every_method_steps_on_the_lm(method):
     model = small_lm(p_embedding=0.1)
+    model.zero_grad(set_to_none=True)
     result = method.step(model, lm_forward, lm_batch(model))
     assert result.finite
     assert all(p.grad is not None for p in model.parameters())
@@ -82,6 +83,7 @@ def test_dropout_k_batch_duplication_equals_the_loop_on_the_lm(lstm):
     batch = lm_batch(model)
     grads = {}
     for impl in ("loop", "batch"):
+        model.zero_grad(set_to_none=True)
         ds.DropoutK(3, implementation=impl, batch_dim=1, seed=4).step(model, lm_forward, batch)
         grads[impl] = [p.grad.clone() for p in model.parameters()]
     for a, b in zip(grads["loop"], grads["batch"], strict=True):

@@ -122,6 +122,7 @@ def test_step_is_the_gradient_of_the_two_pass_objective(name, method):
     masks; stats["penalty"] is the penalty without its factor."""
     pb = make_problem(name)
     make = lambda: METHODS[method](0.8, seed=3)  # noqa: E731
+    pb.model.zero_grad(set_to_none=True)
     result = make().step(pb.model, pb.forward_fn, pb.batch)
     replay = make()
     first, second = replay.passes(pb.model, pb.forward_fn, pb.batch)
@@ -143,8 +144,10 @@ def test_step_is_the_gradient_of_the_two_pass_objective(name, method):
 def test_zero_strength_is_dropout_2(method):
     """With no penalty, the mean of the two dropout losses is Dropout_2 with the same draws."""
     pb = make_problem("rnn-locked")
+    pb.model.zero_grad(set_to_none=True)
     METHODS[method](0.0, seed=5).step(pb.model, pb.forward_fn, pb.batch)
     ours = [p.grad.clone() for p in pb.model.parameters()]
+    pb.model.zero_grad(set_to_none=True)
     ds.DropoutK(2, seed=5).step(pb.model, pb.forward_fn, pb.batch)
     for a, p in zip(ours, pb.model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad)
@@ -154,8 +157,10 @@ def test_resuming_the_generator_replays_the_step():
     pb = make_problem("mlp-two-sites")
     m = ds.RDrop(1.0, seed=2)
     state = {k: v.clone() for k, v in m.state_dict().items()}
+    pb.model.zero_grad(set_to_none=True)
     first = m.step(pb.model, pb.forward_fn, pb.batch).stats
     m.load_state_dict(state)
+    pb.model.zero_grad(set_to_none=True)
     assert m.step(pb.model, pb.forward_fn, pb.batch).stats == first
 
 
@@ -176,4 +181,5 @@ def test_bad_arguments(make, error, match):
 def test_a_model_without_sites_is_refused():
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="site"):
+        model.zero_grad(set_to_none=True)
         ds.Fraternal(0.1).step(model, mlp_forward, (torch.randn(4, 3), torch.randint(0, 2, (4,))))

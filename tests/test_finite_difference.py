@@ -146,6 +146,7 @@ def test_expected_gradient_is_that_of_the_exact_objective():
     pb = make_problem("mlp-two-sites")
     params = trainable_parameters(pb.model)
     exact = ds.Analytic("exact", False, seed=0)
+    pb.model.zero_grad(set_to_none=True)
     exact.step(pb.model, pb.forward_fn, pb.batch)
     ref = torch.cat([p.grad.reshape(-1) for p in params])
     grads = torch.stack(
@@ -164,6 +165,7 @@ def test_method_step_writes_the_surrogate_gradient_and_replays():
     params = trainable_parameters(pb.model)
     method = ds.Analytic("sampled", True, gradient="finite-difference", fd_epsilon=0.05, seed=3)
     state = method.state_dict()
+    pb.model.zero_grad(set_to_none=True)
     result = method.step(pb.model, pb.forward_fn, pb.batch)
     first = torch.cat([p.grad.reshape(-1) for p in params])
     assert set(result.stats) >= {"loss", "explicit", "implicit", "objective"}
@@ -173,6 +175,7 @@ def test_method_step_writes_the_surrogate_gradient_and_replays():
     fd = estimate(pb.model, pb.forward_fn, pb.batch, spec, gen)
     torch.testing.assert_close(first, flat_gradient(fd.surrogate, params))
     method.load_state_dict(state)
+    pb.model.zero_grad(set_to_none=True)
     method.step(pb.model, pb.forward_fn, pb.batch)
     torch.testing.assert_close(first, torch.cat([p.grad.reshape(-1) for p in params]))
 

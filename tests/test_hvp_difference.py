@@ -32,6 +32,7 @@ def _step(pb, case, gradient, seed=7, **kwargs):
         seed=seed,
         **kwargs,
     )
+    pb.model.zero_grad(set_to_none=True)
     result = method.step(pb.model, pb.forward_fn, pb.batch)
     grad = torch.cat([p.grad.reshape(-1) for p in trainable_parameters(pb.model)])
     return grad, result.stats
@@ -129,6 +130,7 @@ def test_dropout_k_analytic_noise_equals_double_backward_up_to_the_step(name, k)
     grads = {}
     for gradient in ("double-backward", "hvp-difference"):
         method = ds.DropoutK(k, "analytic", gradient=gradient, hvp_step=1e-6, seed=11)
+        pb.model.zero_grad(set_to_none=True)
         stats = method.step(pb.model, pb.forward_fn, pb.batch).stats
         grads[gradient] = (torch.cat([p.grad.reshape(-1) for p in params]), stats)
     (exact, exact_stats), (estimate, stats) = grads["double-backward"], grads["hvp-difference"]

@@ -607,3 +607,33 @@ def test_llama_float_attention_dropout_becomes_a_site_and_acts_nowhere_else():
         first, _ = causal_lm_forward(model, hf_batch())
         second, _ = causal_lm_forward(model, hf_batch())
     assert torch.equal(first, second)
+
+
+CHECKPOINTED = {
+    "dropout-1": lambda: ds.DropoutK(1, seed=0),
+    "no-dropout": lambda: ds.NoDropout(seed=0),
+    "r-drop": lambda: ds.RDrop(0.5, seed=0),
+    "analytic-double-backward": lambda: ds.Analytic(seed=0),
+    "analytic-hvp-difference": lambda: ds.Analytic(gradient="hvp-difference", seed=0),
+}
+
+
+@pytest.mark.parametrize("method_name", list(CHECKPOINTED))
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gradient_checkpointing_with_replayed_masks_gives_the_same_gradient(family, method_name):
+    """gradient_checkpointing_enable(ds.checkpoint_kwargs()): sites, branches, kernels replay."""
+    forward_fn, batch = FAMILIES[family], hf_batch()
+    _, plain = step_grads(
+        CHECKPOINTED[method_name](), converted_hf(family, "sdpa"), forward_fn, batch
+    )
+    model = converted_hf(family, "sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ds.checkpoint_kwargs())
+    _, recomputed = step_grads(CHECKPOINTED[method_name](), model, forward_fn, batch)
+    assert relative(recomputed, plain) < 1e-12
+
+
+def test_gradient_checkpointing_without_replay_is_a_clear_error():
+    model = converted_hf("gpt2", "sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(RuntimeError, match="checkpoint_kwargs"):
+        step_grads(ds.DropoutK(1, seed=0), model, causal_lm_forward, hf_batch())

@@ -30,6 +30,7 @@ def test_exact_step_is_the_derivative_of_loss_plus_label_regularizer(name):
     """Analytic(label, no noise) is deterministic: its gradient is the derivative of
     clean loss + explicit_regularizer(curvature="label"), taken by central differences."""
     pb = make_problem(name)
+    pb.model.zero_grad(set_to_none=True)
     ds.Analytic("label", False, seed=0).step(pb.model, pb.forward_fn, pb.batch)
     params = list(pb.model.parameters())
     grad = torch.cat([p.grad.reshape(-1) for p in params])
@@ -58,6 +59,7 @@ def test_dropout_k_loop_equals_batch_duplication(name, noise):
     pb = make_problem(name)
     grads = {}
     for impl in ("loop", "batch"):
+        pb.model.zero_grad(set_to_none=True)
         ds.DropoutK(3, noise, implementation=impl, seed=4).step(pb.model, pb.forward_fn, pb.batch)
         grads[impl] = [p.grad.clone() for p in pb.model.parameters()]
     for a, b in zip(grads["loop"], grads["batch"], strict=True):

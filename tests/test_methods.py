@@ -47,6 +47,7 @@ def test_step_gradient_is_the_derivative_of_the_objective(name, method_name):
     pb = make_problem(name)
     method = METHODS[method_name]()
     state = copy.deepcopy(method.state_dict())
+    pb.model.zero_grad(set_to_none=True)
     result = method.step(pb.model, pb.forward_fn, pb.batch)
     params = [p for p in pb.model.parameters()]
     grad = torch.cat(
@@ -70,6 +71,7 @@ def test_dropout_k_loop_equals_batch_duplication_with_identical_masks():
     grads, results = {}, {}
     for impl in ("loop", "batch"):
         method = ds.DropoutK(4, implementation=impl, batch_dim=1, seed=11)
+        model.zero_grad(set_to_none=True)
         results[impl] = method.step(model, lm_forward, batch)
         grads[impl] = [p.grad.clone() for p in model.parameters()]
     assert results["loop"].loss == pytest.approx(results["batch"].loss, rel=1e-12)
@@ -100,10 +102,12 @@ def test_step_overwrites_existing_gradients():
     pb = make_problem("mlp-head")
     for p in pb.model.parameters():
         p.grad = torch.full_like(p, 123.0)
+    pb.model.zero_grad(set_to_none=True)
     ds.NoDropout().step(pb.model, pb.forward_fn, pb.batch)
     ref = copy.deepcopy(pb.model)
     for p in ref.parameters():
         p.grad = None
+    ref.zero_grad(set_to_none=True)
     ds.NoDropout().step(ref, pb.forward_fn, pb.batch)
     for a, b in zip(pb.model.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad)
@@ -111,6 +115,7 @@ def test_step_overwrites_existing_gradients():
 
 def test_stats_name_every_regularizer_and_site():
     pb = make_problem("rnn-locked")
+    pb.model.zero_grad(set_to_none=True)
     result = ds.Analytic(seed=0).step(pb.model, pb.forward_fn, pb.batch)
     assert {
         "loss",
@@ -128,8 +133,10 @@ def test_stats_name_every_regularizer_and_site():
 
 def test_same_seed_replays_the_same_step():
     pb = make_problem("rnn-locked")
+    pb.model.zero_grad(set_to_none=True)
     a = ds.DropoutK(2, "difference", seed=5).step(pb.model, pb.forward_fn, pb.batch)
     ga = [p.grad.clone() for p in pb.model.parameters()]
+    pb.model.zero_grad(set_to_none=True)
     b = ds.DropoutK(2, "difference", seed=5).step(pb.model, pb.forward_fn, pb.batch)
     assert a.stats == b.stats
     assert all(torch.equal(x, p.grad) for x, p in zip(ga, pb.model.parameters(), strict=True))
@@ -140,11 +147,13 @@ def test_nonfinite_objective_is_reported_not_stepped_on():
     with torch.no_grad():
         pb.model.head.bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite"):
+        pb.model.zero_grad(set_to_none=True)
         ds.DropoutK(1).step(pb.model, pb.forward_fn, pb.batch)
     for p in pb.model.parameters():
         p.grad = torch.ones_like(p)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        pb.model.zero_grad(set_to_none=True)
         result = ds.Analytic(nonfinite="warn").step(pb.model, pb.forward_fn, pb.batch)
     assert not result.finite and result.stats["nonfinite"] == 1.0
     assert any("non-finite" in str(w.message) for w in caught)
@@ -195,6 +204,7 @@ def test_bad_method_arguments(make, error, match):
 def test_methods_that_need_sites_say_so(method):
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="needs dropout sites"):
+        model.zero_grad(set_to_none=True)
         method.step(model, mlp_forward, (torch.randn(4, 3), torch.randint(0, 2, (4,))))
     with pytest.raises(ValueError, match="needs dropout sites"):
         ds.explicit_gap(model, mlp_forward, (torch.randn(4, 3), torch.randint(0, 2, (4,))))
@@ -202,6 +212,7 @@ def test_methods_that_need_sites_say_so(method):
 
 def test_no_dropout_runs_on_a_model_without_sites():
     model = nn.Linear(3, 2)
+    model.zero_grad(set_to_none=True)
     ds.NoDropout().step(model, mlp_forward, (torch.randn(4, 3), torch.randint(0, 2, (4,))))
     assert model.weight.grad is not None
 
@@ -219,6 +230,7 @@ def test_mismatched_logits_and_targets(batch, error, match):
     pb = make_problem("mlp-head")
     pb.model.head = nn.Linear(6, 2)
     with pytest.raises(error, match=match):
+        pb.model.zero_grad(set_to_none=True)
         ds.DropoutK(1).step(pb.model, mlp_forward, (torch.randn(4, 4), batch[1]))
 
 
@@ -233,6 +245,7 @@ def test_logits_must_be_two_dimensional():
 def test_forward_fn_must_return_a_tuple():
     pb = make_problem("mlp-head")
     with pytest.raises(TypeError, match="forward_fn must return"):
+        pb.model.zero_grad(set_to_none=True)
         ds.NoDropout().step(pb.model, lambda m, b: m(b[0]), pb.batch)
 
 
@@ -283,6 +296,7 @@ def test_batch_duplication_without_batch_dim_matches_the_loop():
     grads = []
     for impl in ("loop", "batch"):
         model.zero_grad()
+        model.zero_grad(set_to_none=True)
         ds.DropoutK(3, implementation=impl, seed=4).step(model, lm_forward, (x, y, None))
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
@@ -297,6 +311,7 @@ def test_non_floating_logits_are_a_type_error():
         return m(batch[0]).long(), batch[1]
 
     with pytest.raises(TypeError, match="logits must be floating point"):
+        sited.zero_grad(set_to_none=True)
         ds.DropoutK(1).step(sited, integer_logits, (torch.randn(4, 3), torch.randint(0, 2, (4,))))
 
 
@@ -307,5 +322,6 @@ def test_half_precision_on_the_cpu_runs_the_exact_paths(name):
     pb = make_problem("mlp-two-sites")
     pb.model.half()
     x, y = pb.batch
+    pb.model.zero_grad(set_to_none=True)
     result = METHODS[name]().step(pb.model, pb.forward_fn, (x.half(), y))
     assert math.isfinite(result.loss)

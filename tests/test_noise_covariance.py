@@ -74,6 +74,7 @@ def test_dropout_k_gradient_variance_is_one_over_k(k):
         method = ds.DropoutK(method_k, seed=k)
         grads = []
         for _ in range(steps):
+            model.zero_grad(set_to_none=True)
             method.step(model, mlp_forward, batch)
             grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
         g = torch.stack(grads)
@@ -92,6 +93,7 @@ def test_dropout_k_with_noise_restores_dropout_covariance(noise):
     method = ds.DropoutK(4, noise, seed=3)
     grads = []
     for _ in range(2000):
+        model.zero_grad(set_to_none=True)
         method.step(model, mlp_forward, batch)
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     g = torch.stack(grads)

@@ -127,6 +127,7 @@ def test_lm_forget_mults_give_the_same_step():
     scan.load_state_dict(loop.state_dict())
     batch = (torch.randint(0, 5, (6, 3)), torch.randint(0, 5, (6, 3)), None)
     for model in (loop, scan):
+        model.zero_grad(set_to_none=True)
         ds.Analytic("exact", True, seed=1).step(model, lm_forward, batch)
     for a, b in zip(loop.parameters(), scan.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)

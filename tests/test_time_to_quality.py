@@ -56,6 +56,7 @@ def test_step_kinds_are_the_terms_the_method_takes(options):
     pb = make_problem("rnn-locked")
     method = ds.Analytic("label", seed=0, **options)
     for step in range(8):
+        pb.model.zero_grad(set_to_none=True)
         stats = method.step(pb.model, pb.forward_fn, pb.batch).stats
         kind = step_kind(analytic(**options), step)
         assert ("explicit" in stats) == (kind in ("both", "explicit"))

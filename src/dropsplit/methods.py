@@ -27,6 +27,7 @@ from dropsplit.core.explicit import CURVATURES
 from dropsplit.core.forward import (
     ForwardFn,
     ForwardOutput,
+    autocast_disabled,
     call_forward,
     mean_loss,
     model_device,
@@ -259,7 +260,10 @@ class Method:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             stats["nonfinite"] = 1.0
             return StepResult(stats["loss"], obj.aux, stats, finite=False)
-        with torch.profiler.record_function(f"dropsplit.{type(self).__name__}.backward"):
+        with (
+            torch.profiler.record_function(f"dropsplit.{type(self).__name__}.backward"),
+            autocast_disabled(),  # a backward runs in its forward's dtypes, never autocast
+        ):
             if backward is None:
                 obj.scalar.backward()
             else:

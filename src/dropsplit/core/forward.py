@@ -5,7 +5,8 @@ Also the clean and gated forwards that every estimator, method and measurement b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +117,31 @@ def uncompiled(model: nn.Module, purpose: str) -> nn.Module:
 
 def _is_compiled(module: nn.Module) -> bool:
     return type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+@contextlib.contextmanager
+def autocast_disabled() -> Iterator[None]:
+    """Leave every active ``torch.autocast`` region for the block.
+
+    For backward passes (PyTorch advises against running them under autocast: the backward of
+    a float32 graph would round its matmuls to half precision) and for estimators whose
+    differences half precision cannot resolve.
+    """
+    with contextlib.ExitStack() as stack:
+        for device in AUTOCAST_DEVICES:
+            if _autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
+def _autocast_enabled(device: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device))
+    except (TypeError, RuntimeError):  # torch < 2.4 takes no device; unknown device types
+        return device == "cuda" and torch.is_autocast_enabled()
 
 
 def mean_loss(out: ForwardOutput, loss: Loss) -> torch.Tensor:

@@ -99,12 +99,20 @@ class SiteContext:
 
 
 class _Tape:
-    """The multipliers of the site calls of one checkpointed region, in call order."""
+    """The multipliers of the site calls of one checkpointed region, in call order.
+
+    Also what the region's forward was driven by (the modules told ``differentiated_twice``
+    and whether attention ran on the math kernel), so its recomputation takes the same
+    branches and kernels.
+    """
 
     def __init__(self) -> None:
         self.entries: list[torch.Tensor | None] = []
         self.cursor = 0
         self.replaying = False
+        self.twice_modules: tuple[Any, ...] = ()
+        self.recorded_decisions: list[bool] = []  # Site.acting's answers, in call order
+        self.decisions: list[bool] = []
 
     def next(self) -> torch.Tensor | None:
         if self.cursor >= len(self.entries):
@@ -116,25 +124,48 @@ class _Tape:
 
 
 _TAPE: ContextVar[_Tape | None] = ContextVar("dropsplit_replay_tape", default=None)
+# the modules a live site_context told that the pass is differentiated twice ([] when not)
+_TWICE_MODULES: ContextVar[tuple[Any, ...]] = ContextVar("dropsplit_twice_modules", default=())
 
 
 class _Taping:
     """Makes ``tape`` the current one, recording or replaying.
 
     Re-entrant: a region may be recomputed once per backward (for the gate gradients, and
-    again for the step).
+    again for the step). Replaying restores the original forward's ``differentiated_twice``
+    flags and math attention kernel around the recomputation.
     """
 
     def __init__(self, tape: _Tape, replaying: bool) -> None:
         self.tape, self.replaying = tape, replaying
-        self.tokens: list[Any] = []
+        self.entries: list[tuple[Any, contextlib.ExitStack]] = []
 
     def __enter__(self) -> None:
-        self.tape.replaying, self.tape.cursor = self.replaying, 0
-        self.tokens.append(_TAPE.set(self.tape))
+        tape = self.tape
+        tape.replaying, tape.cursor = self.replaying, 0
+        stack = contextlib.ExitStack()
+        if not self.replaying:
+            tape.twice_modules = _TWICE_MODULES.get()
+            tape.decisions = tape.recorded_decisions
+        else:
+            tape.decisions = list(tape.recorded_decisions)
+        if self.replaying and tape.twice_modules:
+            previous = [m.differentiated_twice for m in tape.twice_modules]
+            for m in tape.twice_modules:
+                m.differentiated_twice = True
+            stack.callback(_reset_twice, tape.twice_modules, previous)
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        self.entries.append((_TAPE.set(tape), stack))
 
     def __exit__(self, *exc: object) -> None:
-        _TAPE.reset(self.tokens.pop())
+        token, stack = self.entries.pop()
+        stack.close()
+        _TAPE.reset(token)
+
+
+def _reset_twice(modules: tuple[Any, ...], previous: list[bool]) -> None:
+    for m, prev in zip(modules, previous, strict=True):
+        m.differentiated_twice = prev
 
 
 def replay_masks() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
@@ -210,8 +241,18 @@ class Site(nn.Module):
         """Whether the site acts on its input now (else :meth:`apply_noise` returns it as is).
 
         A module may take a faster path around a site that does not act (e.g. fused attention
-        when the attention-probability site is off).
+        when the attention-probability site is off). Under :func:`replay_masks` each answer is
+        recorded and a recomputation gets the same answers back, so it takes the same path.
         """
+        tape = _TAPE.get()
+        if tape is None or self.p == 0.0:
+            return self._acting()
+        if tape.replaying:
+            return tape.decisions.pop(0)
+        tape.decisions.append(self._acting())
+        return tape.decisions[-1]
+
+    def _acting(self) -> bool:
         if self.p == 0.0:
             return False  # an inactive site adds no gate, mask or cost in any mode
         ctx = self._context
@@ -240,7 +281,7 @@ class Site(nn.Module):
             mult = tape.next()
         else:
             self._refuse_recomputation()
-            mult = self._multiplier(x) if self.acting else None
+            mult = self._multiplier(x) if self._acting() else None
             if tape is not None:
                 tape.entries.append(mult)
         return x if mult is None else x * mult  # a weight site's [r, *shape] stacks the weights
@@ -563,6 +604,8 @@ def site_context(model: nn.Module, context: SiteContext) -> Iterator[SiteContext
             stack.enter_context(UnsitedDropoutGuard(model, f"a {context.mode!r} pass"))
             if twice:  # fused attention kernels have no double backward (on the CPU)
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+                token = _TWICE_MODULES.set(tuple(m for m in aware if m.differentiated_twice))
+                stack.callback(_TWICE_MODULES.reset, token)
             yield context
             pass_ended()
         finally:

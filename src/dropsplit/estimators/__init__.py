@@ -9,6 +9,9 @@ estimator is a new module and one entry here.
 * ``"double-backward"``: exact (:mod:`~dropsplit.estimators.double_backward`).
 * ``"hvp-difference"``: the exact path's values and draws, gradients by one-sided differences
   along the exact directions (:mod:`~dropsplit.estimators.hvp_difference`).
+* ``"jvp"``: the exact path's values, draws and gradients (to rounding), by forward-mode over
+  reverse-mode AD along the same directions, no double backward
+  (:mod:`~dropsplit.estimators.jvp`).
 * ``"finite-difference"``: two antithetic forwards along random signs
   (:mod:`~dropsplit.estimators.finite_difference`).
 """
@@ -17,12 +20,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from dropsplit.estimators import double_backward, finite_difference, hvp_difference
+from dropsplit.estimators import double_backward, finite_difference, hvp_difference, jvp
 from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature
 
 ESTIMATORS: dict[str, ModuleType] = {
     "double-backward": double_backward,
     "hvp-difference": hvp_difference,
+    "jvp": jvp,
     "finite-difference": finite_difference,
 }
 GRADIENTS = tuple(ESTIMATORS)

@@ -13,13 +13,14 @@ An estimator is a module with
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
-from dropsplit.core.forward import ForwardOutput
+from dropsplit.core.forward import ForwardOutput, autocast_disabled
 from dropsplit.core.losses import Loss
 
 
@@ -97,6 +98,23 @@ def check_curvature(name: str, supported: tuple[str, ...], curvature: str | None
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+Estimator = TypeVar("Estimator", bound=Callable[..., Estimate])
+
+
+def without_autocast(estimate: Estimator) -> Estimator:
+    """Run an estimator that takes differences outside any ``torch.autocast`` region.
+
+    Its differences of displacements of size ``~1e-3`` vanish in float16 / bfloat16 rounding,
+    so inside an autocast region its passes run in the parameters' own precision (float32):
+    the caller's mixed-precision loop works, and these passes cost what they cost in float32.
+    """
+
+    @functools.wraps(estimate)
+    def run(*args: Any, **kwargs: Any) -> Estimate:
+        with autocast_disabled():
+            return estimate(*args, **kwargs)
+
+    return cast(Estimator, run)
 
 
 def check_precision(name: str, dtype: torch.dtype) -> None:
@@ -111,6 +129,7 @@ def check_precision(name: str, dtype: torch.dtype) -> None:
     if dtype in LOW_PRECISION:
         raise ValueError(
             f"gradient={name!r} takes differences that {dtype} cannot resolve (gradients far "
-            "off, the implicit term 0): run the model in float32 or float64, or use "
-            "gradient='double-backward'"
+            "off, the implicit term 0): keep the parameters in float32 (torch.autocast is "
+            "fine: these passes then run in float32), or use gradient='double-backward' or "
+            "'jvp'"
         )

@@ -45,7 +45,13 @@ from torch import nn
 from dropsplit.core.forward import ForwardFn, ForwardOutput, call_forward
 from dropsplit.core.noise import sample_rademacher
 from dropsplit.core.sites import SiteContext, site_context
-from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature, check_precision
+from dropsplit.estimators.base import (
+    Estimate,
+    EstimatorSpec,
+    check_curvature,
+    check_precision,
+    without_autocast,
+)
 
 CURVATURES = ("sampled", "label", "identity")
 SEPARABLE = False  # the antithetic loss stands in for the clean loss: no regularizer-only part
@@ -67,6 +73,7 @@ class FiniteDifferenceEstimate(Estimate):
     probe: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
+@without_autocast
 def estimate(
     model: nn.Module,
     forward_fn: ForwardFn,

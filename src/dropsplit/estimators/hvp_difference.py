@@ -51,13 +51,28 @@ from dropsplit.core.forward import (
 from dropsplit.core.losses import Loss
 from dropsplit.core.noise import explicit_coefficient, noise_variance, sample_rademacher
 from dropsplit.core.sites import SiteContext, site_context
-from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature, check_precision
+from dropsplit.estimators.base import (
+    Estimate,
+    EstimatorSpec,
+    check_curvature,
+    check_precision,
+    without_autocast,
+)
 
 CURVATURES = ("sampled", "label", "identity")
 SEPARABLE = True
-__all__ = ["CURVATURES", "SEPARABLE", "estimate", "forward_along", "inject"]
+__all__ = [
+    "CURVATURES",
+    "SEPARABLE",
+    "estimate",
+    "explicit_directions",
+    "forward_along",
+    "implicit_directions",
+    "inject",
+]
 
 Gradients = list[torch.Tensor | None]
+Directions = list[torch.Tensor]
 
 
 def inject(grads: Gradients, params: list[nn.Parameter]) -> torch.Tensor:
@@ -85,6 +100,65 @@ def _step_size(directions: list[torch.Tensor], step: float) -> float:
     """``t`` such that the largest gate of ``1 + t d`` moves by ``step``."""
     largest = max(float(d.abs().max()) for d in directions)
     return step / largest if largest > 0 else step
+
+
+def explicit_directions(
+    out: ForwardOutput,
+    gates: list[torch.Tensor],
+    qs: list[float],
+    spec: EstimatorSpec,
+    generator: torch.Generator,
+    part: str = "hvp_difference",
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, list[torch.Tensor], Directions]:
+    r"""The explicit term's probe, its value, its terms and its direction :math:`d`.
+
+    Draws the probe (labels or ``u``) from ``generator`` as the double-backward path does, and
+    takes the gate gradients :math:`G^P` of the probe at gates 1 (one backward, the gated
+    graph kept). Sec. 3.1: :math:`\lambda R = \sum_{\text{sites}} s \lambda \frac1N
+    \sum_m (G^P_m)^2`, so :math:`\nabla_W \lambda R = \nabla_W \sum_m d_m G^P_m(W)` with
+    :math:`d = 2 s \lambda G^P / N` held fixed.
+
+    Args:
+        out: The gated forward's output.
+        gates: Its gates.
+        qs: Each gate's drop probability.
+        spec: Gives the loss, the curvature and ``s = explicit_scale``.
+        generator: Source of the probe's draws.
+        part: The estimator's name in the profiler label ``dropsplit.<part>.gate_gradients``.
+
+    Returns:
+        ``(probe, probe at gates 1 (with its graph), explicit term per gate, d per gate)``.
+    """
+    assert spec.curvature is not None
+    n, scale = out.n, spec.explicit_scale
+    probe = probe_function(spec.curvature, out, spec.loss, generator)
+    at_one = probe(out.logits)
+    with torch.profiler.record_function(f"dropsplit.{part}.gate_gradients"):
+        grads = [g.detach() for g in site_gradients(at_one, gates, create_graph=False)]
+    terms = [scale * explicit_penalty(g, q, n) for g, q in zip(grads, qs, strict=True)]
+    directions = [
+        2 * scale * explicit_coefficient(q) / n * g for g, q in zip(grads, qs, strict=True)
+    ]
+    return probe, at_one, terms, directions
+
+
+def implicit_directions(
+    gates: list[torch.Tensor],
+    qs: list[float],
+    n: int,
+    implicit_scale: float,
+    generator: torch.Generator,
+) -> Directions:
+    r"""The implicit scalar's direction :math:`d' = \sqrt{s' v}\, r / N` (Sec. 3.2).
+
+    :math:`S = \sum_m d'_m G^y_m = D_{d'} L`; the signs ``r`` are drawn from ``generator`` per
+    gate in call order, as :func:`~dropsplit.core.implicit.implicit_scalar_sum` draws them.
+    """
+    scales = [math.sqrt(implicit_scale * noise_variance(q)) / n for q in qs]
+    return [
+        c * sample_rademacher(g.shape, generator, g.dtype, g.device)
+        for g, c in zip(gates, scales, strict=True)
+    ]
 
 
 def forward_along(
@@ -125,6 +199,7 @@ def _backpropagate(
     return total, values
 
 
+@without_autocast
 def estimate(
     model: nn.Module,
     forward_fn: ForwardFn,
@@ -164,26 +239,13 @@ def estimate(
     moves: list[Move] = []
     terms, explicit = None, None
     if spec.curvature is not None:
-        probe = probe_function(spec.curvature, out, loss, generator)
-        at_one = probe(out.logits)
-        with torch.profiler.record_function("dropsplit.hvp_difference.gate_gradients"):
-            grads = [g.detach() for g in site_gradients(at_one, gates, create_graph=False)]
-        scale = spec.explicit_scale
-        terms = [scale * explicit_penalty(g, q, n) for g, q in zip(grads, qs, strict=True)]
+        probe, at_one, terms, directions = explicit_directions(out, gates, qs, spec, generator)
         explicit = torch.stack(terms).sum()
-        directions = [
-            2 * scale * explicit_coefficient(q) / n * g for g, q in zip(grads, qs, strict=True)
-        ]
-        del grads
         t = _step_size(directions, step)
         clean = clean - at_one / t
         moves.append(("explicit", directions, t, probe, at_one.detach()))
     if spec.implicit:
-        scales = [math.sqrt(spec.implicit_scale * noise_variance(q)) / n for q in qs]
-        directions = [
-            c * sample_rademacher(g.shape, generator, g.dtype, g.device)
-            for g, c in zip(gates, scales, strict=True)
-        ]
+        directions = implicit_directions(gates, qs, n, spec.implicit_scale, generator)
         t = _step_size(directions, step)
         clean = clean - summed / t
         true_loss = partial(loss.summed, targets=out.targets)
