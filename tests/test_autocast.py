@@ -72,3 +72,19 @@ def test_autocast_gradient_is_the_float32_gradient_to_bfloat16_rounding(name, fl
     mixed = gradient(model, METHODS[name](), batch, autocast=True)
     assert mixed.dtype == torch.float32
     assert float((mixed - full).norm() / full.norm()) < TOLERANCE
+
+
+class InnerAutocast(MLP):
+    """What accelerate's mixed precision makes of a model: autocast inside forward, float32 out."""
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().forward(x).float()
+
+
+@pytest.mark.parametrize("gradient", ["hvp-difference", "finite-difference"])
+def test_an_autocast_inside_the_forward_is_refused_not_silently_wrong(gradient, float32):
+    torch.manual_seed(0)
+    model, batch = InnerAutocast(), (torch.randn(8, 16), torch.randint(0, 5, (8,)))
+    with pytest.raises(ValueError, match="inside the model's forward"):
+        ds.Analytic(gradient=gradient, seed=0).step(model, forward, batch)

@@ -117,19 +117,25 @@ def without_autocast(estimate: Estimator) -> Estimator:
     return cast(Estimator, run)
 
 
-def check_precision(name: str, dtype: torch.dtype) -> None:
+def check_precision(name: str, logits: torch.Tensor, gates: list[torch.Tensor]) -> None:
     """Refuse half precision for an estimator that takes differences of small displacements.
 
     Its differences of size ~1e-3 vanish in float16 / bfloat16 rounding (measured: gradients
-    43-248 % off the exact path's, implicit term exactly 0), so it must not run silently.
+    43-248 % off the exact path's, implicit term exactly 0), so it must not run silently. The
+    gates have the dtype of the tensors the sites act on: an autocast region inside the model's
+    own forward (``accelerate``'s mixed precision wraps ``model.forward``) shows there even
+    when the logits come back in float32.
 
     Raises:
-        ValueError: For float16 or bfloat16 logits.
+        ValueError: For float16 or bfloat16 logits or site tensors.
     """
-    if dtype in LOW_PRECISION:
+    dtypes = {logits.dtype, *(g.dtype for g in gates)}
+    low = sorted(str(d) for d in dtypes if d in LOW_PRECISION)
+    if low:
         raise ValueError(
-            f"gradient={name!r} takes differences that {dtype} cannot resolve (gradients far "
-            "off, the implicit term 0): keep the parameters in float32 (torch.autocast is "
-            "fine: these passes then run in float32), or use gradient='double-backward' or "
-            "'jvp'"
+            f"gradient={name!r} takes differences that {', '.join(low)} cannot resolve "
+            "(gradients far off, the implicit term 0): keep the parameters in float32 "
+            "(torch.autocast around the step is fine: these passes then run in float32; an "
+            "autocast inside the model's forward, as accelerate's mixed precision adds, is "
+            "not), or use gradient='double-backward' or 'jvp'"
         )

@@ -108,7 +108,7 @@ def estimate(
         plus = call_forward(forward_fn, model, batch, loss)
     if not plus_ctx.record:
         raise ValueError("the forward pass used none of the model's dropout sites")
-    check_precision("finite-difference", plus.logits.dtype)
+    check_precision("finite-difference", plus.logits, plus_ctx.gates)
     minus_multipliers = [2.0 - m for m in plus_ctx.gates]
     with (
         torch.profiler.record_function("dropsplit.finite_difference.forward_minus"),

@@ -230,7 +230,7 @@ def estimate(
     loss, step = spec.loss, spec.hvp_step
     with torch.profiler.record_function("dropsplit.hvp_difference.gated_forward"):
         out, ctx = gated_forward(model, forward_fn, batch, loss, spec.grouping, twice=False)
-    check_precision("hvp-difference", out.logits.dtype)
+    check_precision("hvp-difference", out.logits, ctx.gates)
     n, gates, qs = out.n, ctx.gates, [site.p for site, _ in ctx.record]
     params = trainable_parameters(model)
     summed = loss.summed(out.logits, out.targets)

@@ -130,9 +130,11 @@ class RecurrentLM(nn.Module):
 class AWDLSTM(RecurrentLM):
     """The AWD-LSTM: :class:`RecurrentLM` with :class:`~dropsplit.models.lstm.LSTMLayer` layers.
 
+    ``vocab_size``, ``embedding_size``, ``hidden_size``, ``layers``, ``p_input``, ``p_hidden``,
+    ``p_output``, ``p_weight``, ``p_embedding`` and ``tie_weights`` are as for
+    :class:`RecurrentLM` (``p_weight`` on each ``W_hh``).
+
     Args:
-        vocab_size, embedding_size, hidden_size, layers, p_input, p_hidden, p_output, p_weight,
-            p_embedding, tie_weights: As :class:`RecurrentLM` (``p_weight`` on each ``W_hh``).
         implementation: LSTM implementation, ``"fused"`` or ``"loop"``.
     """
 
@@ -157,9 +159,11 @@ class QRNNLM(RecurrentLM):
     Windows as awd-lstm-lm (2 in the first layer, 1 after); ``p_weight`` is DropConnect on each
     layer's input-to-gates weight (``weight.<i>``), the paper's weight dropout for the QRNN.
 
+    ``vocab_size``, ``embedding_size``, ``hidden_size``, ``layers``, ``p_input``, ``p_hidden``,
+    ``p_output``, ``p_weight``, ``p_embedding`` and ``tie_weights`` are as for
+    :class:`RecurrentLM`.
+
     Args:
-        vocab_size, embedding_size, hidden_size, layers, p_input, p_hidden, p_output, p_weight,
-            p_embedding, tie_weights: As :class:`RecurrentLM`.
         forget_mult: ``"loop"`` or ``"scan"`` (same values).
     """
 

@@ -113,6 +113,8 @@ class TransformerLM(nn.Module):
 
     ``logits, state = model(tokens[T, B], state=None)`` with ``logits[T, B, V]``; the state is
     ``()`` (stateless), so the model drops into the recurrent models' training loop.
+    ``p_input``, ``p_attention``, ``p_attn_out``, ``p_mlp_hidden``, ``p_mlp_out`` and
+    ``p_output`` are each site's ``q``.
 
     Args:
         vocab_size: Number of tokens.
@@ -121,7 +123,6 @@ class TransformerLM(nn.Module):
         heads: Attention heads per block (``D`` must be a multiple).
         context: Longest window (rows of the position embedding).
         mlp_width: MLP hidden width (default ``4 D``).
-        p_input, p_attention, p_attn_out, p_mlp_hidden, p_mlp_out, p_output: Each site's ``q``.
         tie_weights: Tie the decoder weight to the token embedding.
     """
 
