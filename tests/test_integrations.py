@@ -637,3 +637,43 @@ def test_gradient_checkpointing_without_replay_is_a_clear_error():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(RuntimeError, match="checkpoint_kwargs"):
         step_grads(ds.DropoutK(1, seed=0), model, causal_lm_forward, hf_batch())
+
+
+@pytest.mark.parametrize("curvature", ["exact", "label"])
+def test_stochastic_depth_regularizer_equals_brute_force_under_mask_grouping(curvature):
+    """One mask value per example is one group: R_approx sums the branch's gradient over it."""
+    from dropsplit import oracles
+
+    torch.manual_seed(0)
+    model = converted(ResidualNet())
+    batch = (torch.randn(4, 5, 4), torch.randint(0, 3, (4,)))
+    ours = ds.explicit_regularizer(model, residual_forward, batch, curvature, per_site=True)
+    exact = oracles.exact_explicit_regularizer(model, residual_forward, batch, curvature)
+    assert set(ours) == set(exact)
+    for name in ("paths.0", "paths.1"):
+        assert ours[name] > 0
+        torch.testing.assert_close(ours[name], exact[name], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "distilbert"])
+def test_jvp_is_double_backward_to_rounding_on_transformers_models(family):
+    model = converted_hf(family, "sdpa")
+    forward_fn, batch = FAMILIES[family], hf_batch()
+    _, exact = step_grads(ds.Analytic(seed=0), model, forward_fn, batch)
+    _, jvp = step_grads(ds.Analytic(gradient="jvp", seed=0), model, forward_fn, batch)
+    assert relative(jvp, exact) < 1e-10
+
+
+def test_jvp_names_the_op_it_cannot_differentiate_forward():
+    """Llama's SiLU backward has no forward-mode rule in PyTorch: a clear error, not a number."""
+    model = converted_hf("llama", "sdpa")
+    with pytest.raises(NotImplementedError, match="silu_backward.*double-backward"):
+        step_grads(ds.Analytic(gradient="jvp", seed=0), model, causal_lm_forward, hf_batch())
+
+
+def test_timm_like_vit_jvp_is_double_backward_to_rounding():
+    torch.manual_seed(0)
+    model, batch = converted(TinyViT()).train(), vit_batch()
+    _, exact = step_grads(ds.Analytic(seed=0), model, residual_forward, batch)
+    _, jvp = step_grads(ds.Analytic(gradient="jvp", seed=0), model, residual_forward, batch)
+    assert relative(jvp, exact) < 1e-10
