@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+from suite_configs import BASE, config_for, overrides_for
 
 from dropsplit.cli import main
 from dropsplit.experiments.matrix import (
@@ -21,32 +22,43 @@ from dropsplit.experiments.reproduce import load_suite, suite_names, suite_path
 REPO = Path(__file__).parents[1]
 
 
-def _run(root, name, seed, ppl, model="lstm", corpus="ptb-char", fraction=0.005, seconds=60.0):
-    """A finished run's small files, as `dropsplit report` copies them."""
+def _run(root, name, seed, ppl, model="lstm", seconds=60.0, best_epoch=1):
+    """A finished run's small files, as `dropsplit report` copies them (10 epochs; the best
+    evaluation at ``best_epoch``, the only one written)."""
     d = root / "runs" / name / f"seed{seed}"
     d.mkdir(parents=True)
     (d / "run.json").write_text(json.dumps({"name": name, "group": "g", "seed": seed}))
-    config = {
-        "model": {"name": model},
-        "data": {"corpus": corpus, "train_fraction": fraction},
-        "method": {"name": "dropout", "k": 1},
-    }
-    summary = {"best_val_ppl": ppl, "test_ppl": ppl, "epochs": 1, "train_seconds": seconds}
+    config = config_for(name, f'model.name="{model}"', f"train.seed={1111 + seed}")
+    summary = {"best_val_ppl": ppl, "test_ppl": ppl, "epochs": 10, "train_seconds": seconds}
     summary |= {"train_cpu_seconds": seconds, "seconds_per_step": 0.1, "config": config}
     (d / "summary.json").write_text(json.dumps(summary))
-    line = {"step": 10, "epoch": 1, "seconds": seconds, "val_ppl": ppl}
+    line = {"step": 10 * best_epoch, "epoch": best_epoch, "seconds": seconds, "val_ppl": ppl}
     (d / "metrics.jsonl").write_text(json.dumps(line) + "\n")
     return d
 
 
-def _suite(path, runs):
+def _suite(path, runs, model="lstm"):
+    """A suite file planning ``(name, seeds)`` runs, each with the config its name stands for."""
     entries = "".join(
-        f'[[run]]\nname = "{n}"\ngroup = "g"\nset = []\nseeds = {s}\n' for n, s in runs
+        f'[[run]]\nname = "{n}"\ngroup = "g"\nseeds = {s}\n'
+        f"set = {json.dumps([*overrides_for(n), f'model.name={json.dumps(model)}'])}\n"
+        for n, s in runs
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    (path.parent / "base.toml").write_text('[data]\ncorpus = "synthetic"\n')
-    path.write_text('base = "base.toml"\n' + entries)
+    base = path.with_name(f"base-{path.stem}.toml")
+    base.write_text(_toml(BASE))
+    path.write_text(f'base = "{base.name}"\n' + entries)
     return path
+
+
+def _toml(overrides):
+    """A base config file from ``section.key=value`` overrides."""
+    sections = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        sections.setdefault(section, []).append(f"{name} = {value}")
+    return "".join(f"[{s}]\n" + "\n".join(lines) + "\n" for s, lines in sections.items())
 
 
 @pytest.fixture
@@ -56,7 +68,7 @@ def two_columns(tmp_path, monkeypatch):
     lstm, qrnn = Path("lstm"), Path("qrnn")
     values = {
         "dropout-1": [5.0, 5.1, 5.05],
-        "dropout-4": [5.4, 5.5, 5.45],
+        "dropout-4": [5.4, 5.55, 5.45],
         "no-dropout": [6.0, 6.1, 6.05],
         "analytic": [4.6, 4.7, 4.65],
         "explicit": [4.9],
@@ -71,7 +83,7 @@ def two_columns(tmp_path, monkeypatch):
             _run(qrnn, name, seed, ppl, model="qrnn", seconds=50.0)
     plan = [("dropout-1", 3), ("dropout-4", 3), ("no-dropout", 3), ("analytic", 3)]
     _suite(Path("s/lstm.toml"), [*plan, ("explicit", 1), ("identity-x1", 1), ("l2-1e-5", 1)])
-    _suite(Path("s/qrnn.toml"), [*plan, ("dropout-4-difference", 3)])
+    _suite(Path("s/qrnn.toml"), [*plan, ("dropout-4-difference", 3)], model="qrnn")
     matrix = Path("matrix.toml")
     matrix.write_text(
         '[[column]]\nreport = "lstm"\nsuite = "s/lstm.toml"\n'
@@ -136,31 +148,43 @@ def test_missing_seeds_are_costed_from_their_own_or_another_columns_runs(two_col
 
 
 def test_data_size_table_has_a_row_per_fraction_with_the_order(tmp_path, monkeypatch):
+    """Sizes by the runs' configs; the gap by the paired test; one seed: no test; † marks the
+    budget-limited runs and their size's sentence."""
     monkeypatch.chdir(tmp_path)
-    for seed, (a, b) in enumerate([(5.0, 5.3), (5.1, 5.4)]):
+    for seed, (a, b) in enumerate([(5.0, 5.3), (5.1, 5.45)]):
         _run(Path("r"), "dropout-1", seed, a)
         _run(Path("r"), "dropout-8", seed, b)
-    _run(Path("r"), "data-0.02-dropout-1", 0, 3.2, fraction=0.02)
-    _run(Path("r"), "data-0.02-dropout-8", 0, 3.0, fraction=0.02)
+    for seed, (a, b) in enumerate([(3.2, 3.0), (3.25, 3.02), (3.22, 3.05)]):
+        _run(Path("r"), "data-0.02-dropout-1", seed, a, best_epoch=10)  # the last of 10 epochs
+        _run(Path("r"), "data-0.02-dropout-8", seed, b)
+    _run(Path("r"), "data-0.0025-dropout-1", 0, 7.0)
+    _run(Path("r"), "data-0.0025-dropout-8", 0, 7.5)
     _suite(Path("s.toml"), [("dropout-1", 2)])
     Path("m.toml").write_text('[[column]]\nreport = "r"\nsuite = "s.toml"\n')
     (column,) = load_columns("m.toml")
     lines = data_size_table(column)
     assert (
-        "| 0.005 | 5.05 ± 0.07 (2) | 5.35 ± 0.07 (2) | 1 < 8 | Dropout_8: +0.30 ± 0.14 (clear) |"
-        in (lines)
+        "| 0.0025 | 7.00 (1 seed) | 7.50 (1 seed) | 1 < 8 | Dropout_8: +0.50 (1 seed: no test) |"
+        in lines
     )
     assert (
-        "| 0.02 | 3.20 (1 seed) | 3.00 (1 seed) | 8 < 1 | Dropout_8: -0.20 (1 seed) (clear) |"
-        in (lines)
+        "| 0.005 | 5.05 ± 0.07 (2) | 5.38 ± 0.11 (2) | 1 < 8 | "
+        "Dropout_8: +0.33 [+0.01, +0.64], p = 0.049 (paired n = 2) |" in lines
     )
     assert (
-        "The largest k is not clearly worse than Dropout_1 at training fraction 0.02 (by the "
-        "report's rules: a size with one seed needs a 5 % difference); there the implicit "
-        "effect is not seen." in lines
+        "| 0.02 | 3.22 ± 0.03 (3)† | 3.02 ± 0.03 (3) | 8 < 1 | "
+        "Dropout_8: -0.20 [-0.27, -0.13], p = 0.0074 (paired n = 3) |" in lines
     )
-    better = "It is clearly better at training fraction 0.02: there more masks per step help"
+    assert (
+        "The largest k is not clearly worse than Dropout_1 (no 95 % interval above 0; one seed "
+        "has none) at training fraction 0.0025, 0.02; there the implicit effect is not seen."
+        in lines
+    )
+    better = "It is clearly better at training fraction 0.02: the order of the paper's"
     assert any(line.startswith(better) for line in lines)
+    assert any(
+        line.startswith("Runs at training fraction 0.02 are budget-limited") for line in lines
+    )
 
 
 def test_a_claims_figure_has_a_panel_per_column_that_plans_it(two_columns):

@@ -18,6 +18,7 @@ METHODS = {
     "dropout-2-analytic": lambda: ds.DropoutK(2, noise="analytic", seed=1),
     "analytic-double-backward": lambda: ds.Analytic(seed=1),
     "analytic-hvp-difference": lambda: ds.Analytic(gradient="hvp-difference", seed=1),
+    "analytic-jvp": lambda: ds.Analytic(gradient="jvp", seed=1),
     "analytic-finite-difference": lambda: ds.Analytic(gradient="finite-difference", seed=1),
     "r-drop": lambda: ds.RDrop(0.5, seed=1),
     "fraternal": lambda: ds.Fraternal(0.1, seed=1),

@@ -26,17 +26,26 @@ from functools import cached_property
 from pathlib import Path
 
 from dropsplit.experiments.claims import (
+    BASE_SEED,
     CLAIMS,
+    LIMITED,
     NOT_RUN,
+    RULES,
+    Arm,
     Claim,
-    Comparison,
-    Stat,
+    Runs,
+    Verdict,
+    arms,
+    code_version_text,
+    compare,
+    dropout_sizes,
     judge_claims,
     stat,
 )
-from dropsplit.experiments.report import Run, by_name, load_runs, main_fraction
+from dropsplit.experiments.report import Run, by_name, limited_seeds, load_runs, marked
 from dropsplit.experiments.reproduce import Suite, load_suite
 from dropsplit.optional import require
+from dropsplit.training.config import load_config, to_dict
 
 MODELS = {"lstm": "LSTM", "qrnn": "QRNN", "transformer": "Transformer"}
 CORPORA = {"ptb-char": "PTB characters", "wikitext-2-char": "WikiText-2 characters", "ptb": "PTB"}
@@ -61,21 +70,32 @@ class Column:
         model, corpus = config["model"].get("name", "lstm"), config["data"]["corpus"]
         return f"{MODELS.get(model, model)} · {CORPORA.get(corpus, corpus)}"
 
-    @property
-    def stats(self) -> dict[str, Stat]:
-        """Best validation perplexity per run name."""
-        return {name: stat(runs) for name, runs in self.groups.items()}
+    @cached_property
+    def runs(self) -> Runs:
+        """The column's runs, selectable by their saved configs."""
+        return Runs(arms(self.groups))
+
+    @cached_property
+    def verdicts(self) -> list[Verdict]:
+        """One verdict per claim of :data:`CLAIMS`, by the single reports' rules."""
+        return judge_claims(self.runs)
 
     @cached_property
     def plan(self) -> set[str]:
         """The claims the column's suite can judge once every planned run has finished.
 
-        Judged on stand-in values for every planned run: what is left "not run" is not in the
-        suite. Cached: the verdict table and the figures both ask.
+        Judged on stand-in values (two seeds, all equal) for every finished run (its saved
+        config) and every planned one (its config from the suite): what is left "not run" is
+        not in the suite. Cached: the verdict table and the figures both ask.
         """
-        names = {spec.name for spec in self.suite.runs} | set(self.groups)
-        stand_in = {name: Stat([1.0, 1.0]) for name in names}
-        verdicts = judge_claims(stand_in, main_fraction(self.groups))
+        configs = {}
+        for spec in self.suite.runs:
+            if spec.name not in configs:
+                configs[spec.name] = to_dict(load_config(self.suite.base, list(spec.overrides)))
+        configs |= {name: runs[0].summary["config"] for name, runs in self.groups.items()}
+        seeds = {BASE_SEED: 1.0, BASE_SEED + 1: 1.0}
+        stand_in = {name: Arm(name, config, seeds) for name, config in configs.items()}
+        verdicts = judge_claims(Runs(stand_in))
         return {v.claim for v in verdicts if v.verdict != NOT_RUN}
 
 
@@ -124,12 +144,8 @@ def verdict_matrix(columns: list[Column]) -> list[str]:
         "| claim | " + " | ".join(c.label for c in columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
-    verdicts = [judge_claims(c.stats, main_fraction(c.groups)) for c in columns]
     for i, claim in enumerate(CLAIMS):
-        cells = [
-            f"**{v[i].verdict}**<br>{v[i].effect}" if claim.key in c.plan else "-"
-            for v, c in zip(verdicts, columns, strict=True)
-        ]
+        cells = [c.verdicts[i].cell() if claim.key in c.plan else "-" for c in columns]
         lines.append(f"| ({claim.key}) {claim.statement} | " + " | ".join(cells) + " |")
     return lines
 
@@ -172,7 +188,7 @@ def plot_claims(columns: list[Column], out: Path) -> list[str]:
     """One figure per claim with a panel per configuration whose suite plans the claim.
 
     Every seed's best validation perplexity is a dot, each run's mean ± sd a marker with a bar;
-    a claim no column ran gets no figure.
+    a budget-limited run's label is marked †; a claim no column ran gets no figure.
     """
     require("matplotlib", "the matrix's figures").use("Agg")
     import matplotlib.pyplot as plt
@@ -196,13 +212,15 @@ def plot_claims(columns: list[Column], out: Path) -> list[str]:
                 s = stat(column.groups[name])
                 ax.plot([x] * s.n, s.values, ".", color="0.55", markersize=5)
                 ax.errorbar(x, s.mean, yerr=s.sd, fmt="o", color="C0", capsize=3, markersize=4)
-            labels = [f"{column.groups[n][0].label} ({len(column.groups[n])})" for n in names]
+            labels = [f"{marked(column.groups[n])} ({len(column.groups[n])})" for n in names]
             ax.set_xticks(range(len(names)), labels, rotation=60, ha="right", fontsize=7)
             ax.set_xlim(-0.6, len(names) - 0.4)
             ax.grid(axis="y", alpha=0.3)
         axes[0][0].set_ylabel("best validation perplexity")
         title = textwrap.fill(f"({claim.key}) {claim.statement}", int(11 * size[0]))
-        fig.suptitle(f"{title}\ndots: seeds; marker and bar: mean ± sd")
+        fig.suptitle(
+            f"{title}\ndots: seeds; marker and bar: mean ± sd; {LIMITED}: budget-limited run"
+        )
         fig.tight_layout()
         name = figure_name(claim)
         fig.savefig(out / name, dpi=100, metadata={"Software": None})
@@ -214,55 +232,62 @@ def plot_claims(columns: list[Column], out: Path) -> list[str]:
 def data_size_table(column: Column) -> list[str]:
     """Dropout_1, 2, 4, 8 at every training size, the paper's WikiText-103 row in its own form.
 
-    Sizes come from ``data-<fraction>-dropout-<k>`` runs plus the main runs at the main fraction;
-    the order column ranks the k by mean best validation perplexity (best first), and the last
-    column is the largest k against Dropout_1 by the report's rules (empty without data-* runs).
+    Sizes come from the Dropout_k runs of the column's model and corpus at any training fraction
+    (their saved configs); the order column ranks the k by mean best validation perplexity (best
+    first), and the last column is the largest k against Dropout_1 by the report's test (empty
+    with one size). A budget-limited run's cell is marked †, and a size whose ordering rests on
+    one says so.
     """
-    sizes: dict[float, dict[int, list[Run]]] = {}
-    for name, runs in column.groups.items():
-        match = re.fullmatch(r"(?:data-([0-9.]+)-)?dropout-(\d+)", name)
-        if match:
-            fraction = float(match[1] or runs[0].summary["config"]["data"]["train_fraction"])
-            sizes.setdefault(fraction, {})[int(match[2])] = runs
-    if not any(name.startswith("data-") for name in column.groups):
+    sizes = dropout_sizes(column.runs)
+    if len(sizes) < 2:
         return []
     ks = sorted({k for by_k in sizes.values() for k in by_k})
     lines = [
-        f"**{column.label}** (best validation perplexity, mean ± sd (seeds))",
+        f"**{column.label}** (best validation perplexity, mean ± sd (seeds); {LIMITED}: "
+        "budget-limited)",
         "",
         "| training fraction | "
         + " | ".join(f"Dropout_{k}" for k in ks)
         + " | order (best first) | largest k - Dropout_1 |",
         "|---:|" + "---:|" * len(ks) + "---|---|",
     ]
-    turns = []  # sizes where the largest k is no longer worse than Dropout_1
+    turns = []  # sizes where the largest k is not clearly worse than Dropout_1
     better = []  # ... and where it is clearly better: the paper's WikiText-103 ordering
-    for fraction in sorted(sizes):
-        by_k = sizes[fraction]
-        cells = [stat(by_k[k]).text() if k in by_k else "-" for k in ks]
-        order = " < ".join(str(k) for k in sorted(by_k, key=lambda k: stat(by_k[k]).mean))
+    limited = []  # sizes with a budget-limited run
+    for fraction, by_k in sizes.items():
+        runs = {k: column.groups[a.name] for k, a in by_k.items()}
+        cells = [marked(runs[k], stat(runs[k]).text()) if k in runs else "-" for k in ks]
+        order = " < ".join(str(k) for k in sorted(by_k, key=lambda k: by_k[k].mean))
+        if any(limited_seeds(r) for r in runs.values()):
+            limited.append(f"{fraction:g}")
         gap = "-"
         if 1 in by_k and max(by_k) > 1:
-            c = Comparison(stat(by_k[1]), stat(by_k[max(by_k)]))
-            gap = f"Dropout_{max(by_k)}: {c.text()}" + (" (clear)" if c.clear() else "")
-            if c.diff <= 0 or not c.clear():
+            c = compare(by_k[1], by_k[max(by_k)])
+            gap = f"Dropout_{max(by_k)}: {c.value()}"
+            if not c.above:
                 turns.append(f"{fraction:g}")
-            if c.diff < 0 and c.clear():
+            if c.below:
                 better.append(f"{fraction:g}")
         lines.append(f"| {fraction:g} | " + " | ".join(cells) + f" | {order} | {gap} |")
     lines.append("")
     if turns:
         lines.append(
-            "The largest k is not clearly worse than Dropout_1 at training fraction "
-            f"{', '.join(turns)} (by the report's rules: a size with one seed needs a 5 % "
-            "difference); there the implicit effect is not seen."
+            "The largest k is not clearly worse than Dropout_1 (no 95 % interval above 0; one "
+            f"seed has none) at training fraction {', '.join(turns)}; there the implicit effect "
+            "is not seen."
         )
     else:
         lines.append("The largest k is clearly worse than Dropout_1 at every size run.")
     if better:
         lines.append(
-            f"It is clearly better at training fraction {', '.join(better)}: there more masks "
-            "per step help, the paper's WikiText-103 ordering."
+            f"It is clearly better at training fraction {', '.join(better)}: the order of the "
+            "paper's WikiText-103 row (more masks per step help)."
+        )
+    if limited:
+        lines.append(
+            f"Runs at training fraction {', '.join(limited)} are budget-limited ({LIMITED}: a "
+            "seed's best evaluation in the last 10 % of its epochs): the order there may be one "
+            "of speed (which k gets there sooner) rather than of the optimum reached."
         )
     return lines + [""]
 
@@ -424,12 +449,15 @@ def write_matrix(path: str | Path, out: str | Path, command: str) -> Path:
         "",
         "## Verdicts",
         "",
-        "Each cell is judged by the single reports' rules: best validation perplexity, mean over "
-        "seeds; a difference is *clear* when it exceeds twice its standard error (two or more "
-        "seeds a side); with one seed it counts only beyond 5 % and a verdict resting on it is at "
-        "most *inconclusive*. Effects are `difference ± 2 s.e.`, the seeds in parentheses.",
+        f"Each cell is judged by the single reports' rules. {RULES}",
+        "",
+        code_version_text(r for c in columns for runs in c.groups.values() for r in runs),
         "",
         *verdict_matrix(columns),
+        "",
+        "What each verdict tests:",
+        "",
+        *[f"- ({claim.key}) {claim.tests}" for claim in CLAIMS],
         "",
         "## Data size in the paper's form",
         "",

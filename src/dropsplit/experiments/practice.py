@@ -5,7 +5,8 @@ perplexity): best validation and test perplexity, the step cost from the benchma
 Dropout_1 step in the same process), and how soon it first reaches Dropout_1's best validation
 perplexity (mean over Dropout_1's seeds), in steps, in dropout-step equivalents (steps times the
 step cost) and in wall time. Verdict lines compare each method with Dropout_1 by the report's
-rules (:class:`~dropsplit.experiments.claims.Comparison`).
+test (:func:`~dropsplit.experiments.claims.compare`); the methods are selected by their saved
+configs, and a budget-limited run is marked †.
 """
 
 from __future__ import annotations
@@ -13,22 +14,40 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from dropsplit.experiments.claims import Comparison, stat
+from dropsplit.experiments.claims import (
+    ANALYTIC,
+    EXPLICIT,
+    FRATERNAL,
+    LIMITED,
+    RDROP,
+    Runs,
+    Select,
+    arms,
+    compare,
+    config_value,
+    stat,
+)
 
-# run name (or prefix, for a grid) -> (label, benchmark row of its step cost)
-ROWS = {
-    "dropout-1": ("Dropout_1", "DropoutK(1)"),
-    "rdrop-": ("R-Drop", "RDrop(0.5)"),
-    "fraternal-": ("fraternal dropout", "Fraternal(0.25)"),
-    "analytic": ("R_approx + xi_approx", "Analytic(sampled, implicit) HVP"),
-    "explicit": ("R_approx only", "Analytic(sampled) HVP"),
+# the methods' runs (a grid: its best strength) -> (label, benchmark row of its step cost)
+ROWS: dict[str, tuple[Select | None, str, str]] = {
+    "dropout-1": (None, "Dropout_1", "DropoutK(1)"),
+    "rdrop-": (RDROP, "R-Drop", "RDrop(0.5)"),
+    "fraternal-": (FRATERNAL, "fraternal dropout", "Fraternal(0.25)"),
+    "analytic": (ANALYTIC, "R_approx + xi_approx", "Analytic(sampled, implicit) HVP"),
+    "explicit": (EXPLICIT, "R_approx only", "Analytic(sampled) HVP"),
 }
 
 
-def _best_of(groups: dict[str, list[Any]], prefix: str) -> str | None:
-    names = [n for n in groups if n.startswith(prefix)] if prefix.endswith("-") else [prefix]
-    names = [n for n in names if n in groups]
-    return min(names, key=lambda n: stat(groups[n]).mean) if names else None
+def _chosen(groups: dict[str, list[Any]]) -> dict[str, str | None]:
+    """The run name of each row: Dropout_1, the best strength of a grid, the single runs."""
+    if "dropout-1" not in groups:
+        return dict.fromkeys(ROWS)
+    runs = Runs(arms(groups))
+    out: dict[str, str | None] = {}
+    for key, (selector, _, _) in ROWS.items():
+        found = runs.ref if selector is None else runs.best(selector)
+        out[key] = None if found is None else found.name
+    return out
 
 
 def first_reaching(run: Any, target: float) -> dict[str, float] | None:
@@ -55,7 +74,7 @@ def practitioner_lines(
     groups: dict[str, list[Any]], step_costs: dict[str, float] | None = None
 ) -> list[str]:
     """The practitioner's section (empty without Dropout_1 or without a baseline run)."""
-    chosen = {key: _best_of(groups, key) for key in ROWS}
+    chosen = _chosen(groups)
     if chosen["dropout-1"] is None or (chosen["rdrop-"] is None and chosen["fraternal-"] is None):
         return []
     step_costs = step_costs or {}
@@ -68,6 +87,7 @@ def practitioner_lines(
         "The best strength of each baseline (grid below), on the same model, data, budget and "
         f"early stopping. *Reaches*: the first evaluation at or below Dropout_1's best validation "
         f"perplexity ({target:.2f}, mean over its seeds), mean over the seeds that reach it; "
+        f"{LIMITED}: budget-limited (a seed's best evaluation in the last 10 % of its budget); "
         "dropout-step equivalents are steps times the benchmarked step cost (`dropsplit bench "
         "--size char`); wall times come from runs that shared the cores, so only the "
         "step-equivalents are a clean cost comparison.",
@@ -77,13 +97,16 @@ def practitioner_lines(
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     verdicts = []
-    for key, (label, bench_row) in ROWS.items():
+    every = Runs(arms(groups))
+    for key, (_, label, bench_row) in ROWS.items():
         name = chosen[key]
         if name is None:
             continue
         runs = groups[name]
         cost = step_costs.get(bench_row)
-        shown = label if key == name else runs[0].label
+        shown = (label if key == name else runs[0].label) + (
+            LIMITED if every.arms[name].limited else ""
+        )
         steps, equivalents, minutes = _reach_text(runs, target, cost)
         cost_text = "-" if cost is None else f"{cost:.2f}"
         val, test = stat(runs), stat(runs, "test_ppl")
@@ -92,16 +115,21 @@ def practitioner_lines(
             f"{equivalents} | {minutes} |"
         )
         if name != "dropout-1":
-            comparison = Comparison(reference, val)
-            better = "better" if comparison.diff < 0 else "worse"
-            clear = "clearly " + better if comparison.clear() else "no clear difference"
-            verdicts.append(f"- {shown} - Dropout_1 = {comparison.text()}: **{clear}**.")
+            d = compare(every.arms["dropout-1"], every.arms[name])
+            clear = "clearly better" if d.below else "clearly worse" if d.above else None
+            rests = f" ({LIMITED} rests on budget-limited runs: {', '.join(d.limited)})"
+            verdicts.append(
+                f"- {shown} - Dropout_1 = {d.value()}: **{clear or 'no clear difference'}**"
+                + (rests if d.limited else "")
+                + "."
+            )
     lines += ["", *verdicts, "", "Every strength tried (best validation perplexity):", ""]
-    for prefix in ("rdrop-", "fraternal-"):
-        grid = sorted(
-            (n for n in groups if n.startswith(prefix)), key=lambda n: float(n[len(prefix) :])
-        )
+    for key, strength in (("rdrop-", "method.alpha"), ("fraternal-", "method.kappa")):
+        selector = ROWS[key][0]
+        assert selector is not None
+        grid = sorted(every.select(selector), key=lambda a: config_value(a.config, strength))
         if grid:
-            cells = ", ".join(f"{groups[n][0].label}: {stat(groups[n]).text()}" for n in grid)
-            lines.append(f"- {ROWS[prefix][0]}: {cells}")
+            shown = [groups[a.name] for a in grid]
+            cells = ", ".join(f"{runs[0].label}: {stat(runs).text()}" for runs in shown)
+            lines.append(f"- {ROWS[key][1]}: {cells}")
     return lines

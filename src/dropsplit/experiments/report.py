@@ -5,7 +5,9 @@
 and writes ``DIR/REPORT.md``, ``DIR/summary.csv`` and the figures from those copies only, so
 running it again on ``DIR/runs/*/*`` regenerates every file byte for byte.
 
-The claims and their verdict rules are data: :mod:`~dropsplit.experiments.claims`.
+The claims and their verdict rules are data: :mod:`~dropsplit.experiments.claims`. A run whose
+best evaluation lies in the last 10 % of its budget is marked † (budget-limited) in every table
+and figure (:func:`~dropsplit.experiments.claims.budget_limited`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dropsplit.experiments.claims import CLAIMS, Stat, judge_claims, stat
+from dropsplit.experiments.claims import (
+    CLAIMS,
+    LIMITED,
+    RULES,
+    Runs,
+    Stat,
+    arms,
+    budget_limited,
+    code_version_text,
+    judge_claims,
+    stat,
+)
 from dropsplit.experiments.practice import practitioner_lines
 from dropsplit.experiments.time_to_quality import plot_time_to_quality, time_to_quality_lines
 from dropsplit.optional import require
@@ -47,6 +60,21 @@ class Run:
     def measure(self) -> dict[str, Any] | None:
         """The measurement at the trained probabilities (``measure/``), if any."""
         return self.measures.get("measure")
+
+    @property
+    def limited(self) -> bool:
+        """Whether its best evaluation lies in the last 10 % of its budget (budget-limited)."""
+        return budget_limited(self.summary, self.metrics)
+
+
+def limited_seeds(runs: list[Run]) -> int:
+    """How many of a run's seeds are budget-limited."""
+    return sum(r.limited for r in runs)
+
+
+def marked(runs: list[Run], text: str | None = None) -> str:
+    """``text`` (the run's label) with † when a seed of the run is budget-limited."""
+    return (runs[0].label if text is None else text) + (LIMITED if limited_seeds(runs) else "")
 
 
 def load_runs(directories: Iterable[str | Path]) -> list[Run]:
@@ -125,24 +153,26 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict[str, Any]]:
                 "epochs": stat(runs, "epochs"),
                 "train_minutes": Stat([r.summary["train_seconds"] / 60 for r in runs]),
                 "seconds_per_step": stat(runs, "seconds_per_step"),
+                "limited": limited_seeds(runs),
             }
         )
     return rows
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """``summary.csv``: per run name, mean and sd of every quantity."""
+    """``summary.csv``: per run name, mean and sd of every quantity, budget-limited seeds."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     keys = ["best_val_ppl", "test_ppl", "epochs", "train_minutes", "seconds_per_step"]
-    writer.writerow(["name", "group", "seeds"] + [f"{k}_{m}" for k in keys for m in ("mean", "sd")])
+    header = [f"{k}_{m}" for k in keys for m in ("mean", "sd")]
+    writer.writerow(["name", "group", "seeds", *header, "budget_limited_seeds"])
     for row in rows:
         values = [
             f"{row[k].mean:.4f}" if m == "mean" else f"{row[k].sd:.4f}"
             for k in keys
             for m in ("mean", "sd")
         ]
-        writer.writerow([row["name"], row["group"], row["seeds"], *values])
+        writer.writerow([row["name"], row["group"], row["seeds"], *values, row["limited"]])
     path.write_text(buf.getvalue())
 
 
@@ -215,7 +245,7 @@ def plot_groups(groups: dict[str, list[Run]], out: Path) -> list[str]:
             color = palette(i % palette.N)
             for ax, x_key in zip(axes, ("epoch", "minutes"), strict=True):
                 xs, mean, low, high = _curve(runs, x_key)
-                label = f"{runs[0].label} ({len(runs)})"
+                label = f"{marked(runs)} ({len(runs)})"
                 ax.plot(xs, mean, marker=".", color=color, label=label)
                 if len(runs) > 1:
                     ax.fill_between(xs, low, high, color=color, alpha=0.15)
@@ -229,7 +259,8 @@ def plot_groups(groups: dict[str, list[Run]], out: Path) -> list[str]:
             ax.set_ylabel("validation perplexity")
             ax.set_ylim(0.98 * min(values), top)
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7, title="run (seeds); band: min-max", title_fontsize=7)
+        legend = f"run (seeds); band: min-max; {LIMITED}: budget-limited"
+        axes[0].legend(fontsize=7, title=legend, title_fontsize=7)
         fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(out / filename, dpi=110, metadata={"Software": None})
@@ -291,23 +322,24 @@ def main_fraction(groups: dict[str, list[Run]]) -> str | None:
     return str(main[0].summary["config"]["data"]["train_fraction"]) if main else None
 
 
-def _verdict_lines(stats: dict[str, Stat], groups: dict[str, list[Run]]) -> list[str]:
+def _verdict_lines(groups: dict[str, list[Run]]) -> list[str]:
     """The verdict section: the rules, then one row per claim of :data:`CLAIMS`."""
     lines = [
         "## Verdicts",
         "",
-        "Best validation perplexity, mean over seeds. A difference is *clear* when it exceeds "
-        "twice its standard error (seed standard deviations, two or more seeds a side); with one "
-        "seed a difference counts only beyond 5 %, and a verdict resting on one seed is at most "
-        "*inconclusive*. Effects are written `difference ± 2 s.e.`",
+        RULES,
         "",
-        "| claim | paper | our effect | verdict |",
-        "|---|---|---|---|",
+        code_version_text(r for runs in groups.values() for r in runs),
+        "",
+        "| claim | paper | what the verdict tests | our effect | verdict |",
+        "|---|---|---|---|---|",
     ]
     claims = {c.key: c for c in CLAIMS}
-    for v in judge_claims(stats, main_fraction(groups)):
+    for v in judge_claims(Runs(arms(groups))):
         c = claims[v.claim]
-        lines.append(f"| ({v.claim}) {c.statement} | {c.paper} | {v.effect} | **{v.verdict}** |")
+        lines.append(
+            f"| ({v.claim}) {c.statement} | {c.paper} | {c.tests} | {v.effect} | **{v.shown}** |"
+        )
     return lines
 
 
@@ -364,7 +396,6 @@ def write_report(
         raise ValueError("no finished runs to report on")
     groups = by_name(runs)
     rows = summary_rows(groups)
-    stats = {row["name"]: row["best_val_ppl"] for row in rows}
     write_csv(rows, out / "summary.csv")
     figures = plot_groups(groups, out)
     lines = [
@@ -376,7 +407,7 @@ def write_report(
     ]
     if suite is not None and suite.description:
         lines += [suite.description.strip(), ""]
-    lines += _verdict_lines(stats, groups)
+    lines += _verdict_lines(groups)
     costs_path = out / "step_costs.json"
     if step_costs is not None:
         costs_path.write_text(json.dumps(step_costs, indent=2, sort_keys=True) + "\n")
@@ -389,16 +420,20 @@ def write_report(
         "",
         "## All runs",
         "",
+        f"{LIMITED}: budget-limited (a seed's best evaluation in the last 10 % of its epochs or "
+        "steps; the last column counts them).",
+        "",
         "| group | run | seeds | best val ppl | test ppl at best val | epochs | train min | "
-        "s/step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "s/step | budget-limited seeds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in sorted(rows, key=lambda r: (r["group"], r["best_val_ppl"].mean)):
         lines.append(
-            f"| {row['group']} | {row['label']} | {row['seeds']} | "
+            f"| {row['group']} | {row['label']}{LIMITED if row['limited'] else ''} | "
+            f"{row['seeds']} | "
             f"{row['best_val_ppl'].text()} | {row['test_ppl'].text()} | "
             f"{row['epochs'].mean:.0f} | {row['train_minutes'].mean:.1f} | "
-            f"{row['seconds_per_step'].mean:.3f} |"
+            f"{row['seconds_per_step'].mean:.3f} | {row['limited']} |"
         )
     if suite is not None:
         lines += _not_run_lines(suite, runs)

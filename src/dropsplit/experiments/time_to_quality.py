@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from dropsplit.experiments.claims import Comparison, Stat, stat
+from dropsplit.experiments.claims import LIMITED, Stat, arm, budget_limited, compare, stat
 from dropsplit.experiments.practice import first_reaching
 from dropsplit.optional import require
 
@@ -29,6 +29,12 @@ STEP_ROWS = {
     "explicit": "Analytic(sampled) HVP",
     "implicit": "Analytic(implicit only) HVP",
 }
+
+
+def _marked(runs: list[Any]) -> str:
+    """A run's label, with † when a seed is budget-limited."""
+    limited = any(budget_limited(r.summary, r.metrics) for r in runs)
+    return runs[0].label + (LIMITED if limited else "")
 
 
 def _curvature(method: dict[str, Any]) -> str | None:
@@ -205,6 +211,7 @@ def time_to_quality_lines(
         "scheduled run sums clean, partial and full analytic steps). *Wall min*: training time "
         "up to that evaluation, only from clean timings: one thread and the steps' CPU time at "
         f"least {MIN_CPU_SHARE:.0%} of their wall time (*min CPU share*, lowest over seeds). "
+        f"{LIMITED}: budget-limited (a seed's best evaluation in the last 10 % of its budget). "
         f"Clean timings: {len(timed)} runs, on {', '.join(machines) if machines else '-'}.",
         "",
         "| run | best val ppl | reaches at step | dropout-step equivalents | wall min | "
@@ -213,7 +220,7 @@ def time_to_quality_lines(
     ]
     for runs in sorted(groups.values(), key=lambda rs: stat(rs).mean):
         cells = " | ".join(_cells(runs, target, costs))
-        lines.append(f"| {runs[0].label} | {stat(runs).text()} | {cells} |")
+        lines.append(f"| {_marked(runs)} | {stat(runs).text()} | {cells} |")
     lines += ["", *_verdicts(groups, reference, costs)]
     if figure:
         lines += ["", f"![Time to quality]({figure})"]
@@ -233,11 +240,13 @@ def _verdicts(groups, reference, costs) -> list[str]:
             continue
         wall = _ratios(runs, reference, costs, "seconds")
         steps = _ratios(runs, reference, costs, "equivalents")
-        final = Comparison(stat(reference), stat(runs))
-        better = "clearly better" if final.clear() and final.diff < 0 else "not clearly better"
-        quality = f"final best validation {final.text()} against Dropout_1: {better}"
+        final = compare(arm("dropout-1", reference), arm(name, runs))
+        better = "clearly better" if final.below else "not clearly better"
+        quality = f"final best validation {final.value()} against Dropout_1: {better}"
+        if final.limited:
+            quality += f" ({LIMITED} rests on budget-limited runs: {', '.join(final.limited)})"
         if not all(first_reaching(r, stat(reference).mean) for r in runs):
-            lines.append(f"- {runs[0].label}: a seed never reaches Dropout_1's quality; {quality}.")
+            lines.append(f"- {_marked(runs)}: a seed never reaches Dropout_1's quality; {quality}.")
             continue
         step_text = (
             "(no step-cost benchmark for its dropout-step equivalents)"
@@ -248,7 +257,7 @@ def _verdicts(groups, reference, costs) -> list[str]:
         if wall is not None:
             wall_text = f"**{wall.text()}** x Dropout_1's"
         lines.append(
-            f"- {runs[0].label} reaches Dropout_1's quality {step_text}; in wall time: "
+            f"- {_marked(runs)} reaches Dropout_1's quality {step_text}; in wall time: "
             f"{wall_text}; {quality}."
         )
     return lines
@@ -288,7 +297,7 @@ def plot_time_to_quality(
             config = run.summary["config"]
             xs = [dropout_step_equivalents(config, m["step"], costs) or 0.0 for m in run.metrics]
             ys = [m["val_ppl"] for m in run.metrics]
-            label = f"{run.label} ({len(groups[name])})" if j == 0 else None
+            label = f"{_marked(groups[name])} ({len(groups[name])})" if j == 0 else None
             ax.plot(xs, ys, color=palette(i % 10), lw=1, alpha=0.8, label=label)
     ax.axhline(target, color="k", ls="--", lw=0.8, label=f"Dropout_1's best ({target:.2f})")
     ax.set_ylim(
@@ -297,7 +306,8 @@ def plot_time_to_quality(
     ax.set_xlabel("dropout-step equivalents (steps x benchmarked step cost)")
     ax.set_ylabel("validation perplexity")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title="run (seeds); one line per seed", title_fontsize=7)
+    title = f"run (seeds); one line per seed; {LIMITED}: budget-limited"
+    ax.legend(fontsize=7, title=title, title_fontsize=7)
     ax.set_title("Time to quality")
     fig.tight_layout()
     fig.savefig(out / FIGURE, dpi=110, metadata={"Software": None})
