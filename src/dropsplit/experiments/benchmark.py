@@ -17,6 +17,7 @@ step, polled every 0.5 ms, in a fresh process per method with glibc returning fr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -98,6 +99,7 @@ def methods(batch_size: int) -> dict[str, ds.Method]:
     out["Analytic(sampled, implicit) HVP"] = hvp("sampled", True)
     out["Analytic(sampled) HVP"] = hvp("sampled", False)
     out["Analytic(implicit only) HVP"] = hvp(None, True)
+    out["Analytic(sampled, implicit) JVP"] = ds.Analytic("sampled", True, gradient="jvp", seed=0)
     out["DropoutK(4) + analytic HVP"] = ds.DropoutK(
         4, "analytic", gradient="hvp-difference", seed=0
     )
@@ -152,13 +154,29 @@ def problem(size: str, device: str = "cpu", model: str = "lstm"):
     return lm, (x, y, lm.init_state(cfg["batch"]))
 
 
-def steps(size: str, device: str = "cpu", model: str = "lstm") -> dict[str, Callable[[], object]]:
-    """One training step (forward, backward, gradients written) per row name."""
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def steps(
+    size: str, device: str = "cpu", model: str = "lstm", autocast: str | None = None
+) -> dict[str, Callable[[], object]]:
+    """One training step (forward, backward, gradients written) per row name.
+
+    ``autocast`` (``"bf16"`` or ``"fp16"``): every step, the reference's too, runs inside
+    ``torch.autocast`` with that dtype (the parameters stay float32).
+    """
     lm, batch = problem(size, device, model)
+    device_type = torch.device(device).type
+
+    def mixed() -> contextlib.AbstractContextManager:
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=AUTOCAST[autocast])
 
     def method_step(method: ds.Method) -> object:
         lm.zero_grad(set_to_none=True)  # step() adds to p.grad; the reference sets it anew
-        return method.step(lm, lm_forward, batch)
+        with mixed():
+            return method.step(lm, lm_forward, batch)
 
     out: dict[str, Callable[[], object]] = {
         name: partial(method_step, m) for name, m in methods(SIZES[size]["batch"]).items()
@@ -169,8 +187,9 @@ def steps(size: str, device: str = "cpu", model: str = "lstm") -> dict[str, Call
     def plain_step():
         for p in plain.parameters():
             p.grad = None
-        logits = plain(x)
-        nn.functional.cross_entropy(logits.flatten(0, 1), y.reshape(-1)).backward()
+        with mixed():
+            loss = nn.functional.cross_entropy(plain(x).flatten(0, 1).float(), y.reshape(-1))
+        loss.backward()
 
     out[REFERENCES[model]] = plain_step
     return out
@@ -182,10 +201,15 @@ def _sync(device: str) -> None:
 
 
 def time_steps(
-    size: str, repeats: int, only=None, device: str = "cpu", model: str = "lstm"
+    size: str,
+    repeats: int,
+    only=None,
+    device: str = "cpu",
+    model: str = "lstm",
+    autocast: str | None = None,
 ) -> dict[str, dict]:
     """Interleaved timing: ratios to DropoutK(1) of the same round."""
-    chosen = steps(size, device, model)
+    chosen = steps(size, device, model, autocast)
     if only:
         chosen = {k: v for k, v in chosen.items() if k in only or k == "DropoutK(1)"}
     times: dict[str, list[float]] = {name: [] for name in chosen}
@@ -311,17 +335,44 @@ def markdown(rows: dict[str, dict], memory: dict[str, float] | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command line of ``dropsplit bench``."""
     parser = argparse.ArgumentParser(prog="dropsplit bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=SIZES, default="small")
-    parser.add_argument("--model", choices=MODELS, default="lstm")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--size",
+        choices=SIZES,
+        default="small",
+        help="model size (default small): small (3 layers, embedding 200, hidden 400, bptt 35, "
+        "vocabulary 10,000), paper (embedding 400, hidden 1150, bptt 70), char (the "
+        "character-level suite's: 2 layers, embedding 64, hidden 256, bptt 70, vocabulary 50); "
+        "batch 20",
+    )
+    parser.add_argument(
+        "--model", choices=MODELS, default="lstm", help="language model timed (default lstm)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="rounds of one step of every method (default 5); ratios are medians over them",
+    )
     parser.add_argument("--only", nargs="*", help="row names to time (default all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default cuda when available)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory column")
     parser.add_argument("--memory-only", action="store_true", help="only the memory column")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--markdown", help="write the table to this markdown file")
+    parser.add_argument(
+        "--autocast",
+        choices=sorted(AUTOCAST),
+        help="time every step inside torch.autocast with this dtype (timing only: memory "
+        "is measured without it)",
+    )
     args = parser.parse_args(argv)
+    if args.autocast and not (args.no_memory or args.memory_of):
+        parser.error("--autocast times steps only: add --no-memory")
     if args.memory_of:
         peak_mib = step_peak_memory(args.size, args.memory_of, args.device, args.model)
         print(json.dumps({"peak_mib": peak_mib}))
@@ -347,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                     f,
                 )
         return 0
-    rows = time_steps(args.size, args.repeats, args.only, args.device, args.model)
+    rows = time_steps(args.size, args.repeats, args.only, args.device, args.model, args.autocast)
     peak = None if args.no_memory else memory_rows(args.size, rows, args.device, args.model)
     table = markdown(rows, peak)
     print(table)
@@ -357,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": SIZES[args.size],
         "repeats": args.repeats,
         "device": args.device,
+        "autocast": args.autocast,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),

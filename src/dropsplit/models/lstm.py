@@ -87,6 +87,10 @@ class LSTMLayer(nn.Module):
     def _fused(
         self, x: torch.Tensor, state: State, weight_hh: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, State]:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # oneDNN has no bfloat16 LSTM primitive for mixed inputs: the kernel runs in float32
+            with torch.autocast("cpu", enabled=False):
+                return self._fused(x.float(), (state[0].float(), state[1].float()), weight_hh)
         w_hh = self.weight_hh if weight_hh is None else weight_hh
         weights = [self.weight_ih, w_hh, self.bias_ih, self.bias_hh]
         no_cudnn = x.is_cuda and torch.is_grad_enabled()
