@@ -339,10 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         "--size",
         choices=SIZES,
         default="small",
-        help="model size (default small): small (3 layers, embedding 200, hidden 400, bptt 35, "
-        "vocabulary 10,000), paper (embedding 400, hidden 1150, bptt 70), char (the "
-        "character-level suite's: 2 layers, embedding 64, hidden 256, bptt 70, vocabulary 50); "
-        "batch 20",
+        help="model size (default small), batch 20: small (3 layers, embedding 200, hidden 400, "
+        "bptt 35, vocabulary 10,000), paper (3 layers, embedding 400, hidden 1150, bptt 70, "
+        "vocabulary 10,000), char (the character-level suites': 2 layers, embedding 64, hidden "
+        "256, bptt 70, vocabulary 50)",
     )
     parser.add_argument(
         "--model", choices=MODELS, default="lstm", help="language model timed (default lstm)"

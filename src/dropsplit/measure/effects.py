@@ -314,11 +314,15 @@ def format_effects(result: dict[str, Any]) -> str:
 
 
 def plot_effects(result: dict[str, Any], out_dir) -> list[str]:
-    """PNG figures: gap vs prediction per site, and the noise spectra. Returns the paths."""
+    """PNG figures: gap vs prediction per site, and the noise spectra. Returns the paths.
+
+    ``out_dir`` is created (with its parents) when it does not exist.
+    """
     require("matplotlib", "plot_effects").use("Agg")
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     names = list(result["sites"])
     rows = [result["sites"][n] for n in names]
     x = torch.arange(len(names)).numpy()
