@@ -1,4 +1,4 @@
-"""The reproduction suite and its report on the synthetic corpus; the verdict rules."""
+"""The reproduction suite and its report on the synthetic corpus (verdicts: test_claims.py)."""
 
 import json
 import shutil
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from dropsplit.cli import main
-from dropsplit.experiments.claims import Stat, judge_claims
 from dropsplit.experiments.report import write_report
 from dropsplit.experiments.reproduce import load_suite, reproduce, run_status, selected
 from dropsplit.training.config import load_config
@@ -254,120 +253,11 @@ def test_report_of_nothing_is_an_error(tmp_path, capsys):
     assert "no finished runs" in capsys.readouterr().err
 
 
-def _stats(**means):
-    """Stats with three seeds at mean +- 1 (s.e. of a difference ~ 0.82) or given lists."""
-    return {
-        name.replace("_", "-"): Stat(v if isinstance(v, list) else [v - 1, v, v + 1])
-        for name, v in means.items()
-    }
-
-
-def _verdict(stats, claim):
-    return next(v for v in judge_claims(stats) if v.claim == claim)
-
-
-def test_verdict_dropout_k_monotone_worsening():
-    assert _verdict(_stats(dropout_1=100, dropout_2=103, dropout_4=106), "a").verdict == (
-        "reproduced"
-    )
-    assert _verdict(_stats(dropout_1=100, dropout_2=99, dropout_4=95), "a").verdict == (
-        "not reproduced"
-    )
-    no_effect = _stats(dropout_1=100, dropout_2=100.5, dropout_4=100.2)
-    assert _verdict(no_effect, "a").verdict == "not reproduced"
-    one_seed = _stats(dropout_1=[100], dropout_4=[110])
-    assert _verdict(one_seed, "a").verdict == "inconclusive"
-    # a one-seed Dropout_8 beside three-seed runs: the verdict rests on Dropout_4 ...
-    added = _stats(dropout_1=100, dropout_4=106, dropout_8=[108])
-    assert _verdict(added, "a").verdict == "reproduced"
-    assert "Dropout_4 - Dropout_1 = +6.00" in _verdict(added, "a").effect
-    assert "explicit - Dropout_4" in _verdict({**added, **_stats(explicit=103)}, "c").effect
-    # ... but a clear reversal at k = 8 still counts against it
-    reversal = _stats(dropout_1=100, dropout_4=106, dropout_8=[90])
-    assert _verdict(reversal, "a").verdict == "not reproduced"
-
-
-def test_verdict_difference_noise_and_explicit_and_replacement():
-    stats = _stats(
-        dropout_1=100,
-        dropout_4=106,
-        dropout_4_difference=100.5,
-        dropout_8=110,
-        explicit=104,
-        analytic=101,
-    )
-    assert _verdict(stats, "b").verdict == "reproduced"
-    assert "recovers 92 % of the gap" in _verdict(stats, "b").effect  # (106 - 100.5) / 6
-    assert _verdict(stats, "c").verdict == "reproduced"
-    assert _verdict(stats, "d").verdict == "reproduced"
-    stats = _stats(
-        dropout_1=100,
-        dropout_4=106,
-        dropout_4_difference=106,
-        dropout_8=110,
-        explicit=112,
-        analytic=110,
-    )
-    assert _verdict(stats, "b").verdict == "not reproduced"
-    assert "recovers 0 % of the gap" in _verdict(stats, "b").effect
-    assert _verdict(stats, "c").verdict == "not reproduced"
-    assert _verdict(stats, "d").verdict == "not reproduced"
-    assert _verdict(_stats(dropout_1=100), "b").verdict == "not run"
-
-
-def test_verdict_analytic_noise_tracks_dropout_1():
-    stats = _stats(dropout_1=100, dropout_4=106, dropout_4_analytic=101.5, dropout_8=110)
-    v = _verdict(stats, "Fig. 4")
-    assert v.verdict == "reproduced"
-    assert "dropout-4 + analytic noise - Dropout_1 = +1.50" in v.effect
-    assert "recovers 75 % of the gap" in v.effect  # 1 - 1.5 / 6
-    stats["dropout-8-analytic"] = Stat([109.0, 110.0, 111.0])
-    v = _verdict(stats, "Fig. 4")
-    assert v.verdict == "not reproduced" and "recovers 0 % of the gap" in v.effect
-    one_seed = _stats(dropout_1=100, dropout_2_analytic=[100.5])
-    v = _verdict(one_seed, "Fig. 4")
-    assert v.verdict == "inconclusive" and "recovers" not in v.effect  # no Dropout_2 run
-    assert _verdict(_stats(dropout_1=100), "Fig. 4").verdict == "not run"
-
-
-def test_estimator_finding_compares_each_estimator_with_the_main_runs():
-    stats = _stats(analytic_exact=99, analytic=100, analytic_fd=110, explicit=104, explicit_fd=115)
-    v = _verdict(stats, "estimator")
-    assert v.verdict == "finding"
-    parts = v.effect.split("; ")
-    assert [p.split(" = ")[0] for p in parts] == [
-        "analytic - analytic-exact",
-        "analytic-fd - analytic-exact",
-        "analytic-fd - analytic",
-        "explicit-fd - explicit",
-    ]
-    assert parts[2].startswith("analytic-fd - analytic = +10.00")
-    missing = _verdict(_stats(dropout_1=100, analytic_fd=110), "estimator")
-    assert missing.verdict == "not run"
-    assert missing.effect == "missing runs: analytic, analytic-exact, explicit, explicit-fd"
-
-
-def test_verdict_data_size_uses_the_main_pair_at_its_fraction():
-    stats = _stats(
-        dropout_1=100, dropout_4=106, **{"data_0.05_dropout_1": 120, "data_0.05_dropout_4": 135}
-    )
-    stats.update(_stats(**{"data_0.3_dropout_1": 90, "data_0.3_dropout_4": 91}))
-    v = next(v for v in judge_claims(stats, main_fraction="0.1") if v.claim == "f")
-    assert v.verdict == "reproduced"
-    assert "fraction 0.1" in v.effect
-
-
 def test_bench_command_is_reachable_from_the_cli(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--help"])
     assert exit_info.value.code == 0
     assert "--memory-only" in capsys.readouterr().out
-
-
-def test_one_seed_verdicts_are_at_most_inconclusive():
-    stats = _stats(dropout_1=[100.0], analytic=[120.0])
-    verdict = _verdict(stats, "d").verdict
-    assert verdict == "inconclusive (1 seed; leans not reproduced)"
 
 
 @pytest.mark.parametrize(
@@ -432,57 +322,6 @@ def test_every_curve_of_a_figure_has_its_own_colour(tmp_path, monkeypatch, n_run
     assert plot_groups(groups, tmp_path) == ["fig6_ablations.png"]
     colours = [line.get_color() for line in figures[0].axes[0].get_lines()]
     assert len(colours) == n_runs and len(set(map(str, colours))) == n_runs
-
-
-def test_a_new_claim_is_an_entry_not_a_branch():
-    """A claim on another architecture is one Claim: its runs, its judge; missing runs are named."""
-    from dropsplit.experiments.claims import Claim, finding
-
-    claim = Claim(
-        "qrnn-d",
-        "QRNN: the analytic replacement beats Dropout_1.",
-        "-",
-        finding(("qrnn-dropout-1", "qrnn-analytic")),
-        needs=("qrnn-dropout-1", "qrnn-analytic"),
-    )
-    (missing,) = judge_claims({"qrnn-dropout-1": Stat([5.0, 5.1])}, claims=(claim,))
-    assert missing.verdict == "not run" and missing.effect == "missing runs: qrnn-analytic"
-    stats = {"qrnn-dropout-1": Stat([5.0, 5.1]), "qrnn-analytic": Stat([4.0, 4.1])}
-    (found,) = judge_claims(stats, claims=(claim,))
-    assert found.verdict == "finding"
-    assert found.effect == "qrnn-analytic - qrnn-dropout-1 = -1.00 ± 0.14"
-
-
-def test_practitioners_table_picks_the_best_strength_and_times_the_reach():
-    """Synthetic runs: the best R-Drop strength is chosen, reaching Dropout_1's mean best is
-    counted in steps and dropout-step equivalents, and a method that never reaches it says so."""
-    from dropsplit.experiments.practice import first_reaching, practitioner_lines
-    from dropsplit.experiments.report import Run
-
-    def run(name, seed, best, curve):
-        metrics = [
-            {"step": 100 * (i + 1), "seconds": 60.0 * (i + 1), "val_ppl": v}
-            for i, v in enumerate(curve)
-        ]
-        summary = {"best_val_ppl": best, "test_ppl": best - 0.3}
-        return Run(name, "g", seed, name, summary, metrics, Path("."))
-
-    groups = {
-        "dropout-1": [run("dropout-1", s, b, [7.0, b]) for s, b in ((0, 6.0), (1, 6.2))],
-        "rdrop-0.1": [run("rdrop-0.1", 0, 6.3, [7.0, 6.3])],
-        "rdrop-0.5": [run("rdrop-0.5", s, 5.5, [6.05, 5.5]) for s in (0, 1)],
-        "analytic": [run("analytic", s, 5.0 + s / 10, [6.5, 6.0, 5.0]) for s in (0, 1)],
-    }
-    assert first_reaching(groups["rdrop-0.1"][0], 6.1) is None
-    assert first_reaching(groups["analytic"][0], 6.1) == {"step": 200, "seconds": 120.0}
-    lines = practitioner_lines(groups, {"DropoutK(1)": 1.0, "RDrop(0.5)": 2.0})
-    table = "\n".join(lines)
-    assert "| rdrop-0.5 | 5.50 ± 0.00 (2) |" in table  # the better strength is the row
-    assert "| 2.00 | 100 | 200 | 1.0 |" in table  # reaches 6.1 at step 100: 200 dropout steps
-    assert "| Dropout_1 | 6.10 ± 0.14 (2) |" in table and "| 200 (1 of 2 seeds) |" in table
-    assert "rdrop-0.5 - Dropout_1 = -0.60" in table and "**clearly better**" in table
-    assert "R-Drop: rdrop-0.1: 6.30 (1 seed), rdrop-0.5: 5.50" in table
-    assert practitioner_lines({k: v for k, v in groups.items() if "rdrop" not in k}) == []
 
 
 def test_shipped_configs_are_found_outside_a_clone(tmp_path, monkeypatch):

@@ -387,7 +387,10 @@ def test_a_torn_metrics_line_does_not_block_resume(tmp_path):
 def test_a_rerun_after_a_kill_before_the_first_checkpoint_logs_each_line_once(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "metrics.jsonl").write_text('{"step": 2, "val_ppl": 9.0}\n')
-    train(tiny("train.max_steps=4", "train.eval_every=2"), tmp_path / "r")
+    # any run file counts as a run: a plain rerun is refused, --overwrite starts clean
+    with pytest.raises(FileExistsError, match=r"holds a run \(metrics.jsonl\); pass --overwrite"):
+        train(tiny("train.max_steps=4", "train.eval_every=2"), tmp_path / "r")
+    train(tiny("train.max_steps=4", "train.eval_every=2"), tmp_path / "r", overwrite=True)
     steps = [m["step"] for m in metrics(tmp_path / "r")]
     assert steps == sorted(set(steps))
 
@@ -451,7 +454,8 @@ def test_five_kill_9s_at_random_moments_then_resume_give_identical_metrics(tmp_p
     # follows the step's checkpoint by a random 0-20 ms, so it may land inside the next write
     targets = [None, *sorted(rng.sample(range(30, 1500), 4))]
     for target in targets:
-        resume = ["--resume"] if ckpt.exists() else []
+        # no checkpoint yet: the files a killed start left count as a run, replaced on request
+        resume = ["--resume"] if ckpt.exists() else ["--overwrite"]
         proc = subprocess.Popen(
             cmd + ["--out", str(out), *resume],
             env=env,
@@ -475,7 +479,7 @@ def test_five_kill_9s_at_random_moments_then_resume_give_identical_metrics(tmp_p
         proc.wait()
         if ckpt.exists():
             torch.load(ckpt, weights_only=True)  # whole, never half-written
-    resume = ["--resume"] if ckpt.exists() else []
+    resume = ["--resume"] if ckpt.exists() else ["--overwrite"]
     subprocess.run(cmd + ["--out", str(out), *resume], check=True, env=env, capture_output=True)
     steps = [m["step"] for m in metrics(out)]
     assert steps == sorted(set(steps))

@@ -40,48 +40,131 @@ def _train(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{Path(args.config).stem}"
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    summary = train(config, out, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
+    if args.dry_run:
+        return _dry_run(args.config, config, Path(out), resume=args.resume)
+    summary = train(config, out, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, one line for the run, not per rank
         return 0
     print(
         f"{out}: best valid ppl {summary['best_val_ppl']:.2f}, test ppl {summary['test_ppl']:.2f}, "
-        f"{summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s"
+        f"{summary['steps']} steps ({summary['skipped_steps']} skipped), "
+        f"{summary['tokens_per_second']:.0f} tokens/s"
     )
     return 0
 
 
+def _dry_run(name: str, config: Any, out: Path, *, resume: bool) -> int:
+    """``train --dry-run``: 3 steps and a short evaluation in a temporary directory, removed after.
+
+    Nothing lasts (``out`` is not touched, so the real run is not blocked) and no perplexity is
+    printed: after 3 steps it is no result.
+    """
+    import math
+    import tempfile
+
+    from dropsplit.training.trainer import train
+
+    if resume:
+        raise ValueError("--dry-run and --resume exclude each other (a dry run keeps nothing)")
+    # each process (each torchrun rank) its own directory: no file is read across ranks here
+    with tempfile.TemporaryDirectory(prefix="dropsplit-dry-run-") as tmp:
+        summary = train(config, tmp, dry_run=True)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    finite = math.isfinite(summary["test_loss"])
+    print(
+        f"dry run {'OK' if finite else 'FAILED'}: {name} ran {summary['steps']} steps and a short "
+        f"evaluation ({'losses finite' if finite else 'the test loss is not finite'}) in a "
+        f"temporary directory, now removed. Nothing was written and no result is reported; "
+        f"without --dry-run it trains into {out}."
+    )
+    if (out / "checkpoint.pt").exists():
+        print(f"note: {out} already holds a run: the real run needs --resume, --overwrite or --out")
+    return 0 if finite else 1
+
+
 def _data(args: argparse.Namespace) -> int:
     from dropsplit.data import data_root
-    from dropsplit.fetch import CORPUS_FILES, LICENSES, decompressed_digest, fetch
+    from dropsplit.fetch import CORPUS_FILES, LICENSES, cache_dir, decompressed_digest, fetch
 
-    if args.action == "fetch" and args.dir:
-        Path(args.dir).mkdir(parents=True, exist_ok=True)
-    root = data_root(args.dir)
-    if args.action == "fetch":
+    if args.action == "fetch":  # --to DIR is created by fetch (and removed if the fetch fails)
+        root = Path(args.dir) if args.dir else data_root(None)
         paths = fetch(args.names, root, mirror=args.mirror)
         print(f"{len(paths)} files verified in {root}")
         return 0
-    bad = 0
+    if args.action == "verify" and not args.dir and args.require:
+        last = args.require[-1]  # `verify --require ptb DIR`: DIR came last
+        if last not in CORPUS_NAMES and (os.sep in last or Path(last).is_dir()):
+            args.dir = args.require.pop()
+    for name in args.require if args.action == "verify" else []:
+        if name not in CORPUS_NAMES:
+            raise ValueError(
+                f"--require: unknown corpus {name!r} (names: {', '.join(CORPUS_NAMES)})"
+            )
+    # list and verify only read: the user cache is not created for them
+    default = not args.dir and not os.environ.get("DROPSPLIT_DATA")
+    root = cache_dir() if default else data_root(args.dir)
+    if args.action == "verify":
+        return _verify(root, args.require)
     print(f"data directory: {root}")
     for f in CORPUS_FILES:
         path = root / f.relative
         digest = decompressed_digest(path, f) if path.exists() else None
         state = "missing" if not path.exists() else "ok" if digest == f.checksum else "CORRUPT"
-        bad += state == "CORRUPT" or (args.action == "verify" and state == "missing")
-        if args.action == "list":
-            size = f"{f.bytes:>11,} B" if f.bytes else "   size unknown"
-            print(f"{f.relative:30} {size}  {f.checksum[:23]}…  {state}")
-            source = f"{f.url} ({f.member})" if f.member else f.url
-            print(f"  source {source}  ({LICENSES[f.corpus]})")
-        elif state != "missing" or args.action == "verify":
-            print(f"{f.relative:30} {state}")
-    if args.action == "verify" and bad:
+        size = f"{f.bytes:>11,} B" if f.bytes else "   size unknown"
+        print(f"{f.relative:30} {size}  {f.checksum[:23]}…  {state}")
+        source = f"{f.url} ({f.member})" if f.member else f.url
+        print(f"  source {source}  ({LICENSES[f.corpus]})")
+    return 0
+
+
+def _verify(root: Path, required: list[str]) -> int:
+    """``data verify``: the exit status of a check of every corpus present in ``root``.
+
+    0 if every corpus present verifies, 1 if a required one is not fetched, 2 if one is corrupt
+    or incomplete (a file corrupt, or missing beside its corpus's others).
+    """
+    from dropsplit.fetch import decompressed_digest, files_of
+
+    print(f"data directory: {root}")
+    verified: list[str] = []
+    absent: list[str] = []
+    broken: list[str] = []
+    for name in CORPUS_NAMES:
+        files = files_of(name)
+        if not any((root / f.relative).exists() for f in files):
+            print(f"{name + '/':30} not fetched")
+            absent.append(name)
+            continue
+        states: list[str] = []
+        for f in files:
+            path = root / f.relative
+            digest = decompressed_digest(path, f) if path.exists() else None
+            states.append(
+                "missing" if not path.exists() else "ok" if digest == f.checksum else "CORRUPT"
+            )
+            print(f"{f.relative:30} {states[-1]}")
+        (verified if set(states) == {"ok"} else broken).append(name)
+    unmet = [name for name in dict.fromkeys(required) if name in absent]
+    error = "dropsplit data: error:"
+    if broken:
+        names = " ".join(broken)
         print(
-            f"{bad} file(s) missing or corrupt: `dropsplit data fetch NAME --to {root}` "
-            "re-fetches them",
+            f"{error} corrupt or incomplete: {', '.join(broken)} "
+            f"(`dropsplit data fetch {names} --to {root}` fetches the bad files again)",
             file=sys.stderr,
         )
-        return 2
+    if unmet:
+        names = " ".join(unmet)
+        print(
+            f"{error} required but not fetched: {', '.join(unmet)} "
+            f"(`dropsplit data fetch {names} --to {root}` fetches them)",
+            file=sys.stderr,
+        )
+    if broken or unmet:
+        return 2 if broken else 1
+    listed = ", ".join(verified) if verified else "no corpus"
+    print(f"verified: {listed}; not fetched: {', '.join(absent) if absent else 'none'}")
     return 0
 
 
@@ -106,6 +189,12 @@ def _measure(args: argparse.Namespace) -> int:
     from dropsplit.measure.effects import format_effects
     from dropsplit.training.runs import measure_run
 
+    target = Path(args.out) if args.out else Path(args.run) / "measure"
+    if (target / "measure.json").exists() and not args.overwrite:
+        raise FileExistsError(
+            f"{target} already holds a measurement (measure.json): pass --overwrite to replace "
+            "it, or --out DIR to write beside it"
+        )
     result, out, figures = measure_run(
         Path(args.run),
         batches=args.batches,
@@ -164,13 +253,18 @@ def _reproduce(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         download=not args.no_download,
     )
+    failed = getattr(done, "failed", [])
     if not done:
         print("no finished runs yet: nothing to report")
-        return 0
+        return 1 if failed else 0
     report_dir = Path(args.report or out / "report")
     command = _report_command(report_dir, args.suite, args.quick, args.seeds)
     report = write_report(done, report_dir, suite, command)
     print(f"Report: {report}")
+    if failed:  # the finished runs have their report; the failed ones are named again
+        names = ", ".join(run for run, _ in failed)
+        print(f"dropsplit reproduce: {len(failed)} run(s) FAILED: {names}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -224,14 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dropsplit {version('dropsplit')}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a tiny model and measure both effects (< 1 min)")
+    demo = sub.add_parser(
+        "demo",
+        help="train a tiny recurrent LM and measure both effects per site (no data; about 2 "
+        "CPU-minutes on a 2-core AMD EPYC)",
+    )
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     demo.add_argument("--q", type=float, default=0.3, help="drop probability (default 0.3)")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, model, draws")
     demo.add_argument("--json", help="also write the numbers to this JSON file")
     demo.set_defaults(handler=_demo)
 
-    train = sub.add_parser("train", help="train the AWD-style LM with one method")
+    train = sub.add_parser(
+        "train",
+        help="train a language model (LSTM, QRNN or Transformer: the config's model.name) "
+        "with one method",
+    )
     train.add_argument("config", help="TOML config file (e.g. configs/ptb-small.toml)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
     train.add_argument("--out", help="run directory (default runs/<config name>)")
@@ -240,7 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--overwrite", action="store_true", help="delete the run already in --out, start again"
     )
-    train.add_argument("--dry-run", action="store_true", help="3 steps and a short evaluation")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="3 steps and a short evaluation in a temporary directory (removed; --out untouched)",
+    )
     train.add_argument("--no-download", action="store_true", help=NO_DOWNLOAD)
     train.set_defaults(handler=_train)
 
@@ -265,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     measure.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     measure.add_argument("--out", help="output directory (default RUN/measure)")
+    measure.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a measurement already in the output directory (without it: an error)",
+    )
     measure.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
     measure.set_defaults(handler=_measure)
 
@@ -290,7 +401,13 @@ def _add_suite_commands(sub: Any) -> None:
     rep = sub.add_parser(
         "reproduce", help="train the paper's experiment suite (resumable) and write the report"
     )
-    rep.add_argument("--quick", action="store_true", help="reduced suite, about 15 min on 2 cores")
+    rep.add_argument(
+        "--quick",
+        action="store_true",
+        help="the suite's reduced form (its [quick] section: one seed, few runs); for char, 3 "
+        "runs selected on the first 14,000 validation characters, 4.7 min with --jobs 2 on 2 "
+        "cores, AMD EPYC (docs/results/paper-char-quick/REPORT.md)",
+    )
     rep.add_argument(
         "--suite",
         default="configs/paper/suite-char.toml",
@@ -353,14 +470,35 @@ def _add_data_and_run_commands(sub: Any) -> None:
     data_sub = data.add_subparsers(dest="action", required=True)
     listing = data_sub.add_parser("list", help="each corpus file, its source and whether present")
     listing.add_argument("--data", dest="dir", help=DATA_HELP)
-    get = data_sub.add_parser("fetch", help="download, verify and store corpora")
-    get.add_argument("names", nargs="+", choices=CORPUS_NAMES, metavar="NAME", help="corpora")
+    corpora = ", ".join(CORPUS_NAMES)
+    get = data_sub.add_parser(
+        "fetch",
+        help="download, verify and store corpora",
+        description=f"Download, verify and store corpora ({corpora}).",
+    )
+    get.add_argument(
+        "names", nargs="+", choices=CORPUS_NAMES, metavar="NAME", help=f"corpora: {corpora}"
+    )
     get.add_argument("--to", dest="dir", help="data directory to fill (default: as for --data)")
     get.add_argument(
         "--mirror", help="base URL serving URL/<corpus>/<file> (default $DROPSPLIT_MIRROR)"
     )
-    check = data_sub.add_parser("verify", help="check the checksum of every corpus file present")
+    check = data_sub.add_parser(
+        "verify",
+        help="check the checksum of every corpus file present",
+        description=f"Check the checksum of every file of each corpus present ({corpora}); "
+        "a corpus with none of its files is listed as not fetched.",
+        epilog="exit status: 0 every corpus present verifies (absent ones are listed as not "
+        "fetched), 1 a --require'd corpus is not fetched, 2 a corpus is corrupt or incomplete",
+    )
     check.add_argument("dir", nargs="?", help="data directory (default: as for --data)")
+    check.add_argument(
+        "--require",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help=f"corpora that must be present (absent: exit 1); names: {corpora}",
+    )
     data.set_defaults(handler=_data)
 
     ev = sub.add_parser("eval", help="perplexity of a run's best weights")
@@ -382,12 +520,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FetchError, ImportError) as err:
+    # OSError: a disk full or a read-only directory (dropsplit's own say which file, and the fix)
+    except (ValueError, OSError, FetchError, ImportError) as err:
         print(f"dropsplit {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        from dropsplit.experiments.reproduce import SuiteInterrupted
+
+        detail = str(err) if isinstance(err, SuiteInterrupted) else ""
         print(
-            f"dropsplit {args.command}: interrupted (a training run continues with --resume)",
+            f"dropsplit {args.command}: interrupted ("
+            + (detail or "a training run continues with --resume")
+            + ")",
             file=sys.stderr,
         )
         return 130

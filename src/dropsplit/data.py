@@ -11,7 +11,6 @@ second-order Markov source) for tests and quick runs.
 
 from __future__ import annotations
 
-import gzip
 import os
 import sys
 from collections.abc import Iterator
@@ -21,12 +20,15 @@ from pathlib import Path
 import torch
 
 from dropsplit.fetch import (
+    BAD_GZIP,
     CHARACTER_READINGS,
     CORPUS_FILES,
     FetchError,
     cache_dir,
+    decompressed_limit,
     fetch,
     files_of,
+    gunzip_capped,
 )
 
 FILES = {f.relative: f for f in CORPUS_FILES}
@@ -98,11 +100,11 @@ def read_text(root: Path, relative: str) -> str:
             "(see shared/data/README.md)"
         )
     refetch = f"`dropsplit data fetch {relative.split('/')[0]} --to {root}` replaces it"
-    try:
-        raw = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError) as err:
-        raise ValueError(f"corrupt corpus file {path} ({err}): {refetch}") from err
     file = FILES[relative]
+    try:  # streamed and capped: a small file that inflates to gigabytes is stopped early
+        raw = gunzip_capped(path, decompressed_limit(file))
+    except BAD_GZIP as err:
+        raise ValueError(f"corrupt corpus file {path} ({err}): {refetch}") from err
     digest = file.digest(raw)
     if digest != file.checksum:
         raise ValueError(

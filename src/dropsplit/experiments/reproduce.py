@@ -20,12 +20,24 @@ Run ``r`` with seed index ``i`` trains into ``OUT/<name>/seed<i>`` with ``train.
 seed (all seed-0 runs, then all seed-1 runs, ...), then single-seed runs in file order, so a
 suite stopped early has complete seeds of its headline runs. A finished run (``summary.json``)
 is skipped, an interrupted one (``checkpoint.pt``) resumes, so the suite can be stopped and
-restarted at will.
+restarted at will: Ctrl-C or SIGTERM stops it at once (the runs under way write a last
+checkpoint where they can), and workers of ``--jobs`` end with their parent, even a killed one.
+A run that fails is named and the suite goes on with the others.
+
+Run names become directories: they are letters, digits, ``.``, ``_`` and ``-`` only
+(:func:`check_run_name`), and every run directory lies under the output directory
+(:func:`run_directory`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
 import time
 import tomllib
 from collections.abc import Sequence
@@ -34,9 +46,41 @@ from pathlib import Path
 from typing import Any
 
 from dropsplit.data import data_root, ensure_corpus
+from dropsplit.training.checkpoint import save_json
 from dropsplit.training.config import find_config, load_config, string_override
 
 BASE_SEED = 1111
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_run_name(name: Any, source: str | Path) -> str:
+    """``name`` if it can name a run directory: ``[A-Za-z0-9._-]+``, not ``.`` or ``..``.
+
+    Raises:
+        ValueError: Naming ``source`` (the suite file or ``run.json``) and the name.
+    """
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or not name.strip("."):
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:50] + "..."
+        raise ValueError(
+            f"{source}: run name {shown} must be letters, digits, '.', '_' or '-' (not only "
+            "dots): it names a directory under the output directory"
+        )
+    return name
+
+
+def run_directory(out: str | Path, name: Any, seed: Any, source: str | Path = "run") -> Path:
+    """``out/<name>/seed<seed>``, checked to lie under ``out`` (from a suite file or run.json).
+
+    Raises:
+        ValueError: For a name :func:`check_run_name` refuses or a seed that is not an int >= 0.
+    """
+    check_run_name(name, source)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{source}: seed {seed!r} must be an int >= 0")
+    directory = Path(out) / name / f"seed{seed}"
+    if not directory.resolve().is_relative_to(Path(out).resolve()):
+        raise ValueError(f"{source}: run {name!r} would lie outside {out}")
+    return directory
 
 
 @dataclass(frozen=True)
@@ -149,6 +193,7 @@ def load_suite(
         missing = {"name", "group", "set"} - set(entry)
         if missing:
             raise ValueError(f"{path}: a run lacks {sorted(missing)}: {entry}")
+        check_run_name(entry["name"], path)
         if entry["name"] in names:
             raise ValueError(f"{path}: run name {entry['name']!r} repeats")
         names.add(entry["name"])
@@ -163,6 +208,9 @@ def load_suite(
             n = quick_cfg.get("seeds", 1)
         if seeds is not None:
             n = seeds
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            where = "--seeds" if seeds is not None else f"{path}: seeds of run {entry['name']!r}"
+            raise ValueError(f"{where} must be at least 1, got {n!r} (0 would train nothing)")
         for i in range(n):
             spec = RunSpec(
                 entry["name"],
@@ -209,6 +257,22 @@ def selected(suite: Suite, only: set[str] | None) -> list[RunSpec]:
     return [r for r in suite.runs if r.name in only or f"{r.name}:{r.seed}" in only]
 
 
+class SuiteInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the suite; the message says how to go on."""
+
+
+class Finished(list[Path]):
+    """The finished run directories (a list), and ``failed``: ``(run, one line)`` per failure."""
+
+    failed: list[tuple[str, str]]
+
+
+RESUME_HINT = (
+    "the suite stopped: run the same command again to go on (finished runs are skipped, "
+    "interrupted ones resume from their last checkpoint)"
+)
+
+
 def reproduce(
     suite: Suite,
     out: str | Path,
@@ -217,8 +281,13 @@ def reproduce(
     measure: dict[str, Any] | None = None,
     jobs: int = 1,
     download: bool = True,
-) -> list[Path]:
+) -> Finished:
     """Train every run of ``suite`` not finished yet (resuming interrupted ones).
+
+    A run that fails (a damaged checkpoint, a diverged run, a full disk) is named on one line and
+    the suite goes on with the others; the failures are in the result's ``failed``. Ctrl-C or
+    SIGTERM stops the whole suite at once: the runs under way are sent SIGTERM (each ends its
+    step and writes a last checkpoint) and :class:`SuiteInterrupted` says how to go on.
 
     Args:
         suite: The suite.
@@ -230,16 +299,17 @@ def reproduce(
         jobs: Runs trained at once, each in its own process with ``1 / jobs`` of the torch
             threads (small models use two cores better as two one-thread runs than as one
             two-thread run). The runs do not depend on ``jobs`` (up to the float rounding of
-            another thread count).
+            another thread count). A worker ends when its parent does (killed included).
         download: Fetch the corpora the suite reads when they are missing (once, before any
             run starts); ``False``: a missing corpus is an error that says how to provide it.
 
     Returns:
-        The run directories of the suite that are finished.
+        The run directories of the suite that are finished (a list, with ``failed``).
 
     Raises:
         ValueError: If ``jobs`` is not a positive int or ``only`` names a run or seed the suite
             lacks.
+        SuiteInterrupted: On Ctrl-C or SIGTERM.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
@@ -253,23 +323,144 @@ def reproduce(
         (spec, f"[{i}/{len(todo)}] {spec.directory}", suite.base, out, data, measure, started)
         for i, spec in enumerate(todo, 1)
     ]
-    if jobs == 1:
-        for task in tasks:
-            _run_one(*task)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    failed: list[tuple[str, str]] = []
+    with _suite_signals():
+        try:
+            if jobs == 1:
+                for task in tasks:
+                    _guarded(failed, task[0], task[1], _run_one, *task)
+            else:
+                _run_parallel(tasks, jobs, failed)
+        except KeyboardInterrupt as err:
+            raise SuiteInterrupted(RESUME_HINT) from err
+    done = Finished()
+    for spec in suite.runs:
+        directory = out / spec.directory
+        if run_status(directory) != "done":
+            continue
+        problem = unreportable(directory)
+        if problem is None:
+            done.append(directory)
+        else:
+            print(f"{spec.directory}: FAILED: {problem}", flush=True)
+            failed.append((spec.directory, problem))
+    done.failed = failed
+    return done
 
-        import torch
 
-        threads = max(1, torch.get_num_threads() // jobs)
-        context = multiprocessing.get_context("spawn")  # no fork of a threaded torch
-        with ProcessPoolExecutor(
-            jobs, context, initializer=torch.set_num_threads, initargs=(threads,)
-        ) as pool:
-            for future in [pool.submit(_run_one, *task, show_progress=False) for task in tasks]:
-                future.result()
-    return [out / r.directory for r in suite.runs if run_status(out / r.directory) == "done"]
+def unreportable(directory: Path) -> str | None:
+    """Why a finished run cannot go into the report (one line), or ``None``.
+
+    A ``summary.json`` that is not JSON, or a run that never had a finite validation loss (it
+    diverged), would break the whole suite's report: it is left out and named instead.
+    """
+    path = directory / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+        best = summary["best_val_loss"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{path} cannot be read ({err}): left out of the report; train the run again"
+    if isinstance(best, bool) or not isinstance(best, (int, float)) or not math.isfinite(best):
+        return (
+            f"{path}: the run diverged (best validation loss {best}): left out of the report; "
+            "train it again (another optim.lr) with --overwrite"
+        )
+    return None
+
+
+def _guarded(failed: list, spec: RunSpec, head: str, call: Any, *args: Any, **kwargs: Any) -> None:
+    """``call(*args)``; an error (not an interrupt) is named on one line and kept in ``failed``."""
+    try:
+        call(*args, **kwargs)
+    except Exception as err:  # the suite goes on; the line names the run and what to do
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        line = text if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {text}"
+        print(f"{head}: FAILED: {line}", flush=True)
+        failed.append((spec.directory, line))
+
+
+class _suite_signals:  # noqa: N801 (a context manager used as a statement)
+    """SIGTERM raises :class:`SuiteInterrupted` in the main thread while the suite runs."""
+
+    def __enter__(self) -> None:
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+
+            def on_term(signum: int, frame: Any) -> None:
+                raise SuiteInterrupted(RESUME_HINT)
+
+            self.previous = signal.signal(signal.SIGTERM, on_term)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _run_parallel(tasks: list, jobs: int, failed: list) -> None:
+    """The tasks on ``jobs`` worker processes; an interrupt stops the workers and the rest."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")  # no fork of a threaded torch
+    pool = ProcessPoolExecutor(
+        jobs, context, initializer=_worker_start, initargs=(threads, os.getpid())
+    )
+    try:
+        futures = [(task, pool.submit(_run_in_worker, *task, False)) for task in tasks]
+        for task, future in futures:
+            _guarded(failed, task[0], task[1], future.result)
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
+
+
+WORKER_GRACE_S = 60.0  # how long a worker told to stop may take to write its last checkpoint
+
+
+def _stop_workers(pool: Any) -> None:
+    """Cancel what has not started; SIGTERM the workers (a last checkpoint), then kill."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()  # SIGTERM: the trainer ends its step with a checkpoint
+    deadline = time.monotonic() + WORKER_GRACE_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+
+
+def _worker_start(threads: int, parent: int) -> None:
+    """A worker's set-up: its thread count, and a watchdog that ends it with its parent."""
+    import torch
+
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # a training run ends its step with a checkpoint
+        time.sleep(WORKER_GRACE_S)
+        os._exit(143)
+
+    threading.Thread(target=watch, daemon=True, name="dropsplit-parent-watch").start()
+
+
+def _run_in_worker(*task: Any) -> None:
+    """:func:`_run_one` in a worker; stopped by SIGTERM, the worker ends (it trains no more)."""
+    try:
+        _run_one(*task)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143)
 
 
 def _run_one(
@@ -286,7 +477,7 @@ def _run_one(
     from dropsplit.training.runs import measure_run
     from dropsplit.training.trainer import train
 
-    directory = out / spec.directory
+    directory = run_directory(out, spec.name, spec.seed, spec.name)
     status = run_status(directory)
     wants_measure = measure is not None and (spec.name, spec.seed) == MEASURED
     if status == "done":
@@ -297,12 +488,17 @@ def _run_one(
     overrides = list(spec.overrides) + ([string_override("data.path", data)] if data else [])
     config = load_config(base, overrides)
     directory.mkdir(parents=True, exist_ok=True)
-    if status == "new":  # killed before its first checkpoint: start clean
-        (directory / "metrics.jsonl").unlink(missing_ok=True)
-    (directory / "run.json").write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+    save_json(spec.to_json(), directory / "run.json")
     verb = "resuming" if status == "partial" else "training"
     print(f"{head}: {verb} ({time.perf_counter() - started:.0f} s so far)", flush=True)
-    summary = train(config, directory, resume=status == "partial", show_progress=show_progress)
+    # "new": nothing, or what a start killed before its first checkpoint left: start clean
+    summary = train(
+        config,
+        directory,
+        resume=status == "partial",
+        overwrite=status == "new",
+        show_progress=show_progress,
+    )
     print(
         f"{head}: best valid ppl {summary['best_val_ppl']:.2f}, {summary['train_seconds']:.0f} s",
         flush=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import warnings
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from dropsplit.core.explicit import CURVATURES
 from dropsplit.core.sites import GROUPINGS
@@ -147,6 +150,7 @@ class TrainConfig:
     log_every: int = 50
     divergence: str = "skip"
     divergence_factor: float = 3.0
+    max_skips: int = 10  # consecutive skipped steps that stop the run as diverged (0: never)
     device: str = "cpu"
 
 
@@ -196,8 +200,12 @@ POSITIVE = {
     "train.checkpoint_every",
     "train.log_every",
     "train.divergence_factor",
+    "optim.nonmono",
 }
 NON_NEGATIVE = {
+    "optim.clip",  # 0: no clipping
+    "optim.weight_decay",
+    "train.max_skips",
     "optim.decay_after",
     "method.alpha",
     "method.kappa",
@@ -221,6 +229,12 @@ PROBABILITIES = {
 }
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (an error line never echoes megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text):,} characters)"
+
+
 def _check_value(key: str, value: Any, default: Any) -> Any:
     kind = type(default)
     if kind is bool:
@@ -233,9 +247,11 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise ValueError(f"config key {key} must be a {kind.__name__}, got {value!r}")
+        raise ValueError(f"config key {key} must be a {kind.__name__}, got {_shown(value)}")
+    if kind is float and not math.isfinite(value):  # nan passes every comparison below
+        raise ValueError(f"config key {key} must be a finite number, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
-        raise ValueError(f"config key {key} must be one of {CHOICES[key]}, got {value!r}")
+        raise ValueError(f"config key {key} must be one of {CHOICES[key]}, got {_shown(value)}")
     if key in POSITIVE and value <= 0:
         raise ValueError(f"config key {key} must be positive, got {value!r}")
     if key in NON_NEGATIVE and value < 0:
@@ -297,6 +313,13 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 def _check_together(config: Config) -> None:
     """Checks across keys, each error naming the key to change."""
+    try:
+        torch.device(config.train.device)
+    except RuntimeError:
+        raise ValueError(
+            f"config key train.device must name a device (cpu, cuda, cuda:N, mps), got "
+            f"{_shown(config.train.device)}"
+        ) from None
     m = config.model
     if m.name == "transformer":
         if m.embedding_size % m.heads:
@@ -387,6 +410,7 @@ RESUMABLE = (
     "train.checkpoint_every",
     "train.log_every",
     "train.device",
+    "train.max_skips",
 )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,43 @@ from dropsplit.core.sites import sites
 from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
 from dropsplit.models import LanguageModel
 from dropsplit.training.build import build_model
+from dropsplit.training.checkpoint import WriteError, load_checked, load_weights_into, save_json
 from dropsplit.training.config import Config, load_config, string_override
+
+RETRAIN = "train the run again (dropsplit train CONFIG --out RUN --overwrite) or put back its copy"
+
+
+def writable_directory(directory: Path, what: str) -> Path:
+    """Create ``directory`` and check it can be written, before any compute that ends there.
+
+    Raises:
+        WriteError: One line naming the directory and the fix.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WriteError(
+            f"cannot write {what} to {directory}: {err.strerror or err}: choose another directory"
+        ) from err
+    if not os.access(directory, os.W_OK):
+        raise WriteError(
+            f"cannot write {what} to {directory}: the directory is read-only; make it writable "
+            "or choose another directory"
+        )
+    return directory
+
+
+def require_run(run: Path) -> None:
+    """Refuse a directory that is not a run's.
+
+    Raises:
+        FileNotFoundError: If ``run`` has no ``config.toml``.
+    """
+    if not (Path(run) / "config.toml").is_file():
+        raise FileNotFoundError(
+            f"{run} is not a run directory (no config.toml, no checkpoint): give the --out "
+            "directory of a `dropsplit train` run"
+        )
 
 
 def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, LanguageModel]:
@@ -24,12 +60,9 @@ def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, Langua
 
     Raises:
         FileNotFoundError: If ``run`` is not a run directory or has no ``best.pt`` yet.
+        ValueError: If ``best.pt`` is damaged or holds the weights of another model (one line).
     """
-    if not (Path(run) / "config.toml").is_file():
-        raise FileNotFoundError(
-            f"{run} is not a run directory (no config.toml, no checkpoint): give the --out "
-            "directory of a `dropsplit train` run"
-        )
+    require_run(run)
     config = load_config(run / "config.toml", [string_override("data.path", data)] if data else [])
     d = config.data
     corpus = load_corpus(d.corpus, d.path or None, d.train_fraction, d.download)
@@ -37,7 +70,7 @@ def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, Langua
     weights = run / "best.pt"
     if not weights.exists():
         raise FileNotFoundError(f"{weights} does not exist: has the run evaluated yet?")
-    model.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
+    load_weights_into(model, load_checked(weights, RETRAIN), weights, RETRAIN)
     return config, corpus, model
 
 
@@ -86,6 +119,10 @@ def measure_run(
 
     if q is not None and not 0.0 <= q < 1.0:
         raise ValueError(f"--q must be in [0, 1), got {q}")
+    if batches < 1:
+        raise ValueError(f"--batches must be at least 1, got {batches}")
+    require_run(run)  # before creating anything in it
+    out = writable_directory(Path(out) if out else run / "measure", "the measurement")
     config, corpus, model = load_run(run, data)
     d = config.data
     if q is not None:
@@ -103,9 +140,7 @@ def measure_run(
         progress=True,
     )
     result["q"] = "trained" if q is None else q
-    out = Path(out) if out else run / "measure"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "measure.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result, out / "measure.json")
     return result, out, plot_effects(result, out)
 
 
@@ -130,6 +165,8 @@ def noise_scale_run(
 
     if batches < 2:
         raise ValueError(f"--batches must be at least 2 (a covariance needs two), got {batches}")
+    require_run(run)
+    writable_directory(Path(run), "noise_scale.json")
     config, corpus, model = load_run(run, data)
     d = config.data
     chosen = _first_batches(model, corpus.train, d.batch_size, d.bptt, batches)
@@ -138,5 +175,5 @@ def noise_scale_run(
     result = noise_scale(model, lm_forward, chosen, samples=samples, seed=seed)
     result["batch_size"] = config.data.batch_size
     path = run / "noise_scale.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result, path)
     return result, path

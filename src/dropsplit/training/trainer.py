@@ -5,8 +5,17 @@ A run directory holds ``config.toml`` (resolved), ``metrics.jsonl`` (one object 
 the method's generator, RNG states, the position in the epoch and the recurrent state),
 ``best.pt`` (weights at the best validation loss) and ``summary.json``. Every file is written
 atomically (:mod:`~dropsplit.training.checkpoint`), so a killed run resumes from its last
-checkpoint as if it had never stopped. Under ``torchrun`` each process trains on its own columns
-of the batch and DDP averages the gradients in the method's single outer backward.
+checkpoint as if it had never stopped; SIGTERM ends a run with a last checkpoint. One process
+at a time trains in a run directory (a lock), and any run file there counts as a run (replaced
+only with ``overwrite``). Under ``torchrun`` each process trains on its own columns of the batch
+and DDP averages the gradients in the method's single outer backward.
+
+The divergence guard skips (or, with ``train.divergence="restore"``, undoes) a step whose loss
+is not finite or above ``train.divergence_factor`` times its running mean (which moves on every
+step), whose explicit term spikes, or whose gradient is not finite (checked before the optimizer
+step); ``train.max_skips`` skipped steps in a row stop the run with :class:`DivergedError`.
+``summary.json`` counts the skipped steps and records the git commit of the source that trained
+the run (and of each resume).
 
 :class:`Trainer` holds one run: its parts come from :mod:`~dropsplit.training.build`, and its
 step, evaluation and checkpoint are methods; :func:`train` runs one to the end.
@@ -14,11 +23,16 @@ step, evaluation and checkpoint are methods; :func:`train` runs one to the end.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import json
 import math
 import os
 import platform
+import signal
+import subprocess
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,9 +48,16 @@ from dropsplit.models import LanguageModel
 from dropsplit.models.awd import detach_state, lm_forward
 from dropsplit.training.build import build_method, build_model, build_optimizer
 from dropsplit.training.checkpoint import (
-    atomic_write,
+    LOCK_NAME,
+    TEMPORARY_SUFFIX,
+    RunLock,
+    check_weights,
+    damaged,
     flatten_state,
+    load_checked,
+    load_weights_into,
     save_json,
+    save_text,
     save_torch,
     truncate_metrics,
     unflatten_state,
@@ -152,6 +173,45 @@ class Progress:
     train_cpu_seconds: float = 0.0  # process CPU time of the steps (CPU / wall shows contention)
     train_tokens: int = 0
     evaluated_step: int = -1
+    consecutive_skips: int = 0  # skipped steps since the last one taken (max_skips stops the run)
+    # the source each stretch of the run was trained with: {"step", "commit", "dirty"} per start
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+
+class DivergedError(ValueError):
+    """The run skipped ``train.max_skips`` steps in a row: it stopped (one line says what to do)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, SLURM, Docker) ended the run after a last checkpoint."""
+
+
+@functools.lru_cache(maxsize=1)
+def source_commit() -> dict[str, Any] | None:
+    """``{"commit", "dirty"}`` of the git checkout this dropsplit runs from; ``None`` if none.
+
+    The checkout must be the one holding this very source (``src/dropsplit`` under its top
+    level), not a repository that happens to hold an installed copy (a virtual environment
+    inside a clone). ``dirty``: tracked files differ from the commit.
+    """
+    top = Path(__file__).resolve().parents[3]  # src/dropsplit/training/trainer.py -> top
+    if not (top / ".git").exists():
+        return None
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(top), *args], capture_output=True, text=True, timeout=20, check=True
+        )
+        return done.stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != top:
+            return None
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
 
 
 def distributed() -> tuple[int, int]:
@@ -163,10 +223,28 @@ def distributed() -> tuple[int, int]:
 
 
 def diverged(loss: float, progress: Progress, factor: float) -> bool:
-    """Non-finite, or above ``factor`` times the running mean of recent losses."""
+    """Non-finite, or above ``factor`` times the running mean of recent losses.
+
+    The mean moves on every step with a finite loss, skipped ones too, so a lasting rise (or one
+    bad update) cannot lock out every later step.
+    """
     if not math.isfinite(loss):
         return True
     return progress.step >= 10 and loss > factor * progress.loss_ema
+
+
+def gradient_finite(params: list[nn.Parameter]) -> bool:
+    """Whether every gradient written is finite (a NaN gradient can come with a finite loss)."""
+    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def non_finite_entry(state: dict[str, torch.Tensor]) -> str | None:
+    """The first floating-point entry of a state dict with a NaN or an infinity, else ``None``."""
+    for name, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
+            return name
+    return None
 
 
 def explicit_spike(explicit: float | None, progress: Progress, factor: float) -> bool:
@@ -193,11 +271,17 @@ class Trainer:
         corpus: A preloaded corpus (default: loaded from the config).
         show_progress: Show a progress bar (on a terminal).
 
+    The trainer holds ``out_dir``'s lock (:class:`~dropsplit.training.checkpoint.RunLock`) from
+    its creation to the end of :meth:`run` (or :meth:`close`): a second trainer on the same
+    directory is refused.
+
     Raises:
-        FileExistsError: If ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+        FileExistsError: If ``out_dir`` holds a run (any of its files) and neither ``resume`` nor
+            ``overwrite`` is set, holds files that are not a run's, or another process trains
+            in it (:class:`~dropsplit.training.checkpoint.RunInUseError`, naming its PID).
         FileNotFoundError: If ``resume`` is set and ``out_dir`` holds no checkpoint.
         ValueError: For an ``out_dir`` that cannot be a run directory, a CUDA device that is not
-            there, or a resume with a changed config.
+            there, a resume with a changed config, or a damaged checkpoint or ``best.pt``.
     """
 
     def __init__(
@@ -214,14 +298,29 @@ class Trainer:
         self.rank, self.world = distributed()
         self.config, self.out, self.dry_run = config, Path(out_dir), dry_run
         self.checkpoint_path = self.out / "checkpoint.pt"
-        d, tc = config.data, config.train
+        tc = config.train
         if tc.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(
                 f'train.device="{tc.device}" but no CUDA device is available: '
                 'set train.device="cpu"'
             )
+        self.lock = RunLock(self.out)
         if self.rank == 0:
             self._prepare_directory(resume, overwrite)
+        try:
+            self._build(config, resume, corpus, show_progress)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory's lock (:meth:`run` does at its end)."""
+        self.lock.release()
+
+    def _build(
+        self, config: Config, resume: bool, corpus: Corpus | None, show_progress: bool
+    ) -> None:
+        d, tc = config.data, config.train
         self.device = torch.device(tc.device)
         torch.manual_seed(tc.seed)
         corpus = corpus or load_corpus(d.corpus, d.path or None, d.train_fraction, d.download)
@@ -230,7 +329,16 @@ class Trainer:
         self.train_data = columns[:, rank_columns].to(self.device)
         self.valid_data = batchify(corpus.valid, d.eval_batch_size).to(self.device)
         self.test_data = batchify(corpus.test, d.test_batch_size).to(self.device)
-        self.model = build_model(config, len(corpus.vocab)).to(self.device)
+        try:
+            self.model = build_model(config, len(corpus.vocab)).to(self.device)
+        except (RuntimeError, MemoryError) as err:  # e.g. model.hidden_size=10**12
+            m = config.model
+            raise ValueError(
+                f"the model cannot be built (model.embedding_size={m.embedding_size}, "
+                f"model.hidden_size={m.hidden_size}, model.layers={m.layers}): "
+                f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else 'no memory'}"
+                "; choose smaller sizes"
+            ) from err
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.method = build_method(config.method, tc.seed + 1000 * self.rank, d.batch_size)
         self.optimizer = build_optimizer(config.optim, self.params)
@@ -239,13 +347,17 @@ class Trainer:
         if self.world > 1:
             self.trained = nn.parallel.DistributedDataParallel(self.model)
         self.bptt_gen = torch.Generator().manual_seed(tc.seed + 1)
-        self.max_steps = 3 if dry_run else tc.max_steps
+        self.max_steps = 3 if self.dry_run else tc.max_steps
         self.progress = Progress()
         self.state: Any = None  # the model's recurrent state, carried across windows
+        self.terminate: int | None = None  # the signal that asked the run to stop (SIGTERM)
+        self.checkpointed_step: int | None = None  # the step of the last checkpoint written
         if resume:
             self.resume()
+            self.checkpointed_step = self.progress.step
+        self.progress.sources.append({"step": self.progress.step, **_source()})
         if self.rank == 0:  # on resume, the keys that may change (check_resumable) are recorded
-            atomic_write(self.out / "config.toml", lambda p: p.write_text(to_toml(config)))
+            save_text(to_toml(config), self.out / "config.toml")
         per_epoch = max(1, (self.train_data.shape[0] - 1) // d.bptt)
         total = tc.epochs * per_epoch
         total = min(total, self.max_steps) if self.max_steps else total
@@ -254,56 +366,127 @@ class Trainer:
         )
 
     def _prepare_directory(self, resume: bool, overwrite: bool) -> None:
-        """Create the run directory; refuse to replace a run (unless asked) or to resume nothing."""
+        """Create and lock the run directory, then :meth:`_check_directory` under the lock."""
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ValueError(f"--out {self.out} cannot be a run directory: {err.strerror}") from err
         if not os.access(self.out, os.W_OK):
             raise ValueError(f"--out {self.out} is not writable")
-        has_run = self.checkpoint_path.exists()
+        if not resume:  # before the lock file is made: a foreign directory is left as it was
+            self._check_foreign()
+        self.lock.acquire()
+        try:
+            self._check_directory(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_foreign(self) -> None:
+        """Refuse a directory holding files that are not a run's (``--out .`` in a project)."""
+        foreign = sorted(p.name for p in self.out.iterdir() if not is_run_entry(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise FileExistsError(
+                f"--out {self.out} holds files that are not a run's ({shown}): give a new or "
+                "empty directory (or a run directory) as --out"
+            )
+
+    def _check_directory(self, resume: bool, overwrite: bool) -> None:
+        """The refusals of :meth:`_prepare_directory`, under the lock; ``overwrite`` deletes."""
+        if not resume:
+            self._check_foreign()
+        # a kill in the middle of a write leaves its temporary; under the lock none is live
+        for name in RUN_FILES:
+            for stale in self.out.glob(f".{name}.*{TEMPORARY_SUFFIX}"):
+                stale.unlink(missing_ok=True)
         if overwrite and not resume:
             for name in RUN_FILES:
                 (self.out / name).unlink(missing_ok=True)
             for stale in self.out.glob("rank*.pt"):
                 stale.unlink()
-            has_run = False
-        if resume and not has_run:
+        found = [name for name in RUN_FILES if (self.out / name).exists()]
+        found += sorted(p.name for p in self.out.glob("rank*.pt"))
+        if resume and not self.checkpoint_path.exists():
             raise FileNotFoundError(
                 f"nothing to resume in {self.out} (no checkpoint.pt): run without --resume"
+                + (" (with --overwrite to replace what is there)" if found else "")
             )
-        if not resume and has_run:
+        if not resume and found:
+            options = "--resume, --overwrite" if self.checkpoint_path.exists() else "--overwrite"
             raise FileExistsError(
-                f"{self.out} already holds a run; pass --resume, --overwrite or another --out"
+                f"{self.out} already holds a run ({', '.join(found)}); pass {options} or another "
+                "--out"
             )
         if resume:
             check_resumable(self.out / "config.toml", self.config)
-        else:  # a run killed before its first checkpoint left lines that would be duplicated
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
 
     def load_weights(self) -> dict[str, Any]:
-        """Weights, optimizer and averages of the last checkpoint; returns the checkpoint."""
-        ckpt = torch.load(self.checkpoint_path, weights_only=True, map_location=self.device)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.averager.load_state_dict(ckpt["averager"])
+        """Weights, optimizer and averages of the last checkpoint; returns the checkpoint.
+
+        Raises:
+            ValueError: If the checkpoint is damaged (one line naming it and the fix).
+        """
+        path, fix = self.checkpoint_path, RESTART
+        keys = ("model", "optimizer", "method", "averager", "bptt_generator", "torch_rng")
+        ckpt = load_checked(path, fix, self.device, keys=(*keys, "state", "progress"))
+        load_weights_into(self.model, ckpt["model"], path, fix)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.averager.load_state_dict(ckpt["averager"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+            raise damaged(path, f"its optimizer state does not fit: {err}", fix) from err
         return ckpt
 
     def resume(self) -> None:
-        """Continue exactly where the last checkpoint left off (metrics after it are dropped)."""
+        """Continue exactly where the last checkpoint left off (metrics after it are dropped).
+
+        Raises:
+            ValueError: If the checkpoint is damaged or holds non-finite weights, or ``best.pt``
+                is missing or damaged (all before any training).
+        """
         ckpt = self.load_weights()
-        self.method.load_state_dict(ckpt["method"])
-        self.bptt_gen.set_state(ckpt["bptt_generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        self.state = unflatten_state(ckpt["state"])
-        self.progress = Progress(**ckpt["progress"])
+        path, fix = self.checkpoint_path, RESTART
+        try:
+            self.method.load_state_dict(ckpt["method"])
+            self.bptt_gen.set_state(ckpt["bptt_generator"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            self.state = unflatten_state(ckpt["state"])
+            self.progress = Progress(**ckpt["progress"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+            raise damaged(path, f"its training state does not fit: {err}", fix) from err
+        bad = non_finite_entry(ckpt["model"])
+        if bad is not None:
+            raise ValueError(
+                f"{path} holds non-finite weights ({bad}, step {self.progress.step}): the run had "
+                f"diverged before it was saved; it cannot go on: {fix} (e.g. with a lower optim.lr)"
+            )
         if self.rank != 0:
             own_path = self.out / f"rank{self.rank}.pt"
-            own = torch.load(own_path, weights_only=True, map_location=self.device)
+            own = load_checked(own_path, fix, self.device, keys=("method", "state"))
             self.method.load_state_dict(own["method"])
             self.state = unflatten_state(own["state"])
         if self.rank == 0:
+            self._check_best()
             truncate_metrics(self.out / "metrics.jsonl", self.progress.step)
+
+    def _check_best(self) -> None:
+        """``best.pt`` of a run that has evaluated: present, whole and of this model.
+
+        Checked at resume, not after all the remaining training (the summary's test perplexity
+        is of these weights).
+        """
+        best = self.out / "best.pt"
+        if not math.isfinite(self.progress.best_val):
+            return  # no evaluation yet (or none finite): nothing saved, nothing to check
+        fix = RESTART
+        if not best.is_file():
+            raise FileNotFoundError(
+                f"{best} is missing, though the run has evaluated (best valid loss "
+                f"{self.progress.best_val:.4f}): its best weights are lost, so its summary would "
+                f"pair that loss with other weights; {fix}"
+            )
+        check_weights(self.model.state_dict(), load_checked(best, fix, self.device), best, fix)
 
     def checkpoint(self) -> None:
         """Save everything needed to continue exactly (each rank its masks and state)."""
@@ -326,6 +509,7 @@ class Trainer:
             },
             self.checkpoint_path,
         )
+        self.checkpointed_step = self.progress.step
 
     def evaluate(self) -> float:
         """Validate (on the averaged weights under NT-ASGD), keep the best, log one line."""
@@ -345,7 +529,8 @@ class Trainer:
         record = {
             "step": progress.step,
             "epoch": progress.epoch,
-            "train_loss": progress.loss_sum / count,
+            # null when every step since the last evaluation was skipped (not a loss of 0.0)
+            "train_loss": progress.loss_sum / count if progress.loss_count else None,
             "val_loss": val,
             "val_ppl": math.exp(min(val, 50.0)),
             "lr": config.optim.lr,
@@ -359,6 +544,8 @@ class Trainer:
         if self.rank == 0:
             with (self.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())  # on the disk before the checkpoint that counts it
         progress.loss_sum, progress.loss_count, progress.stat_sums = 0.0, 0, {}
         return val
 
@@ -388,25 +575,33 @@ class Trainer:
         progress.step += 1
         progress.position = start + x.shape[0]
         factor, explicit = config.train.divergence_factor, result.stats.get("explicit")
-        if not result.finite or diverged(result.loss, progress, factor):
-            self._skip(f"loss {result.loss:.4g} diverged")
+        loss_finite = result.finite and math.isfinite(result.loss)
+        if not loss_finite or diverged(result.loss, progress, factor):
+            skip: str | None = f"loss {result.loss:.4g} diverged"
         elif explicit_spike(explicit, progress, factor):
-            self._skip(
-                f"explicit term {explicit:.4g} > {factor} x its mean {progress.explicit_ema:.4g}"
+            skip = f"explicit term {explicit:.4g} > {factor} x its mean {progress.explicit_ema:.4g}"
+        else:  # the gradient, before it reaches the weights: NaN can come with a finite loss
+            finite = (
+                bool(torch.isfinite(nn.utils.clip_grad_norm_(self.params, config.optim.clip)))
+                if config.optim.clip > 0
+                else gradient_finite(self.params)
             )
-        else:
-            if config.optim.clip > 0:
-                nn.utils.clip_grad_norm_(self.params, config.optim.clip)
+            skip = None if finite else f"gradient not finite (loss {result.loss:.4g})"
+        if skip is None:
             self.optimizer.step()
             self.averager.update()
             self.state = detach_state(result.aux)
             progress.loss_sum += result.loss
             progress.loss_count += 1
+            progress.consecutive_skips = 0
             for key in STAT_KEYS:
                 if key in result.stats:
                     progress.stat_sums[key] = progress.stat_sums.get(key, 0.0) + result.stats[key]
+        if loss_finite:  # on skipped steps too, or one bad update would lock out every later step
             progress.loss_ema = (
-                result.loss if progress.step == 1 else 0.9 * progress.loss_ema + 0.1 * result.loss
+                result.loss
+                if progress.step == 1 or progress.loss_ema == 0.0
+                else 0.9 * progress.loss_ema + 0.1 * result.loss
             )
         if explicit is not None and math.isfinite(explicit):
             # on skipped steps too: a lasting rise (the term grows fast early in training) must
@@ -422,20 +617,42 @@ class Trainer:
         self.bar.update(1)
         if progress.step % config.train.log_every == 0:
             self.bar.set_postfix(epoch=progress.epoch, loss=f"{result.loss:.3f}")
+        if skip is not None:
+            self._skip(skip)
 
     def _skip(self, reason: str) -> None:
-        """The divergence guard: count the step, warn, and skip it or restore the checkpoint."""
-        restore = self.config.train.divergence == "restore"
-        self.progress.skipped += 1
+        """The divergence guard: count the step, warn, and skip it or restore the checkpoint.
+
+        Raises:
+            DivergedError: After ``train.max_skips`` skipped steps in a row (the last checkpoint,
+                from before them, is kept).
+        """
+        tc, progress = self.config.train, self.progress
+        restore = tc.divergence == "restore"
+        progress.skipped += 1
+        progress.consecutive_skips += 1
         warnings.warn(
-            f"step {self.progress.step}: {reason}; "
+            f"step {progress.step}: {reason}; "
             + ("last checkpoint restored" if restore else "step skipped"),
             RuntimeWarning,
             stacklevel=3,
         )
+        self.state = None
+        if tc.max_skips and progress.consecutive_skips >= tc.max_skips:
+            self.bar.close()
+            kept = (
+                f"its last checkpoint (step {self.checkpointed_step}) is kept"
+                if self.checkpointed_step is not None
+                else "no checkpoint was written"
+            )
+            raise DivergedError(
+                f"{self.out}: the run diverged: {progress.consecutive_skips} steps in a row "
+                f"skipped (train.max_skips) up to step {progress.step}, the last for {reason}; "
+                f"{kept}; start again with --overwrite and a lower optim.lr (or "
+                'train.divergence="restore")'
+            )
         if restore and self.checkpoint_path.exists():
             self.load_weights()
-        self.state = None
 
     def run_epoch(self, interrupt_at_step: int | None = None) -> bool:
         """Train the rest of the current epoch; ``False`` when ``max_steps`` ended it early."""
@@ -450,6 +667,8 @@ class Trainer:
                 self.evaluate()
             if evaluated or progress.step % tc.checkpoint_every == 0:
                 self.checkpoint()  # at each evaluation too, so its metrics line is never lost
+            if self.terminate is not None:
+                self._stop_on_signal()
             if interrupt_at_step is not None and progress.step >= interrupt_at_step:
                 raise KeyboardInterrupt(f"interrupted after step {progress.step}")
             if self.max_steps and progress.step >= self.max_steps:
@@ -462,12 +681,41 @@ class Trainer:
         self.checkpoint()
         return True
 
+    def _stop_on_signal(self) -> None:
+        """End the run at a step's end: a last checkpoint, then :class:`Terminated`."""
+        if self.checkpointed_step != self.progress.step:
+            self.checkpoint()
+        self.bar.close()
+        raise Terminated(
+            f"{self.out}: stopped by signal {self.terminate} after step {self.progress.step} "
+            "(checkpoint written)"
+        )
+
     def run(self, interrupt_at_step: int | None = None) -> dict[str, Any]:
         """Train to the end (epochs, ``max_steps`` or early stopping); returns the summary.
+
+        SIGTERM (``kill``, SLURM, Docker) ends the run at the end of the step under way with a
+        last checkpoint and :class:`Terminated` (a ``KeyboardInterrupt``): ``--resume`` goes
+        on from there. The run directory's lock is released at the end, whatever happens.
 
         Args:
             interrupt_at_step: Raise ``KeyboardInterrupt`` after this step (tests of resumption).
         """
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+
+            def on_term(signum: int, frame: Any) -> None:
+                self.terminate = signum
+
+            previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            return self._run(interrupt_at_step)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            self.close()
+
+    def _run(self, interrupt_at_step: int | None) -> dict[str, Any]:
         progress, tc = self.progress, self.config.train
         while (
             progress.epoch <= tc.epochs
@@ -536,10 +784,50 @@ def train(
     return trainer.run(interrupt_at_step)
 
 
+RESTART = (
+    "start the run again with --overwrite (or give another --out), or put back a good copy "
+    "of the file"
+)
+# what a run directory may hold besides the run's files: its measurements, a suite's run.json,
+# the lock, and logs (`dropsplit train ... > RUN/train.log` makes the log before the run starts)
+RUN_ENTRIES = (
+    *RUN_FILES,
+    "rank*.pt",
+    "run.json",
+    "measure",
+    "noise_scale.json",
+    LOCK_NAME,
+    "*.log",
+)
+
+
+def is_run_entry(name: str) -> bool:
+    """Whether a file of this name belongs in a run directory (a run's, or its temporaries)."""
+    if name.startswith(".") and name.endswith(TEMPORARY_SUFFIX):  # an atomic write's temporary
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_ENTRIES)
+
+
+def _source() -> dict[str, Any]:
+    """``{"commit", "dirty"}`` of :func:`source_commit` (both ``None`` outside a checkout)."""
+    return dict(source_commit() or {"commit": None, "dirty": None})
+
+
+def _provenance(progress: Progress) -> dict[str, Any]:
+    """The summary's record of the source: the commit that started the run, and each resume's."""
+    first = progress.sources[0] if progress.sources else {"step": -1, "commit": None}
+    started = first["step"] == 0 and first["commit"] is not None
+    return {
+        "git": {"commit": first["commit"], "dirty": first["dirty"]} if started else None,
+        "resumed": [dict(s) for s in progress.sources if s["step"] > 0],
+    }
+
+
 def _summary(config, model, out, test_data, progress, dry_run, device) -> dict[str, Any]:
     best = out / "best.pt"
     if best.exists():
-        model.load_state_dict(torch.load(best, weights_only=True, map_location=device))
+        state = load_checked(best, RESTART, device)
+        load_weights_into(model, state, best, RESTART)
     test = evaluate(model, test_data, config.data.bptt, 2 if dry_run else 0)
     best_val = progress.best_val
     return {
@@ -558,6 +846,7 @@ def _summary(config, model, out, test_data, progress, dry_run, device) -> dict[s
         "machine": machine_description(device),
         "seconds_per_step": progress.train_seconds / max(progress.step, 1),
         "tokens_per_second": progress.train_tokens / max(progress.train_seconds, 1e-9),
+        **_provenance(progress),
     }
 
 
