@@ -18,6 +18,8 @@ LAYERS = [
     ["estimators"],
     ["methods"],
     ["baselines"],
+    # the training-loop integrations drive methods, so they sit above them
+    ["integrations.hf_trainer", "integrations.lightning"],
     ["measure", "oracles"],
     ["models"],
     ["data", "fetch"],
@@ -28,10 +30,15 @@ LAYERS = [
 
 
 def layer_of(module: str) -> int:
-    """Index of the layer of ``module`` (dotted, relative to the package)."""
-    for index, prefixes in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
-            return index
+    """Index of the layer of ``module`` (dotted, relative to the package): the longest prefix."""
+    matches = [
+        (len(p), index)
+        for index, prefixes in enumerate(LAYERS)
+        for p in prefixes
+        if module == p or module.startswith(p + ".")
+    ]
+    if matches:
+        return max(matches)[1]
     if module == "core":
         return 0
     raise AssertionError(f"module dropsplit.{module} belongs to no layer: add it to LAYERS")

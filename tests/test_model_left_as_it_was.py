@@ -31,6 +31,7 @@ def forward(model, batch):
 
 
 def gradient(model, method, batch):
+    model.zero_grad(set_to_none=True)  # step() adds to p.grad
     method.step(model, forward, batch)
     return torch.cat([p.grad.reshape(-1) for p in trainable_parameters(model)])
 
