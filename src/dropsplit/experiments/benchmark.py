@@ -332,6 +332,29 @@ def markdown(rows: dict[str, dict], memory: dict[str, float] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_only(args: argparse.Namespace) -> None:
+    """``--memory-only``: the peak step memory of each row, printed (and written to --json)."""
+    names = [
+        n
+        for n in steps(args.size, args.device, args.model)
+        if not args.only or n in args.only or n == "DropoutK(1)"
+    ]
+    memory = memory_rows(args.size, names, args.device, args.model)
+    for name, mib in memory.items():
+        print(f"{name:<44} {mib:8.0f} MiB  {mib / memory['DropoutK(1)']:5.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "size": args.size,
+                    "model": args.model,
+                    "device": args.device,
+                    "peak_mib": memory,
+                },
+                f,
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line of ``dropsplit bench``."""
     parser = argparse.ArgumentParser(prog="dropsplit bench", description=__doc__.split("\n")[0])
@@ -378,25 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"peak_mib": peak_mib}))
         return 0
     if args.memory_only:
-        names = [
-            n
-            for n in steps(args.size, args.device, args.model)
-            if not args.only or n in args.only or n == "DropoutK(1)"
-        ]
-        memory = memory_rows(args.size, names, args.device, args.model)
-        for name, mib in memory.items():
-            print(f"{name:<44} {mib:8.0f} MiB  {mib / memory['DropoutK(1)']:5.2f}x")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(
-                    {
-                        "size": args.size,
-                        "model": args.model,
-                        "device": args.device,
-                        "peak_mib": memory,
-                    },
-                    f,
-                )
+        memory_only(args)
         return 0
     rows = time_steps(args.size, args.repeats, args.only, args.device, args.model, args.autocast)
     peak = None if args.no_memory else memory_rows(args.size, rows, args.device, args.model)
