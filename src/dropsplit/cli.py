@@ -32,6 +32,8 @@ def _train(args: argparse.Namespace) -> int:
     from dropsplit.training.trainer import train
 
     overrides = list(args.set or [])
+    if args.threads:
+        overrides.append(f"train.threads={args.threads}")
     if args.data:
         overrides.append(string_override("data.path", args.data))
     if args.no_download:
@@ -176,7 +178,7 @@ def _eval(args: argparse.Namespace) -> int:
     from dropsplit.training.trainer import evaluate
 
     run = Path(args.run)
-    config, corpus, model = load_run(run, args.data)
+    config, corpus, model = load_run(run, args.data, args.threads)
     d = config.data
     split = getattr(corpus, args.split)
     size = d.eval_batch_size if args.split == "valid" else d.test_batch_size
@@ -205,6 +207,7 @@ def _measure(args: argparse.Namespace) -> int:
         seed=args.seed,
         out=args.out,
         data=args.data,
+        threads=args.threads,
     )
     print(format_effects(result))
     print(f"Wrote {out / 'measure.json'} and {', '.join(figures)}")
@@ -215,7 +218,12 @@ def _noise_scale(args: argparse.Namespace) -> int:
     from dropsplit.training.runs import noise_scale_run
 
     r, path = noise_scale_run(
-        Path(args.run), batches=args.batches, samples=args.samples, seed=args.seed, data=args.data
+        Path(args.run),
+        batches=args.batches,
+        samples=args.samples,
+        seed=args.seed,
+        data=args.data,
+        threads=args.threads,
     )
     print(
         f"dropout noise trace {r['dropout']:.4g} +- {r['dropout_stderr']:.2g}, minibatch noise "
@@ -233,7 +241,8 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     require("matplotlib", "the report of reproduce")  # before hours of training, not after
     args.suite = suite_path(args.suite).as_posix()  # a name (char-qrnn) becomes its file
-    suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds, overrides=args.set)
+    overrides = [*(args.set or []), *([f"train.threads={args.threads}"] if args.threads else [])]
+    suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds, overrides=overrides)
     out = Path(args.out or default_out(args.suite, args.quick))
     if args.quick:
         print(
@@ -318,6 +327,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dropsplit {version('dropsplit')}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo_and_train(sub)
+    _add_measure_commands(sub)
+    _add_suite_commands(sub)
+    _add_data_and_run_commands(sub)
+    return parser
+
+
+THREADS_HELP = (
+    "intra-op threads (default: 1 for a model under 20M parameters, else this process's "
+    "share of the cores; OMP_NUM_THREADS, when set, is kept)"
+)
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_positive, default=0, metavar="N", help=THREADS_HELP)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _add_demo_and_train(sub: Any) -> None:
+    """``demo`` and ``train``."""
     demo = sub.add_parser(
         "demo",
         help="train a tiny recurrent LM and measure both effects per site (no data; about 2 "
@@ -348,8 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="3 steps and a short evaluation in a temporary directory (removed; --out untouched)",
     )
     train.add_argument("--no-download", action="store_true", help=NO_DOWNLOAD)
+    _add_threads(train)
     train.set_defaults(handler=_train)
 
+
+def _add_measure_commands(sub: Any) -> None:
+    """``measure`` and ``noise-scale``: what dropout does in a trained run."""
     measure = sub.add_parser("measure", help="both effects of dropout on a trained run")
     measure.add_argument("run", help="run directory")
     measure.add_argument("--batches", type=int, default=2, help="validation batches (default 2)")
@@ -377,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a measurement already in the output directory (without it: an error)",
     )
     measure.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    _add_threads(measure)
     measure.set_defaults(handler=_measure)
 
     scale = sub.add_parser(
@@ -389,11 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--samples", type=int, default=8, help="masks per batch (default 8)")
     scale.add_argument("--seed", type=int, default=0, help="seed of the masks (default 0)")
     scale.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    _add_threads(scale)
     scale.set_defaults(handler=_noise_scale)
-
-    _add_suite_commands(sub)
-    _add_data_and_run_commands(sub)
-    return parser
 
 
 def _add_suite_commands(sub: Any) -> None:
@@ -438,6 +478,7 @@ def _add_suite_commands(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="override of every run's config, after the suite's own (e.g. train.device=\"cuda\")",
     )
+    _add_threads(rep)
     rep.set_defaults(handler=_reproduce)
 
     report = sub.add_parser("report", help="tables, figures and verdicts from suite runs")
@@ -507,6 +548,7 @@ def _add_data_and_run_commands(sub: Any) -> None:
         "--split", choices=("valid", "test"), default="test", help="split (default test)"
     )
     ev.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    _add_threads(ev)
     ev.set_defaults(handler=_eval)
 
 

@@ -406,7 +406,7 @@ def _run_parallel(tasks: list, jobs: int, failed: list) -> None:
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")  # no fork of a threaded torch
     pool = ProcessPoolExecutor(
-        jobs, context, initializer=_worker_start, initargs=(threads, os.getpid())
+        jobs, context, initializer=_worker_start, initargs=(threads, jobs, os.getpid())
     )
     try:
         futures = [(task, pool.submit(_run_in_worker, *task, False)) for task in tasks]
@@ -436,11 +436,14 @@ def _stop_workers(pool: Any) -> None:
             process.join(5)
 
 
-def _worker_start(threads: int, parent: int) -> None:
-    """A worker's set-up: its thread count, and a watchdog that ends it with its parent."""
+def _worker_start(threads: int, jobs: int, parent: int) -> None:
+    """A worker's set-up: its share of the cores, and a watchdog that ends it with its parent."""
     import torch
 
+    from dropsplit.training.threads import share_cores
+
     torch.set_num_threads(threads)
+    share_cores(jobs)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
     def watch() -> None:

@@ -152,6 +152,7 @@ class TrainConfig:
     divergence_factor: float = 3.0
     max_skips: int = 10  # consecutive skipped steps that stop the run as diverged (0: never)
     device: str = "cpu"
+    threads: int = 0  # intra-op threads (0: the rule of dropsplit.training.threads)
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ NON_NEGATIVE = {
     "train.max_eval_batches",
     "train.patience",
     "train.min_epochs",
+    "train.threads",
 }
 PROBABILITIES = {
     "model.p_input",
@@ -401,6 +403,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 # keys that may differ when a run is resumed: how long it goes on and where things are, not what
 # it trains
 RESUMABLE = (
+    "train.threads",  # the speed, not the numbers (up to the rounding of another thread count)
     "data.path",
     "data.download",
     "train.epochs",

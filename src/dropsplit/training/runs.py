@@ -14,6 +14,7 @@ from dropsplit.models import LanguageModel
 from dropsplit.training.build import build_model
 from dropsplit.training.checkpoint import WriteError, load_checked, load_weights_into, save_json
 from dropsplit.training.config import Config, load_config, string_override
+from dropsplit.training.threads import set_threads
 
 RETRAIN = "train the run again (dropsplit train CONFIG --out RUN --overwrite) or put back its copy"
 
@@ -51,12 +52,18 @@ def require_run(run: Path) -> None:
         )
 
 
-def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, LanguageModel]:
+def load_run(
+    run: Path, data: str | None = None, threads: int = 0
+) -> tuple[Config, Corpus, LanguageModel]:
     """Config, corpus and the best weights of a run directory.
+
+    Also sets the process's thread count for the model
+    (:func:`~dropsplit.training.threads.set_threads`).
 
     Args:
         run: The directory ``dropsplit train`` wrote.
         data: Data directory (default: the config's, else ``$DROPSPLIT_DATA``).
+        threads: Intra-op threads (``0``: the run's ``train.threads``, else the rule).
 
     Raises:
         FileNotFoundError: If ``run`` is not a run directory or has no ``best.pt`` yet.
@@ -67,6 +74,7 @@ def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, Langua
     d = config.data
     corpus = load_corpus(d.corpus, d.path or None, d.train_fraction, d.download)
     model = build_model(config, len(corpus.vocab))
+    set_threads(threads or config.train.threads, model)
     weights = run / "best.pt"
     if not weights.exists():
         raise FileNotFoundError(f"{weights} does not exist: has the run evaluated yet?")
@@ -103,6 +111,7 @@ def measure_run(
     seed: int = 0,
     out: str | Path | None = None,
     data: str | None = None,
+    threads: int = 0,
 ) -> tuple[dict[str, Any], Path, list[str]]:
     """:func:`~dropsplit.measure.effects.measure_effects` on validation batches of a trained run.
 
@@ -123,7 +132,7 @@ def measure_run(
         raise ValueError(f"--batches must be at least 1, got {batches}")
     require_run(run)  # before creating anything in it
     out = writable_directory(Path(out) if out else run / "measure", "the measurement")
-    config, corpus, model = load_run(run, data)
+    config, corpus, model = load_run(run, data, threads)
     d = config.data
     if q is not None:
         for site in sites(model):
@@ -151,6 +160,7 @@ def noise_scale_run(
     samples: int = 8,
     seed: int = 0,
     data: str | None = None,
+    threads: int = 0,
 ) -> tuple[dict[str, Any], Path]:
     """:func:`~dropsplit.measure.effects.noise_scale` on training batches of a trained run.
 
@@ -167,7 +177,7 @@ def noise_scale_run(
         raise ValueError(f"--batches must be at least 2 (a covariance needs two), got {batches}")
     require_run(run)
     writable_directory(Path(run), "noise_scale.json")
-    config, corpus, model = load_run(run, data)
+    config, corpus, model = load_run(run, data, threads)
     d = config.data
     chosen = _first_batches(model, corpus.train, d.batch_size, d.bptt, batches)
     if len(chosen) < batches:

@@ -63,6 +63,7 @@ from dropsplit.training.checkpoint import (
     unflatten_state,
 )
 from dropsplit.training.config import Config, check_resumable, to_dict, to_toml
+from dropsplit.training.threads import set_threads
 
 STAT_KEYS = ("explicit", "implicit", "noise", "penalty")  # regularizer values averaged into metrics
 
@@ -339,6 +340,7 @@ class Trainer:
                 f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else 'no memory'}"
                 "; choose smaller sizes"
             ) from err
+        set_threads(tc.threads, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.method = build_method(config.method, tc.seed + 1000 * self.rank, d.batch_size)
         self.optimizer = build_optimizer(config.optim, self.params)
