@@ -1,10 +1,12 @@
 """Experiment configuration: frozen dataclasses loaded from TOML with ``--set key=value``.
 
-A config file has the sections ``[data]``, ``[model]``, ``[method]``, ``[optim]`` and
+A config file has the sections ``[data]``, ``[model]``, ``[method]`` (with its table
+``[method.estimator]``: the options of the chosen gradient estimator), ``[optim]`` and
 ``[train]``; anything left out keeps its default. ``--set method.name=analytic`` overrides one
 key (the value is read as a TOML value, so ``--set optim.lr=20`` is a number and
-``--set method.noise=difference`` a string). Unknown keys, wrong types and values outside a
-key's choices are errors that name the key.
+``--set method.noise=difference`` a string), ``--set method.estimator.step=1e-4`` one option
+of a table. Unknown keys, wrong types and values outside a key's choices are errors that name
+the key.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 from dropsplit.core.explicit import CURVATURES
 from dropsplit.core.sites import GROUPINGS
 from dropsplit.data import CORPORA
-from dropsplit.estimators import GRADIENTS
+from dropsplit.estimators import ESTIMATORS, GRADIENTS
+from dropsplit.estimators.legacy import legacy_config
 from dropsplit.methods import NOISES, REPLICATIONS
 from dropsplit.models.lstm import IMPLEMENTATIONS
 from dropsplit.models.qrnn import FORGET_MULTS
@@ -95,6 +98,12 @@ class MethodConfig:
     ``implicit_every`` and the schedule's ``start_step``), ``"rdrop"`` (``alpha``) or
     ``"fraternal"`` (``kappa``) of :mod:`dropsplit.baselines`.
 
+    ``estimator`` (the TOML table ``[method.estimator]``) holds the options of the estimator
+    that ``gradient`` names, checked by its class
+    (:meth:`~dropsplit.estimators.base.Estimator.from_config`); a loaded config holds every
+    option with its value (defaults filled in). The older keys ``hvp_step``, ``fd_epsilon``
+    and ``fd_per_example`` load into it (:mod:`dropsplit.estimators.legacy`).
+
     The choices of each key come from the library's own constants (:data:`CHOICES`).
     """
 
@@ -108,9 +117,7 @@ class MethodConfig:
     implicit_scale: float = 1.0
     grouping: str = "mask"
     gradient: str = "double-backward"
-    fd_epsilon: float = 0.05
-    fd_per_example: bool = True
-    hvp_step: float = 1e-3
+    estimator: dict[str, Any] = field(default_factory=dict)
     alpha: float = 0.5
     kappa: float = 0.15
     explicit_every: int = 1
@@ -181,8 +188,6 @@ CHOICES = {
     "train.divergence": DIVERGENCE_ACTIONS,
 }
 POSITIVE = {
-    "method.fd_epsilon",
-    "method.hvp_step",
     "data.batch_size",
     "data.eval_batch_size",
     "data.test_batch_size",
@@ -246,6 +251,8 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+    elif kind is dict:
+        ok = isinstance(value, dict)
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -300,17 +307,38 @@ def from_dict(raw: dict[str, Any]) -> Config:
         if not isinstance(values, dict):
             raise ValueError(f"config section [{name}] must be a table")
     for name in sections:
-        cls = type(getattr(defaults_config, name))
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        section = getattr(defaults_config, name)
+        defaults = dataclasses.asdict(section)
         values = _renamed(name, raw.get(name, {}))
+        if name == "method":
+            values = legacy_config(values, values.get("gradient", section.gradient))
         for key in values:
             if key not in defaults:
                 raise ValueError(f"unknown config key {name}.{key}; keys are {sorted(defaults)}")
         checked = {k: _check_value(f"{name}.{k}", v, defaults[k]) for k, v in values.items()}
-        built[name] = cls(**checked)
+        built[name] = type(section)(**checked)
+    built["method"] = _with_estimator(built["method"])
     config = Config(**built)
     _check_together(config)
     return config
+
+
+def _with_estimator(method: MethodConfig) -> MethodConfig:
+    """``method`` with every option of its estimator (``[method.estimator]``), checked.
+
+    The estimator's class checks the options (an unknown key lists those it takes); the
+    defaults fill in the rest, so the old keys, a table that spells out a default and no
+    table at all give the same config.
+
+    Raises:
+        ValueError: Naming ``[method.estimator]`` and what the estimator refused.
+    """
+    cls = ESTIMATORS[method.gradient]
+    try:
+        cls.from_config(method.estimator)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config [method.estimator]: {err}") from None
+    return dataclasses.replace(method, estimator={**cls.config_options(), **method.estimator})
 
 
 def _check_together(config: Config) -> None:
@@ -341,17 +369,20 @@ def string_override(key: str, value: str) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``section.key=value``; the value is read as TOML, else kept as a string.
+    """Split ``section.key=value`` or ``section.table.key=value``; the value is read as TOML.
+
+    A value that is not TOML is kept as a string.
 
     Raises:
-        ValueError: If the text has no ``=`` or the key is not ``section.key``.
+        ValueError: If the text has no ``=`` or the key is not ``section.key`` or
+            ``section.table.key``.
     """
     if "=" not in text:
         raise ValueError(f"--set expects section.key=value, got {text!r}")
     key, value = text.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(f"--set key must be section.key, got {key!r}")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(f"--set key must be section.key or section.table.key, got {key!r}")
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
@@ -395,8 +426,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except OSError as err:
             raise ValueError(f"config file {path} cannot be read: {err.strerror}") from err
     for text in overrides:
-        (section, key), value = parse_override(text)
-        raw.setdefault(section, {})[key] = value
+        (section, *keys), value = parse_override(text)
+        table = raw.setdefault(section, {})
+        for key in keys[:-1]:
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"--set {text!r}: {section}.{key} is not a table")
+        table[keys[-1]] = value
     return from_dict(raw)
 
 
@@ -443,18 +479,27 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(config)
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
 def to_toml(config: Config) -> str:
-    """Write the resolved config as TOML (sections of scalars)."""
+    """Write the resolved config as TOML: sections of scalars, then their tables.
+
+    A table-valued key (the ``estimator``) is its own ``[section.key]`` after the section's
+    scalars, left out when empty.
+    """
     lines = []
     for section, values in to_dict(config).items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if isinstance(value, bool):
-                text = "true" if value else "false"
-            elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            else:
-                text = repr(value)
-            lines.append(f"{key} = {text}")
-        lines.append("")
+        tables = [(f"{section}.{k}", v) for k, v in values.items() if isinstance(v, dict) and v]
+        for name, table in [(section, values), *tables]:
+            lines.append(f"[{name}]")
+            lines += [
+                f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)
+            ]
+            lines.append("")
     return "\n".join(lines)
