@@ -657,8 +657,16 @@ class Trainer:
     def run_epoch(self, interrupt_at_step: int | None = None) -> bool:
         """Train the rest of the current epoch; ``False`` when ``max_steps`` ended it early."""
         tc, d, progress = self.config.train, self.config.data, self.progress
+        # a Transformer sees at most its context: a longer random window is cut to it (the draws
+        # are unchanged, so runs whose windows fit are bit for bit the same)
+        context = getattr(self.model, "context", None)
         windows = bptt_batches(
-            self.train_data, d.bptt, d.variable_bptt, self.bptt_gen, progress.position
+            self.train_data,
+            d.bptt,
+            d.variable_bptt,
+            self.bptt_gen,
+            progress.position,
+            max_length=context if isinstance(context, int) else None,
         )
         for start, x, y in windows:
             self.step(start, x, y)
