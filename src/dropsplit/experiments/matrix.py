@@ -42,9 +42,17 @@ from dropsplit.experiments.claims import (
     judge_claims,
     stat,
 )
-from dropsplit.experiments.report import Run, by_name, limited_seeds, load_runs, marked
+from dropsplit.experiments.report import (
+    Run,
+    by_name,
+    limited_seeds,
+    load_runs,
+    marked,
+    save_figure,
+)
 from dropsplit.experiments.reproduce import Suite, load_suite
 from dropsplit.optional import require
+from dropsplit.training.checkpoint import save_text
 from dropsplit.training.config import load_config, to_dict
 
 MODELS = {"lstm": "LSTM", "qrnn": "QRNN", "transformer": "Transformer"}
@@ -223,7 +231,7 @@ def plot_claims(columns: list[Column], out: Path) -> list[str]:
         )
         fig.tight_layout()
         name = figure_name(claim)
-        fig.savefig(out / name, dpi=100, metadata={"Software": None})
+        save_figure(fig, out / name, dpi=100)
         plt.close(fig)
         written.append(name)
     return written
@@ -495,5 +503,5 @@ def write_matrix(path: str | Path, out: str | Path, command: str) -> Path:
         title = f"({claims[name].key}) {claims[name].statement}"
         lines += [f"### {title}", "", f"![{claims[name].key}]({name})", ""]
     report = out / "REPORT.md"
-    report.write_text("\n".join(lines))
+    save_text("\n".join(lines), report)
     return report
