@@ -292,8 +292,16 @@ def _report(args: argparse.Namespace) -> int:
     command = _report_command(args.out, args.suite, args.quick, args.seeds)
     costs = None
     if args.step_costs:
-        rows = json.loads(Path(args.step_costs).read_text())["rows"]
-        costs = {name: row["ratio_median"] for name, row in rows.items()}
+        path = Path(args.step_costs)
+        try:
+            rows = json.loads(path.read_text())["rows"]
+            costs = {name: row["ratio_median"] for name, row in rows.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"--step-costs {path} is not a `dropsplit bench --json` file (no rows with "
+                f"ratio_median: {type(e).__name__} {e}): give the file `dropsplit bench --json` "
+                "wrote"
+            ) from e
     report = write_report(args.runs, args.out, suite, command, step_costs=costs)
     print(f"Report: {report}")
     return 0
