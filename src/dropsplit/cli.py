@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dropsplit.fetch import CORPUS_NAMES, FetchError
 
@@ -300,8 +301,16 @@ def _report(args: argparse.Namespace) -> int:
     command = _report_command(args.out, args.suite, args.quick, args.seeds)
     costs = None
     if args.step_costs:
-        rows = json.loads(Path(args.step_costs).read_text())["rows"]
-        costs = {name: row["ratio_median"] for name, row in rows.items()}
+        path = Path(args.step_costs)
+        try:
+            rows = json.loads(path.read_text())["rows"]
+            costs = {name: row["ratio_median"] for name, row in rows.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"--step-costs {path} is not a `dropsplit bench --json` file (no rows with "
+                f"ratio_median: {type(e).__name__} {e}): give the file `dropsplit bench --json` "
+                "wrote"
+            ) from e
     report = write_report(args.runs, args.out, suite, command, step_costs=costs)
     print(f"Report: {report}")
     return 0
@@ -315,13 +324,45 @@ def _matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+LONG_WORD = re.compile(r"[^\s'\":,;]{121,}")  # a path or value too long to echo whole
+
+
+def shortened(text: str) -> str:
+    """``text`` with every word over 120 characters cut to its ends and its length.
+
+    A 10 MB path echoed whole would be a 10 MB error line.
+    """
+    return LONG_WORD.sub(lambda m: f"{m[0][:50]}...{m[0][-30:]} ({len(m[0]):,} characters)", text)
+
+
+def error_line(err: BaseException) -> str:
+    """What the CLI prints for ``err`` after ``error:``: its message, long words shortened.
+
+    A system error on a path (``[Errno 36] File name too long: '...'``) names the path, cut.
+    """
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        paths = [str(err.filename)] + ([str(err.filename2)] if err.filename2 else [])
+        text = f"{' -> '.join(paths)}: {err.strerror}"
+    else:
+        text = str(err)
+    return shortened(text.strip() or type(err).__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors echo no huge value (``invalid choice: 'x...'``)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and ``message`` with long words shortened, exit 2."""
+        super().error(shortened(message))
+
+
 DATA_HELP = "data directory (default $DROPSPLIT_DATA, else the user cache ~/.cache/dropsplit)"
 NO_DOWNLOAD = "do not fetch a missing corpus (a clear error says how to provide it)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per job."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dropsplit",
         description="The explicit and implicit regularization effects of dropout.",
     )
@@ -564,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     # OSError: a disk full or a read-only directory (dropsplit's own say which file, and the fix)
     except (ValueError, OSError, FetchError, ImportError) as err:
-        print(f"dropsplit {args.command}: error: {err}", file=sys.stderr)
+        print(f"dropsplit {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         from dropsplit.experiments.reproduce import SuiteInterrupted

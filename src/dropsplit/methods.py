@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,7 +222,15 @@ class Method:
 
         Raises:
             FloatingPointError: On a non-finite objective when ``nonfinite="error"``.
+            ValueError: If no parameter of ``model`` requires a gradient (nothing to train).
         """
+        if not any(p.requires_grad for p in model.parameters()):
+            # else autograd fails deep inside the method, or double backward writes no gradient
+            raise ValueError(
+                f"{type(self).__name__}.step: no parameter of the model requires a gradient "
+                "(every requires_grad is False, or the model has no parameters): nothing to "
+                "train; unfreeze the parameters to train (p.requires_grad_(True))"
+            )
         with torch.profiler.record_function(f"dropsplit.{type(self).__name__}.step"):
             return self._step(model, forward_fn, batch, backward)
 
@@ -511,14 +520,47 @@ class Analytic(Method):
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
         self.start_step = start_step
-        self.steps = 0  # objectives taken, for lazy regularization (in the state dict)
+        # objectives taken on each model, for the lazy schedules: a method stepping two models
+        # keeps a count per model (one shared count ran each schedule on one model only)
+        self._counts: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+        self._first_count = 0  # where a model not stepped yet starts (load_state_dict sets it)
+
+    @property
+    def steps(self) -> int:
+        """Objectives taken on the model this method steps (lazy schedules count them).
+
+        Counted per model; with none stepped yet, the count the next model starts from.
+
+        Raises:
+            ValueError: If the method has stepped several models (each has its own count).
+        """
+        counts = list(self._counts.values())
+        if len(counts) > 1:
+            raise ValueError(
+                f"{type(self).__name__} stepped {len(counts)} models: its state holds one step "
+                "count (of its lazy schedule), and each model has its own; give each model its "
+                "own method to save or read its count"
+            )
+        return counts[0] if counts else self._first_count
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._counts.clear()
+        self._first_count = int(value)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The generator state and the step count of lazy regularization."""
+        """The generator state and the step count of lazy regularization.
+
+        Raises:
+            ValueError: If the method has stepped several models (see :attr:`steps`).
+        """
         return {**super().state_dict(), "steps": torch.tensor(self.steps)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`state_dict` (a state without a step count restarts it at 0)."""
+        """Restore :meth:`state_dict` (a state without a step count restarts it at 0).
+
+        The count is where the next model stepped starts.
+        """
         super().load_state_dict(state)
         self.steps = int(state.get("steps", torch.tensor(0)))
 
@@ -536,10 +578,11 @@ class Analytic(Method):
         """
         self._require(model)
         (gen,) = self.spawn(1, model_device(model))
-        since = self.steps - self.start_step
+        count = self._counts.get(model, self._first_count)
+        since = count - self.start_step
         explicit_now = self.curvature is not None and since % self.explicit_every == 0
         implicit_now = self.implicit and since % self.implicit_every == 0
-        self.steps += 1
+        self._counts[model] = count + 1
         if since < 0 or not (explicit_now or implicit_now):  # before the start, or a lazy step
             return clean_objective(model, forward_fn, batch, self.loss)
         spec = EstimatorSpec(

@@ -42,7 +42,14 @@ from dropsplit.experiments.claims import (
     judge_claims,
     stat,
 )
-from dropsplit.experiments.report import Run, by_name, limited_seeds, load_runs, marked
+from dropsplit.experiments.report import (
+    Run,
+    by_name,
+    limited_seeds,
+    load_runs,
+    marked,
+    save_figure,
+)
 from dropsplit.experiments.reproduce import Suite, load_suite
 from dropsplit.optional import require
 from dropsplit.training.checkpoint import save_text
@@ -224,7 +231,7 @@ def plot_claims(columns: list[Column], out: Path) -> list[str]:
         )
         fig.tight_layout()
         name = figure_name(claim)
-        fig.savefig(out / name, dpi=100, metadata={"Software": None})
+        save_figure(fig, out / name, dpi=100)
         plt.close(fig)
         written.append(name)
     return written

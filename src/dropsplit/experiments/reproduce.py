@@ -351,8 +351,10 @@ def reproduce(
 def unreportable(directory: Path) -> str | None:
     """Why a finished run cannot go into the report (one line), or ``None``.
 
-    A ``summary.json`` that is not JSON, or a run that never had a finite validation loss (it
-    diverged), would break the whole suite's report: it is left out and named instead.
+    A ``summary.json`` that is not JSON, a run that never had a finite validation loss (it
+    diverged), or files that lack what the report reads
+    (:func:`~dropsplit.experiments.report.run_problem`) would break the whole suite's report: it
+    is left out and named instead.
     """
     path = directory / "summary.json"
     try:
@@ -365,7 +367,10 @@ def unreportable(directory: Path) -> str | None:
             f"{path}: the run diverged (best validation loss {best}): left out of the report; "
             "train it again (another optim.lr) with --overwrite"
         )
-    return None
+    from dropsplit.experiments.report import run_problem
+
+    problem = run_problem(directory)  # what the report reads: test_ppl, an evaluation, ...
+    return None if problem is None else f"left out of the report: {problem}"
 
 
 def _guarded(failed: list, spec: RunSpec, head: str, call: Any, *args: Any, **kwargs: Any) -> None:

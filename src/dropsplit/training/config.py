@@ -66,7 +66,8 @@ class ModelConfig:
     ``transformer`` (:class:`~dropsplit.models.transformer.TransformerLM`) uses
     ``embedding_size`` (the width), ``hidden_size`` (the MLP width), ``layers``, ``heads``,
     ``context``, ``p_input``, ``p_attention``, ``p_attn_out``, ``p_mlp_hidden``, ``p_mlp_out``,
-    ``p_output``, ``tie_weights``.
+    ``p_output``, ``tie_weights``. ``context`` is at least ``data.bptt``; a variable window
+    (``data.variable_bptt``) that would run longer is cut to it.
     """
 
     name: str = "lstm"
@@ -358,8 +359,8 @@ def _check_together(config: Config) -> None:
             )
         if m.context < config.data.bptt:
             raise ValueError(
-                f"model.context ({m.context}) must be at least data.bptt ({config.data.bptt}); "
-                "variable windows run longer, so leave a margin (e.g. twice data.bptt)"
+                f"model.context ({m.context}) must be at least data.bptt ({config.data.bptt}) "
+                "(variable windows that run longer are cut to the context)"
             )
 
 

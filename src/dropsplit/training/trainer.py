@@ -282,7 +282,8 @@ class Trainer:
             in it (:class:`~dropsplit.training.checkpoint.RunInUseError`, naming its PID).
         FileNotFoundError: If ``resume`` is set and ``out_dir`` holds no checkpoint.
         ValueError: For an ``out_dir`` that cannot be a run directory, a CUDA device that is not
-            there, a resume with a changed config, or a damaged checkpoint or ``best.pt``.
+            there, a resume with a changed config, a damaged checkpoint or ``best.pt``, or (under
+            ``torchrun``) a checkpoint of another process count or a rank file of another step.
     """
 
     def __init__(
@@ -463,14 +464,45 @@ class Trainer:
                 f"{path} holds non-finite weights ({bad}, step {self.progress.step}): the run had "
                 f"diverged before it was saved; it cannot go on: {fix} (e.g. with a lower optim.lr)"
             )
+        world = ckpt.get("world", self.world)  # not recorded before rank files had a step
+        if world != self.world:
+            raise ValueError(
+                f"{path} was written by {world} process{'es' if world != 1 else ''}, not "
+                f"{self.world}: resume with as many (torchrun --nproc_per_node {world}; one "
+                "process: plain dropsplit train), or start again with --overwrite"
+            )
         if self.rank != 0:
-            own_path = self.out / f"rank{self.rank}.pt"
-            own = load_checked(own_path, fix, self.device, keys=("method", "state"))
+            own = self._load_rank_file(self.rank)
             self.method.load_state_dict(own["method"])
             self.state = unflatten_state(own["state"])
+        else:  # every rank file checked here too, so the refusal is rank 0's line, on the screen
+            for rank in range(1, self.world):
+                self._load_rank_file(rank)
         if self.rank == 0:
             self._check_best()
             truncate_metrics(self.out / "metrics.jsonl", self.progress.step)
+
+    def _load_rank_file(self, rank: int) -> dict[str, Any]:
+        """``rank<r>.pt``, written with the checkpoint this run resumes from.
+
+        A rank file holds the method state and recurrent state of one process at the step of
+        ``checkpoint.pt``; a file of another step (a kill between the two writes, or a file of
+        another run) would resume silently and inexactly.
+
+        Raises:
+            FileNotFoundError: If the file is missing.
+            ValueError: If it is damaged or of another step (one line naming both files).
+        """
+        path, fix = self.out / f"rank{rank}.pt", RESTART
+        own = load_checked(path, fix, self.device, keys=("method", "state"))
+        step = own.get("step")  # None: written before rank files recorded their step
+        if step is not None and step != self.progress.step:
+            raise ValueError(
+                f"{path} is from step {step}, {self.checkpoint_path} from step "
+                f"{self.progress.step}: they were not saved together (a kill between the two "
+                f"writes, or a file of another run), so the run cannot resume exactly; {fix}"
+            )
+        return own
 
     def _check_best(self) -> None:
         """``best.pt`` of a run that has evaluated: present, whole and of this model.
@@ -491,12 +523,18 @@ class Trainer:
         check_weights(self.model.state_dict(), load_checked(best, fix, self.device), best, fix)
 
     def checkpoint(self) -> None:
-        """Save everything needed to continue exactly (each rank its masks and state)."""
+        """Save everything needed to continue exactly (each rank its masks and state).
+
+        Rank ``r > 0`` writes ``rank<r>.pt`` with the step, rank 0 ``checkpoint.pt`` with the
+        step and the number of processes; :meth:`resume` refuses files that do not match.
+        """
         if self.rank != 0:
-            save_torch(
-                {"method": self.method.state_dict(), "state": flatten_state(self.state)},
-                self.out / f"rank{self.rank}.pt",
-            )
+            own = {
+                "method": self.method.state_dict(),
+                "state": flatten_state(self.state),
+                "step": self.progress.step,  # tied to checkpoint.pt's step (checked at resume)
+            }
+            save_torch(own, self.out / f"rank{self.rank}.pt")
             return
         save_torch(
             {
@@ -508,6 +546,7 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
                 "state": flatten_state(self.state),
                 "progress": self.progress.__dict__,
+                "world": self.world,  # the processes whose rank files go with it
             },
             self.checkpoint_path,
         )
@@ -659,8 +698,16 @@ class Trainer:
     def run_epoch(self, interrupt_at_step: int | None = None) -> bool:
         """Train the rest of the current epoch; ``False`` when ``max_steps`` ended it early."""
         tc, d, progress = self.config.train, self.config.data, self.progress
+        # a Transformer sees at most its context: a longer random window is cut to it (the draws
+        # are unchanged, so runs whose windows fit are bit for bit the same)
+        context = getattr(self.model, "context", None)
         windows = bptt_batches(
-            self.train_data, d.bptt, d.variable_bptt, self.bptt_gen, progress.position
+            self.train_data,
+            d.bptt,
+            d.variable_bptt,
+            self.bptt_gen,
+            progress.position,
+            max_length=context if isinstance(context, int) else None,
         )
         for start, x, y in windows:
             self.step(start, x, y)
