@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,14 @@ import dropsplit as ds
 from dropsplit.models import awd
 from dropsplit.models.toy import TinyRNNLM, lm_forward
 from dropsplit.models.transformer import TransformerLM
+
+
+def pytest_configure(config):
+    # test workers (pytest -n) share the cores: one intra-op thread each (and in the processes
+    # they start), or every parallel region of one waits for the other's threads
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):

@@ -146,6 +146,7 @@ def test_torchrun_trains_with_two_processes(tmp_path, method):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port: test workers may run two of these at once
         "--nproc_per_node",
         "2",
         "-m",
