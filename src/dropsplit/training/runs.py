@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from dropsplit.core.sites import sites
-from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
+from dropsplit.data import Corpus, batchify, bptt_batches
 from dropsplit.models import LanguageModel
-from dropsplit.training.build import build_model
 from dropsplit.training.checkpoint import WriteError, load_checked, load_weights_into, save_json
-from dropsplit.training.config import Config, load_config, string_override
+from dropsplit.training.config import MODEL_NAMES, Config, load_config, string_override
+from dropsplit.training.tasks import Task, task_class
+from dropsplit.training.tasks.lm import LanguageModelTask
 
 RETRAIN = "train the run again (dropsplit train CONFIG --out RUN --overwrite) or put back its copy"
 
@@ -51,8 +52,8 @@ def require_run(run: Path) -> None:
         )
 
 
-def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, LanguageModel]:
-    """Config, corpus and the best weights of a run directory.
+def load_task_run(run: Path, data: str | None = None) -> tuple[Config, Task, torch.nn.Module]:
+    """Config, task (its data loaded) and the best weights of a run directory of any task.
 
     Args:
         run: The directory ``dropsplit train`` wrote.
@@ -64,14 +65,34 @@ def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, Langua
     """
     require_run(run)
     config = load_config(run / "config.toml", [string_override("data.path", data)] if data else [])
-    d = config.data
-    corpus = load_corpus(d.corpus, d.path or None, d.train_fraction, d.download)
-    model = build_model(config, len(corpus.vocab))
+    task = task_class(config.model.name)(config)
+    model = task.build_model()
     weights = run / "best.pt"
     if not weights.exists():
         raise FileNotFoundError(f"{weights} does not exist: has the run evaluated yet?")
     load_weights_into(model, load_checked(weights, RETRAIN), weights, RETRAIN)
-    return config, corpus, model
+    return config, task, model
+
+
+def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, LanguageModel]:
+    """Config, corpus and the best weights of a language model's run (lstm, qrnn, transformer).
+
+    Args:
+        run: The directory ``dropsplit train`` wrote.
+        data: Data directory (default: the config's, else ``$DROPSPLIT_DATA``).
+
+    Raises:
+        FileNotFoundError: If ``run`` is not a run directory or has no ``best.pt`` yet.
+        ValueError: If ``best.pt`` is damaged or holds the weights of another model, or the run
+            is of another task (one line).
+    """
+    config, task, model = load_task_run(run, data)
+    if config.model.name not in MODEL_NAMES or not isinstance(task, LanguageModelTask):
+        raise ValueError(
+            f"{run} is a model.name = {config.model.name!r} run: measure and noise-scale take "
+            f"the run of a language model with a recurrent state ({', '.join(MODEL_NAMES)})"
+        )
+    return config, task.corpus, cast(LanguageModel, model)
 
 
 def _first_batches(
