@@ -9,12 +9,14 @@ trainer calls nothing else. Adding a task is one module and one entry of :data:`
 from __future__ import annotations
 
 from dropsplit.training.tasks.base import Evaluation, Step, Task, pack_state, unpack_state
+from dropsplit.training.tasks.hf_causal_lm import HFCausalLMTask
 from dropsplit.training.tasks.lm import LanguageModelTask
 
 TASKS: dict[str, type[Task]] = {
     "lstm": LanguageModelTask,
     "qrnn": LanguageModelTask,
     "transformer": LanguageModelTask,
+    "hf-causal-lm": HFCausalLMTask,
 }
 
 
@@ -35,6 +37,7 @@ def task_class(name: str) -> type[Task]:
 __all__ = [
     "TASKS",
     "Evaluation",
+    "HFCausalLMTask",
     "LanguageModelTask",
     "Step",
     "Task",
