@@ -9,6 +9,7 @@ trainer calls nothing else. Adding a task is one module and one entry of :data:`
 from __future__ import annotations
 
 from dropsplit.training.tasks.base import Evaluation, Step, Task, pack_state, unpack_state
+from dropsplit.training.tasks.digits import DigitsMLPTask
 from dropsplit.training.tasks.hf_causal_lm import HFCausalLMTask
 from dropsplit.training.tasks.lm import LanguageModelTask
 
@@ -17,6 +18,7 @@ TASKS: dict[str, type[Task]] = {
     "qrnn": LanguageModelTask,
     "transformer": LanguageModelTask,
     "hf-causal-lm": HFCausalLMTask,
+    "digits-mlp": DigitsMLPTask,
 }
 
 
@@ -36,6 +38,7 @@ def task_class(name: str) -> type[Task]:
 
 __all__ = [
     "TASKS",
+    "DigitsMLPTask",
     "Evaluation",
     "HFCausalLMTask",
     "LanguageModelTask",
