@@ -86,13 +86,27 @@ def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, Langua
         ValueError: If ``best.pt`` is damaged or holds the weights of another model, or the run
             is of another task (one line).
     """
+    require_language_model(run)
     config, task, model = load_task_run(run, data)
-    if config.model.name not in MODEL_NAMES or not isinstance(task, LanguageModelTask):
-        raise ValueError(
-            f"{run} is a model.name = {config.model.name!r} run: measure and noise-scale take "
-            f"the run of a language model with a recurrent state ({', '.join(MODEL_NAMES)})"
-        )
+    if not isinstance(task, LanguageModelTask):  # a task registered under an LM's name
+        raise ValueError(f"{run} is not the run of a language model: {type(task).__name__}")
     return config, task.corpus, cast(LanguageModel, model)
+
+
+def require_language_model(run: Path) -> None:
+    """Refuse a run of a task other than the paper's language models (before any file is made).
+
+    Raises:
+        FileNotFoundError: If ``run`` is not a run directory.
+        ValueError: One line naming the run's task.
+    """
+    require_run(run)
+    name = load_config(Path(run) / "config.toml").model.name
+    if name not in MODEL_NAMES:
+        raise ValueError(
+            f"{run} is a model.name = {name!r} run: measure and noise-scale take the run of "
+            f"one of the paper's language models ({', '.join(MODEL_NAMES)})"
+        )
 
 
 def _first_batches(
@@ -142,7 +156,7 @@ def measure_run(
         raise ValueError(f"--q must be in [0, 1), got {q}")
     if batches < 1:
         raise ValueError(f"--batches must be at least 1, got {batches}")
-    require_run(run)  # before creating anything in it
+    require_language_model(run)  # before creating anything in it
     out = writable_directory(Path(out) if out else run / "measure", "the measurement")
     config, corpus, model = load_run(run, data)
     d = config.data
@@ -186,7 +200,7 @@ def noise_scale_run(
 
     if batches < 2:
         raise ValueError(f"--batches must be at least 2 (a covariance needs two), got {batches}")
-    require_run(run)
+    require_language_model(run)
     writable_directory(Path(run), "noise_scale.json")
     config, corpus, model = load_run(run, data)
     d = config.data
