@@ -67,7 +67,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The language model: ``name`` picks the family (:data:`MODEL_NAMES`).
+    """The model: ``name`` picks the task; the flat keys are the language models'.
 
     ``lstm`` and ``qrnn`` (AWD-style, :mod:`dropsplit.models.awd`) use ``embedding_size``,
     ``hidden_size``, ``layers``, ``p_input``, ``p_hidden``, ``p_output``, ``p_weight``
@@ -77,6 +77,10 @@ class ModelConfig:
     ``embedding_size`` (the width), ``hidden_size`` (the MLP width), ``layers``, ``heads``,
     ``context``, ``p_input``, ``p_attention``, ``p_attn_out``, ``p_mlp_hidden``, ``p_mlp_out``,
     ``p_output``, ``tie_weights``.
+
+    Any other task of :data:`~dropsplit.training.tasks.TASKS` reads none of these: its keys
+    are the table ``[model.<section>]``, parsed into its dataclass as ``options`` (``None`` for
+    the language models, and never written as a key of ``[model]``).
     """
 
     name: str = "lstm"
