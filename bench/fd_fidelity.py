@@ -1,8 +1,8 @@
 """Fidelity of the finite-difference estimator against the exact (double-backward) analytic step.
 
 On a trained model and real batches, draws the step of ``Analytic(gradient="double-backward")``
-and of ``Analytic(gradient="finite-difference", fd_epsilon=eps)`` (one slope per batch, and one
-per example with ``fd_examples=sequence_examples``) many times (fresh signs and
+and of ``Analytic(gradient=ds.FiniteDifference(epsilon=eps))`` (one slope per batch, and one
+per example with ``examples=sequence_examples``) many times (fresh signs and
 labels each draw) and compares the explicit regularizer's value (mean and spread) and the
 gradient: the bias of the mean gradient relative to the exact mean, with its Monte-Carlo error,
 and the total variance (trace of the covariance) relative to the exact path's.
@@ -83,9 +83,7 @@ def main():
                 method = ds.Analytic(
                     "sampled",
                     implicit,
-                    gradient="finite-difference",
-                    fd_epsilon=eps,
-                    fd_examples=examples,
+                    gradient=ds.FiniteDifference(epsilon=eps, examples=examples),
                     seed=1,
                 )
                 g, r, s = draws(method, model, batch, args.draws)

@@ -58,7 +58,7 @@ def main():
             errors, value_errors = [], []
             for s, (g_exact, stats_exact) in enumerate(exact):
                 method = ds.Analytic(
-                    "sampled", implicit, gradient="hvp-difference", hvp_step=step, seed=s
+                    "sampled", implicit, gradient=ds.HVPDifference(step=step), seed=s
                 )
                 g, stats = gradient(method, model, batch)
                 errors.append(float((g - g_exact).norm()))

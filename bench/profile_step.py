@@ -31,8 +31,7 @@ METHODS = {
     "Analytic(sampled, implicit), finite difference": lambda batch: ds.Analytic(
         "sampled",
         True,
-        gradient="finite-difference",
-        fd_examples=column_examples(batch),
+        gradient=ds.FiniteDifference(examples=column_examples(batch)),
         seed=0,
     ),
 }

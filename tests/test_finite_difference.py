@@ -11,7 +11,6 @@ from dropsplit.core.explicit import site_gradients
 from dropsplit.core.forward import flat_gradient, gated_forward, trainable_parameters
 from dropsplit.core.losses import get_loss
 from dropsplit.estimators import EstimatorSpec
-from dropsplit.estimators.finite_difference import estimate
 from dropsplit.oracles import exact_explicit_regularizer
 
 LOSS = get_loss("cross_entropy")
@@ -27,10 +26,9 @@ def _draw(
         grouping=grouping,
         explicit_scale=scales[0],
         implicit_scale=scales[1],
-        fd_epsilon=epsilon,
-        fd_examples=examples,
     )
-    return estimate(pb.model, pb.forward_fn, pb.batch, spec, torch.Generator().manual_seed(seed))
+    fd = ds.FiniteDifference(epsilon, examples)
+    return fd.estimate(pb.model, pb.forward_fn, pb.batch, spec, torch.Generator().manual_seed(seed))
 
 
 def _examples_of(name):
@@ -163,7 +161,7 @@ def test_expected_gradient_is_that_of_the_exact_objective():
 def test_method_step_writes_the_surrogate_gradient_and_replays():
     pb = make_problem("rnn-locked")
     params = trainable_parameters(pb.model)
-    method = ds.Analytic("sampled", True, gradient="finite-difference", fd_epsilon=0.05, seed=3)
+    method = ds.Analytic("sampled", True, gradient=ds.FiniteDifference(epsilon=0.05), seed=3)
     state = method.state_dict()
     pb.model.zero_grad(set_to_none=True)
     result = method.step(pb.model, pb.forward_fn, pb.batch)
@@ -171,8 +169,8 @@ def test_method_step_writes_the_surrogate_gradient_and_replays():
     assert set(result.stats) >= {"loss", "explicit", "implicit", "objective"}
     method.load_state_dict(state)
     (gen,) = method.spawn(1, torch.device("cpu"))
-    spec = EstimatorSpec(LOSS, "sampled", True, grouping="mask", fd_epsilon=0.05)
-    fd = estimate(pb.model, pb.forward_fn, pb.batch, spec, gen)
+    spec = EstimatorSpec(LOSS, "sampled", True, grouping="mask")
+    fd = ds.FiniteDifference(epsilon=0.05).estimate(pb.model, pb.forward_fn, pb.batch, spec, gen)
     torch.testing.assert_close(first, flat_gradient(fd.surrogate, params))
     method.load_state_dict(state)
     pb.model.zero_grad(set_to_none=True)
@@ -180,19 +178,25 @@ def test_method_step_writes_the_surrogate_gradient_and_replays():
     torch.testing.assert_close(first, torch.cat([p.grad.reshape(-1) for p in params]))
 
 
+def test_exact_curvature_is_refused():
+    with pytest.raises(ValueError, match="finite-difference"):
+        ds.Analytic(curvature="exact", gradient=ds.FiniteDifference())
+
+
 @pytest.mark.parametrize(
-    "kwargs, error, match",
+    "options, error, match",
     [
-        ({"explicit": "exact"}, ValueError, "finite-difference"),
-        ({"fd_epsilon": 0.0}, ValueError, "fd_epsilon"),
-        ({"fd_epsilon": 2.0}, ValueError, "fd_epsilon"),
-        ({"fd_epsilon": "small"}, TypeError, "fd_epsilon"),
+        ({"epsilon": 0.0}, ValueError, r"epsilon must be in \(0, 1\]"),
+        ({"epsilon": 2.0}, ValueError, r"epsilon must be in \(0, 1\]"),
+        ({"epsilon": "small"}, TypeError, "epsilon must be a number, got str"),
+        ({"epsilon": False}, TypeError, "epsilon must be a number, got bool"),
+        ({"examples": 3}, TypeError, "examples must be None or a callable"),
     ],
-    ids=["exact-curvature", "zero-step", "large-step", "string-step"],
+    ids=["zero-step", "large-step", "string-step", "bool-step", "examples-not-callable"],
 )
-def test_bad_finite_difference_arguments(kwargs, error, match):
+def test_bad_finite_difference_options(options, error, match):
     with pytest.raises(error, match=match):
-        ds.Analytic(gradient="finite-difference", **kwargs)
+        ds.FiniteDifference(**options)
 
 
 def test_example_map_of_the_wrong_shape_is_refused():

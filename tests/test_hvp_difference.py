@@ -43,7 +43,7 @@ def _step(pb, case, gradient, seed=7, **kwargs):
 def test_equals_double_backward_up_to_the_step(name, case):
     pb = make_problem(name)
     exact, exact_stats = _step(pb, case, "double-backward")
-    estimate, stats = _step(pb, case, "hvp-difference", hvp_step=1e-6)
+    estimate, stats = _step(pb, case, ds.HVPDifference(step=1e-6))
     # same draws: the loss and the explicit values are the exact path's, the implicit value and
     # the gradient agree up to O(step)
     for key in exact_stats:
@@ -57,7 +57,7 @@ def test_error_is_first_order_in_the_step(name):
     pb = make_problem(name)
     exact, _ = _step(pb, "sampled+implicit", "double-backward")
     errors = [
-        float((_step(pb, "sampled+implicit", "hvp-difference", hvp_step=s)[0] - exact).norm())
+        float((_step(pb, "sampled+implicit", ds.HVPDifference(step=s))[0] - exact).norm())
         for s in (1e-2, 1e-3)
     ]
     assert 7.0 < errors[0] / errors[1] < 13.0, errors
@@ -81,7 +81,7 @@ def test_awd_lstm_fused_kernel_matches_the_loop_double_backward():
     batch = (torch.randint(0, 12, (6, 3)), torch.randint(0, 12, (6, 3)), None)
     pb = type("P", (), {"model": model, "forward_fn": lm_forward, "batch": batch})
     exact, _ = _step(pb, "sampled+implicit", "double-backward")
-    estimate, _ = _step(pb, "sampled+implicit", "hvp-difference", hvp_step=1e-6)
+    estimate, _ = _step(pb, "sampled+implicit", ds.HVPDifference(step=1e-6))
     torch.testing.assert_close(estimate, exact, rtol=1e-5, atol=1e-5 * float(exact.norm()))
 
 
@@ -100,19 +100,25 @@ def test_clean_forward_does_not_mark_gates_live():
     assert seen == [False, True]
 
 
+def test_exact_curvature_is_refused():
+    with pytest.raises(ValueError, match="hvp-difference"):
+        ds.Analytic(curvature="exact", gradient=ds.HVPDifference())
+
+
 @pytest.mark.parametrize(
-    "kwargs, error, match",
+    "step, error, match",
     [
-        ({"explicit": "exact"}, ValueError, "hvp-difference"),
-        ({"hvp_step": 0.0}, ValueError, "hvp_step"),
-        ({"hvp_step": 0.5}, ValueError, "hvp_step"),
-        ({"hvp_step": "small"}, TypeError, "hvp_step"),
+        (0.0, ValueError, r"step must be in \(0, 0.1\]"),
+        (0.5, ValueError, r"step must be in \(0, 0.1\]"),
+        (float("nan"), ValueError, r"step must be in \(0, 0.1\]"),
+        ("small", TypeError, "step must be a number, got str"),
+        (True, TypeError, "step must be a number, got bool"),
     ],
-    ids=["exact-curvature", "zero-step", "large-step", "string-step"],
+    ids=["zero-step", "large-step", "nan-step", "string-step", "bool-step"],
 )
-def test_bad_hvp_difference_arguments(kwargs, error, match):
+def test_bad_hvp_difference_step(step, error, match):
     with pytest.raises(error, match=match):
-        ds.Analytic(gradient="hvp-difference", **kwargs)
+        ds.HVPDifference(step=step)
 
 
 def test_dropout_k_noise_has_no_finite_difference_form():
@@ -129,7 +135,8 @@ def test_dropout_k_analytic_noise_equals_double_backward_up_to_the_step(name, k)
     params = trainable_parameters(pb.model)
     grads = {}
     for gradient in ("double-backward", "hvp-difference"):
-        method = ds.DropoutK(k, "analytic", gradient=gradient, hvp_step=1e-6, seed=11)
+        estimator = ds.HVPDifference(step=1e-6) if gradient == "hvp-difference" else gradient
+        method = ds.DropoutK(k, "analytic", gradient=estimator, seed=11)
         pb.model.zero_grad(set_to_none=True)
         stats = method.step(pb.model, pb.forward_fn, pb.batch).stats
         grads[gradient] = (torch.cat([p.grad.reshape(-1) for p in params]), stats)

@@ -11,7 +11,7 @@ from torch import nn
 import dropsplit as ds
 from dropsplit.core.forward import trainable_parameters
 from dropsplit.core.losses import CrossEntropy
-from dropsplit.estimators import EstimatorSpec, double_backward, jvp
+from dropsplit.estimators import EstimatorSpec
 from dropsplit.models import awd
 
 
@@ -137,10 +137,12 @@ def test_separable_like_hvp_difference(with_loss):
     pb = make("mlp2-tanh")
     params = trainable_parameters(pb.model)
     spec = EstimatorSpec(CrossEntropy(), "sampled", True, with_loss=with_loss)
-    exact = double_backward.estimate(
+    exact = ds.DoubleBackward().estimate(
         pb.model, pb.forward_fn, pb.batch, spec, torch.Generator().manual_seed(3)
     )
-    est = jvp.estimate(pb.model, pb.forward_fn, pb.batch, spec, torch.Generator().manual_seed(3))
+    est = ds.JVP().estimate(
+        pb.model, pb.forward_fn, pb.batch, spec, torch.Generator().manual_seed(3)
+    )
     assert (est.regularizers is None) == with_loss
     want = exact.surrogate if with_loss else exact.regularizers
     got = est.surrogate if with_loss else est.regularizers
@@ -170,7 +172,7 @@ def test_hvp_difference_crosses_relu_kinks_where_jvp_is_exact():
 
     def hvp_error_and_crossings(step):
         model.record, model.calls = True, []
-        grad, _ = _step(pb, "sampled+implicit", "hvp-difference", hvp_step=step)
+        grad, _ = _step(pb, "sampled+implicit", ds.HVPDifference(step=step))
         model.record = False
         clean, *moved = model.calls  # the gated forward, then one forward per direction
         crossed = sum(int(((clean > 0) != (m > 0)).sum()) for m in moved)

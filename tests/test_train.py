@@ -64,6 +64,12 @@ def test_weight_decay_is_coupled_for_adam_and_decoupled_for_adamw(name):
         ["method.name=fraternal", "method.kappa=0.25"],
         ["method.name=analytic", "method.explicit_every=2", "method.implicit_every=3"],
         ["method.name=analytic", "method.start_step=3", "method.explicit_every=2"],
+        ["method.name=analytic", "method.gradient=hvp-difference", "method.estimator.step=0.002"],
+        [
+            "method.name=analytic",
+            "method.gradient=finite-difference",
+            "method.estimator.per_example=false",
+        ],
     ],
     ids=[
         "none",
@@ -80,6 +86,8 @@ def test_weight_decay_is_coupled_for_adam_and_decoupled_for_adamw(name):
         "fraternal",
         "analytic-lazy",
         "analytic-scheduled",
+        "analytic-hvp-step",
+        "analytic-fd-one-slope",
     ],
 )
 def test_every_method_trains_through_the_cli(tmp_path, overrides, capsys):

@@ -19,6 +19,7 @@ from dropsplit.core.sites import (
     sites,
 )
 from dropsplit.core.unsited import UnsitedDropoutError
+from dropsplit.estimators import JVP, DoubleBackward, FiniteDifference, HVPDifference
 from dropsplit.integrations import ExampleDropout, convert
 from dropsplit.measure import (
     GapEstimate,
@@ -35,12 +36,16 @@ __version__ = "0.1.0"
 __all__ = [
     "Analytic",
     "CrossEntropy",
+    "DoubleBackward",
     "DropConnect",
     "Dropout",
     "DropoutK",
     "ExampleDropout",
+    "FiniteDifference",
     "Fraternal",
     "GapEstimate",
+    "HVPDifference",
+    "JVP",
     "Method",
     "NoDropout",
     "RDrop",

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dropsplit.fetch import CORPUS_NAMES, FetchError
 
@@ -32,6 +33,8 @@ def _train(args: argparse.Namespace) -> int:
     from dropsplit.training.trainer import train
 
     overrides = list(args.set or [])
+    if args.threads:
+        overrides.append(f"train.threads={args.threads}")
     if args.data:
         overrides.append(string_override("data.path", args.data))
     if args.no_download:
@@ -189,7 +192,7 @@ def _eval(args: argparse.Namespace) -> int:
     from dropsplit.training.runs import load_task_run
 
     run = Path(args.run)
-    _, task, model = load_task_run(run, args.data)
+    _, task, model = load_task_run(run, args.data, args.threads)
     result = task.evaluate(model, args.split, show_progress=True)
     loss = result.loss
     extra = "".join(f", {k} {v:.4f}" for k, v in result.metrics.items())
@@ -217,6 +220,7 @@ def _measure(args: argparse.Namespace) -> int:
         seed=args.seed,
         out=args.out,
         data=args.data,
+        threads=args.threads,
     )
     print(format_effects(result))
     print(f"Wrote {out / 'measure.json'} and {', '.join(figures)}")
@@ -227,7 +231,12 @@ def _noise_scale(args: argparse.Namespace) -> int:
     from dropsplit.training.runs import noise_scale_run
 
     r, path = noise_scale_run(
-        Path(args.run), batches=args.batches, samples=args.samples, seed=args.seed, data=args.data
+        Path(args.run),
+        batches=args.batches,
+        samples=args.samples,
+        seed=args.seed,
+        data=args.data,
+        threads=args.threads,
     )
     print(
         f"dropout noise trace {r['dropout']:.4g} +- {r['dropout_stderr']:.2g}, minibatch noise "
@@ -245,7 +254,8 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     require("matplotlib", "the report of reproduce")  # before hours of training, not after
     args.suite = suite_path(args.suite).as_posix()  # a name (char-qrnn) becomes its file
-    suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds, overrides=args.set)
+    overrides = [*(args.set or []), *([f"train.threads={args.threads}"] if args.threads else [])]
+    suite = load_suite(args.suite, quick=args.quick, seeds=args.seeds, overrides=overrides)
     out = Path(args.out or default_out(args.suite, args.quick))
     if args.quick:
         print(
@@ -303,8 +313,16 @@ def _report(args: argparse.Namespace) -> int:
     command = _report_command(args.out, args.suite, args.quick, args.seeds)
     costs = None
     if args.step_costs:
-        rows = json.loads(Path(args.step_costs).read_text())["rows"]
-        costs = {name: row["ratio_median"] for name, row in rows.items()}
+        path = Path(args.step_costs)
+        try:
+            rows = json.loads(path.read_text())["rows"]
+            costs = {name: row["ratio_median"] for name, row in rows.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"--step-costs {path} is not a `dropsplit bench --json` file (no rows with "
+                f"ratio_median: {type(e).__name__} {e}): give the file `dropsplit bench --json` "
+                "wrote"
+            ) from e
     report = write_report(args.runs, args.out, suite, command, step_costs=costs)
     print(f"Report: {report}")
     return 0
@@ -318,18 +336,79 @@ def _matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+LONG_WORD = re.compile(r"[^\s'\":,;]{121,}")  # a path or value too long to echo whole
+
+
+def shortened(text: str) -> str:
+    """``text`` with every word over 120 characters cut to its ends and its length.
+
+    A 10 MB path echoed whole would be a 10 MB error line.
+    """
+    return LONG_WORD.sub(lambda m: f"{m[0][:50]}...{m[0][-30:]} ({len(m[0]):,} characters)", text)
+
+
+def error_line(err: BaseException) -> str:
+    """What the CLI prints for ``err`` after ``error:``: its message, long words shortened.
+
+    A system error on a path (``[Errno 36] File name too long: '...'``) names the path, cut.
+    """
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        paths = [str(err.filename)] + ([str(err.filename2)] if err.filename2 else [])
+        text = f"{' -> '.join(paths)}: {err.strerror}"
+    else:
+        text = str(err)
+    return shortened(text.strip() or type(err).__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors echo no huge value (``invalid choice: 'x...'``)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and ``message`` with long words shortened, exit 2."""
+        super().error(shortened(message))
+
+
 DATA_HELP = "data directory (default $DROPSPLIT_DATA, else the user cache ~/.cache/dropsplit)"
 NO_DOWNLOAD = "do not fetch a missing corpus (a clear error says how to provide it)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per job."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dropsplit",
         description="The explicit and implicit regularization effects of dropout.",
     )
     parser.add_argument("--version", action="version", version=f"dropsplit {version('dropsplit')}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo_and_train(sub)
+    _add_measure_commands(sub)
+    _add_suite_commands(sub)
+    _add_data_and_run_commands(sub)
+    return parser
+
+
+THREADS_HELP = (
+    "intra-op threads (default: 1 for a model under 20M parameters, else this process's "
+    "share of the cores; OMP_NUM_THREADS, when set, is kept)"
+)
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_positive, default=0, metavar="N", help=THREADS_HELP)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _add_demo_and_train(sub: Any) -> None:
+    """``demo`` and ``train``."""
     demo = sub.add_parser(
         "demo",
         help="train a tiny recurrent LM and measure both effects per site (no data; about 2 "
@@ -360,8 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="3 steps and a short evaluation in a temporary directory (removed; --out untouched)",
     )
     train.add_argument("--no-download", action="store_true", help=NO_DOWNLOAD)
+    _add_threads(train)
     train.set_defaults(handler=_train)
 
+
+def _add_measure_commands(sub: Any) -> None:
+    """``measure`` and ``noise-scale``: what dropout does in a trained run."""
     measure = sub.add_parser("measure", help="both effects of dropout on a trained run")
     measure.add_argument("run", help="run directory")
     measure.add_argument("--batches", type=int, default=2, help="validation batches (default 2)")
@@ -389,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a measurement already in the output directory (without it: an error)",
     )
     measure.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    _add_threads(measure)
     measure.set_defaults(handler=_measure)
 
     scale = sub.add_parser(
@@ -401,11 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--samples", type=int, default=8, help="masks per batch (default 8)")
     scale.add_argument("--seed", type=int, default=0, help="seed of the masks (default 0)")
     scale.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    _add_threads(scale)
     scale.set_defaults(handler=_noise_scale)
-
-    _add_suite_commands(sub)
-    _add_data_and_run_commands(sub)
-    return parser
 
 
 def _add_suite_commands(sub: Any) -> None:
@@ -450,6 +531,7 @@ def _add_suite_commands(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="override of every run's config, after the suite's own (e.g. train.device=\"cuda\")",
     )
+    _add_threads(rep)
     rep.set_defaults(handler=_reproduce)
 
     report = sub.add_parser("report", help="tables, figures and verdicts from suite runs")
@@ -519,6 +601,7 @@ def _add_data_and_run_commands(sub: Any) -> None:
         "--split", choices=("valid", "test"), default="test", help="split (default test)"
     )
     ev.add_argument("--data", help="data directory (default $DROPSPLIT_DATA)")
+    _add_threads(ev)
     ev.set_defaults(handler=_eval)
 
 
@@ -534,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     # OSError: a disk full or a read-only directory (dropsplit's own say which file, and the fix)
     except (ValueError, OSError, FetchError, ImportError) as err:
-        print(f"dropsplit {args.command}: error: {err}", file=sys.stderr)
+        print(f"dropsplit {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         from dropsplit.experiments.reproduce import SuiteInterrupted

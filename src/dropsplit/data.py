@@ -257,6 +257,7 @@ def bptt_batches(
     variable: bool = False,
     generator: torch.Generator | None = None,
     start: int = 0,
+    max_length: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Truncated-BPTT windows of a batchified ``[T, B]`` stream.
 
@@ -266,6 +267,8 @@ def bptt_batches(
         variable: AWD's random length (needs ``generator``).
         generator: Source of the random lengths (its state makes resumption exact).
         start: Row to start from (resuming mid-epoch).
+        max_length: Longest window (a Transformer's context): a longer random length is cut to
+            it. The generator draws as without it, so windows that fit are unchanged.
 
     Yields:
         ``(start_row, inputs[L, B], targets[L, B])``.
@@ -273,6 +276,8 @@ def bptt_batches(
     i = start
     while i < data.shape[0] - 1:
         length = min(sequence_length(bptt, variable, generator), data.shape[0] - 1 - i)
+        if max_length is not None:
+            length = min(length, max_length)
         yield i, data[i : i + length], data[i + 1 : i + 1 + length]
         i += length
 

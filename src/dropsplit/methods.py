@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,8 @@ from dropsplit.core.sites import (
     site_context,
     site_names,
 )
-from dropsplit.estimators import Estimate, EstimatorSpec, get_estimator
+from dropsplit.estimators import Estimate, Estimator, EstimatorSpec
+from dropsplit.estimators.legacy import estimator_from, pop_keywords
 
 NONFINITE = ("error", "warn")
 NOISES = ("difference", "analytic")  # what DropoutK can add back (Alg. 3, Alg. 4)
@@ -117,14 +119,6 @@ def untile_aux(aux: Any, k: int, dim: int) -> Any:
     if isinstance(aux, dict):
         return {key: untile_aux(v, k, dim) for key, v in aux.items()}
     return aux
-
-
-def _check_hvp_step(hvp_step: Any) -> float:
-    if isinstance(hvp_step, bool) or not isinstance(hvp_step, (int, float)):
-        raise TypeError(f"hvp_step must be a number, got {type(hvp_step).__name__}")
-    if not 0.0 < hvp_step <= 0.1:
-        raise ValueError(f"hvp_step must be in (0, 0.1], got {hvp_step}")
-    return float(hvp_step)
 
 
 def _estimate_stats(names: dict, est: Estimate) -> dict[str, torch.Tensor]:
@@ -228,7 +222,15 @@ class Method:
 
         Raises:
             FloatingPointError: On a non-finite objective when ``nonfinite="error"``.
+            ValueError: If no parameter of ``model`` requires a gradient (nothing to train).
         """
+        if not any(p.requires_grad for p in model.parameters()):
+            # else autograd fails deep inside the method, or double backward writes no gradient
+            raise ValueError(
+                f"{type(self).__name__}.step: no parameter of the model requires a gradient "
+                "(every requires_grad is False, or the model has no parameters): nothing to "
+                "train; unfreeze the parameters to train (p.requires_grad_(True))"
+            )
         with torch.profiler.record_function(f"dropsplit.{type(self).__name__}.step"):
             return self._step(model, forward_fn, batch, backward)
 
@@ -337,12 +339,14 @@ class DropoutK(Method):
         tile: ``tile(batch, k)`` for batch duplication (default: :func:`tile_batch`).
         untile: ``untile(aux, k)`` mapping the tiled aux back (default: last replica).
         grouping: Mask grouping of the analytic noise.
-        gradient: How the analytic noise is differentiated, a separable estimator of
-            :data:`dropsplit.estimators.ESTIMATORS`: ``"double-backward"`` (exact) or
-            ``"hvp-difference"`` (the same draws, one-sided differences along them, no double
-            backward). Unused without ``noise="analytic"``.
-        hvp_step: Largest gate displacement of ``"hvp-difference"``.
-        **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`.
+        gradient: How the analytic noise is differentiated: a separable estimator object
+            (``ds.DoubleBackward()``, ``ds.HVPDifference(step=...)``, ``ds.JVP()``) or its name
+            in :data:`dropsplit.estimators.ESTIMATORS` (``"double-backward"``: exact;
+            ``"hvp-difference"``: the same draws, one-sided differences along them, no double
+            backward; ``"jvp"``). Unused without ``noise="analytic"``.
+        **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`; the deprecated
+            ``hvp_step=`` (now ``gradient=ds.HVPDifference(step=...)``) still works, with a
+            warning.
     """
 
     def __init__(
@@ -355,10 +359,10 @@ class DropoutK(Method):
         tile=None,
         untile=None,
         grouping: str = "mask",
-        gradient: str = "double-backward",
-        hvp_step: float = 1e-3,
+        gradient: str | Estimator = "double-backward",
         **kwargs,
     ) -> None:
+        legacy = pop_keywords(kwargs)
         super().__init__(**kwargs)
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -368,9 +372,10 @@ class DropoutK(Method):
         self.noise = _choice(noise, (None, *NOISES), "noise")
         self.implementation = _choice(implementation, REPLICATIONS, "implementation")
         self.grouping = _choice(grouping, GROUPINGS, "grouping")
-        self.estimator = get_estimator(gradient, None, separable=self.noise == "analytic")
-        self.gradient = gradient
-        self.hvp_step = _check_hvp_step(hvp_step)
+        self.estimator = estimator_from(
+            gradient, legacy, "DropoutK", separable=self.noise == "analytic"
+        )
+        self.gradient = self.estimator.name
         self.batch_dim = batch_dim
         self.tile = tile
         self.untile = untile
@@ -416,7 +421,6 @@ class DropoutK(Method):
                 True,
                 grouping=self.grouping,
                 implicit_scale=scale,
-                hvp_step=self.hvp_step,
                 with_loss=False,
             )
             est = self.estimator.estimate(model, forward_fn, batch, spec, gen)
@@ -446,20 +450,15 @@ class Analytic(Method):
         implicit_scale: Multiplies each site's noise variance ``v = q / (1-q)``.
         grouping: ``"mask"`` (exact for the mask the site really uses) or ``"element"`` (the
             original code's per-element squares).
-        gradient: A key of :data:`dropsplit.estimators.ESTIMATORS`: ``"double-backward"``
-            (exact gradients), ``"hvp-difference"`` (the exact path's values and draws,
-            gradients by one-sided differences along the exact directions: error
-            ``O(hvp_step)``, no double backward) or ``"finite-difference"`` (two antithetic
-            forwards, one backward, no double backward); both estimators take every explicit
-            kind but ``"exact"``.
-        fd_epsilon: Step of the finite differences, relative to each site's noise standard
-            deviation ``sqrt(q / (1-q))``.
-        hvp_step: Largest gate displacement of ``"hvp-difference"`` (``1e-3``: the smallest
-            error in float32, about 1e-4 of the gradient's norm on the test problems).
-        fd_examples: ``fd_examples(out)`` gives the example index of each target, so the
-            finite-difference explicit term squares one slope per example (much less noise;
-            see :mod:`dropsplit.estimators.finite_difference`), e.g.
-            :func:`dropsplit.models.awd.sequence_examples`. ``None``: one slope per batch.
+        gradient: The estimator of the analytic terms' gradient, an object holding its own
+            options or its name in :data:`dropsplit.estimators.ESTIMATORS` (the class with
+            its defaults): ``ds.DoubleBackward()`` / ``"double-backward"`` (exact gradients),
+            ``ds.HVPDifference(step=1e-3)`` / ``"hvp-difference"`` (the exact path's values
+            and draws, gradients by one-sided differences along the exact directions: error
+            ``O(step)``, no double backward), ``ds.JVP()`` / ``"jvp"`` (exact, forward over
+            reverse) or ``ds.FiniteDifference(epsilon=0.05, examples=None)`` /
+            ``"finite-difference"`` (two antithetic forwards, one backward, no double
+            backward); the estimators take every explicit kind but ``"exact"``.
         explicit_every: Lazy regularization (as GANs do for gradient penalties): the explicit
             term only every ``m``-th step, scaled by ``m``, so its expected gradient per step is
             unchanged; the other steps skip its passes.
@@ -471,7 +470,11 @@ class Analytic(Method):
             intervals counted from it). Early in training the model underfits and regularizing
             buys nothing (on the character-level suite no dropout learns fastest for its first
             600 steps); the regularizers matter only once it starts to overfit.
-        **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`.
+        **kwargs: ``loss``, ``seed``, ``nonfinite`` of :class:`Method`; the deprecated
+            ``hvp_step=``, ``fd_epsilon=`` and ``fd_examples=`` (now
+            ``gradient=ds.HVPDifference(step=...)`` and
+            ``gradient=ds.FiniteDifference(epsilon=..., examples=...)``) still work, with a
+            warning.
     """
 
     def __init__(
@@ -482,10 +485,7 @@ class Analytic(Method):
         explicit_scale: float = 1.0,
         implicit_scale: float = 1.0,
         grouping: str = "mask",
-        gradient: str = "double-backward",
-        fd_epsilon: float = 0.05,
-        hvp_step: float = 1e-3,
-        fd_examples=None,
+        gradient: str | Estimator = "double-backward",
         explicit_every: int = 1,
         implicit_every: int = 1,
         start_step: int = 0,
@@ -499,6 +499,7 @@ class Analytic(Method):
                 stacklevel=2,
             )
             keyword, curvature = "explicit", kwargs.pop("explicit")
+        legacy = pop_keywords(kwargs)
         super().__init__(**kwargs)
         self.curvature = _choice(curvature, (*CURVATURES, None), keyword)
         if not isinstance(implicit, bool):
@@ -510,15 +511,8 @@ class Analytic(Method):
         self.explicit_scale = float(explicit_scale)
         self.implicit_scale = float(implicit_scale)
         self.grouping = _choice(grouping, GROUPINGS, "grouping")
-        self.estimator = get_estimator(gradient, self.curvature)
-        self.gradient = gradient
-        if isinstance(fd_epsilon, bool) or not isinstance(fd_epsilon, (int, float)):
-            raise TypeError(f"fd_epsilon must be a number, got {type(fd_epsilon).__name__}")
-        if not 0.0 < fd_epsilon <= 1.0:
-            raise ValueError(f"fd_epsilon must be in (0, 1], got {fd_epsilon}")
-        self.fd_epsilon = float(fd_epsilon)
-        self.hvp_step = _check_hvp_step(hvp_step)
-        self.fd_examples = fd_examples
+        self.estimator = estimator_from(gradient, legacy, "Analytic", self.curvature)
+        self.gradient = self.estimator.name  # the estimator's name; the object is .estimator
         for name, value in (("explicit_every", explicit_every), ("implicit_every", implicit_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -526,21 +520,54 @@ class Analytic(Method):
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
         self.start_step = start_step
-        self.steps = 0  # objectives taken, for lazy regularization (in the state dict)
+        # objectives taken on each model, for the lazy schedules: a method stepping two models
+        # keeps a count per model (one shared count ran each schedule on one model only)
+        self._counts: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+        self._first_count = 0  # where a model not stepped yet starts (load_state_dict sets it)
+
+    @property
+    def steps(self) -> int:
+        """Objectives taken on the model this method steps (lazy schedules count them).
+
+        Counted per model; with none stepped yet, the count the next model starts from.
+
+        Raises:
+            ValueError: If the method has stepped several models (each has its own count).
+        """
+        counts = list(self._counts.values())
+        if len(counts) > 1:
+            raise ValueError(
+                f"{type(self).__name__} stepped {len(counts)} models: its state holds one step "
+                "count (of its lazy schedule), and each model has its own; give each model its "
+                "own method to save or read its count"
+            )
+        return counts[0] if counts else self._first_count
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._counts.clear()
+        self._first_count = int(value)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The generator state and the step count of lazy regularization."""
+        """The generator state and the step count of lazy regularization.
+
+        Raises:
+            ValueError: If the method has stepped several models (see :attr:`steps`).
+        """
         return {**super().state_dict(), "steps": torch.tensor(self.steps)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore :meth:`state_dict` (a state without a step count restarts it at 0)."""
+        """Restore :meth:`state_dict` (a state without a step count restarts it at 0).
+
+        The count is where the next model stepped starts.
+        """
         super().load_state_dict(state)
         self.steps = int(state.get("steps", torch.tensor(0)))
 
     def __repr__(self) -> str:
         return (
             f"Analytic(curvature={self.curvature!r}, implicit={self.implicit}, "
-            f"grouping={self.grouping!r}, gradient={self.gradient!r})"
+            f"grouping={self.grouping!r}, gradient={self.estimator!r})"
         )
 
     def objective(self, model, forward_fn, batch):
@@ -551,10 +578,11 @@ class Analytic(Method):
         """
         self._require(model)
         (gen,) = self.spawn(1, model_device(model))
-        since = self.steps - self.start_step
+        count = self._counts.get(model, self._first_count)
+        since = count - self.start_step
         explicit_now = self.curvature is not None and since % self.explicit_every == 0
         implicit_now = self.implicit and since % self.implicit_every == 0
-        self.steps += 1
+        self._counts[model] = count + 1
         if since < 0 or not (explicit_now or implicit_now):  # before the start, or a lazy step
             return clean_objective(model, forward_fn, batch, self.loss)
         spec = EstimatorSpec(
@@ -564,9 +592,6 @@ class Analytic(Method):
             grouping=self.grouping,
             explicit_scale=self.explicit_scale * self.explicit_every,
             implicit_scale=self.implicit_scale * self.implicit_every,
-            hvp_step=self.hvp_step,
-            fd_epsilon=self.fd_epsilon,
-            fd_examples=self.fd_examples,
         )
         est = self.estimator.estimate(model, forward_fn, batch, spec, gen)
         stats = {"loss": est.loss, **_estimate_stats(site_names(model), est)}

@@ -8,7 +8,8 @@ the step backpropagates through that graph again: exact, and the costliest path.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,72 +23,80 @@ from dropsplit.core.explicit import (
 )
 from dropsplit.core.forward import ForwardFn, gated_forward, uncompiled
 from dropsplit.core.implicit import implicit_scalar_sum
-from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature
+from dropsplit.estimators.base import Estimate, Estimator, EstimatorSpec, check_curvature
 
-SEPARABLE = True
-__all__ = ["CURVATURES", "SEPARABLE", "estimate"]
+__all__ = ["DoubleBackward"]
 
 
-def estimate(
-    model: nn.Module,
-    forward_fn: ForwardFn,
-    batch: Any,
-    spec: EstimatorSpec,
-    generator: torch.Generator,
-) -> Estimate:
-    """Clean loss plus the scaled explicit terms plus ``S``, differentiable twice.
+@dataclass(frozen=True)
+class DoubleBackward(Estimator):
+    """``gradient="double-backward"``: the exact gradients (Alg. 2); no options."""
 
-    Args:
-        model: The model (its sites are gated).
-        forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
-        batch: Passed to ``forward_fn``.
-        spec: The terms and their scales.
-        generator: Source of the labels, probes and signs.
+    name: ClassVar[str] = "double-backward"
+    CURVATURES: ClassVar[tuple[str, ...]] = CURVATURES
+    SEPARABLE: ClassVar[bool] = True
 
-    Returns:
-        The estimate; its surrogate is the exact objective.
-    """
-    check_curvature("double-backward", CURVATURES, spec.curvature)
-    model = uncompiled(model, "gradient='double-backward'")
-    loss = spec.loss
-    with torch.profiler.record_function("dropsplit.double_backward.gated_forward"):
-        out, ctx = gated_forward(model, forward_fn, batch, loss, spec.grouping)
-    summed = loss.summed(out.logits, out.targets)
-    surrogate = summed / out.n
-    label_grads = probe_grads = None
-    needs_label = spec.implicit or spec.curvature == "label"
-    with torch.profiler.record_function("dropsplit.double_backward.gate_gradients"):
-        if needs_label and spec.curvature in ("sampled", "identity"):
-            # both gate gradients from one backward through the model
-            probe = curvature_probe(spec.curvature, out, loss, generator)
-            label_grads, probe_grads = joint_site_gradients(
-                [summed, probe], out.logits, ctx.gates, create_graph=True
+    def estimate(
+        self,
+        model: nn.Module,
+        forward_fn: ForwardFn,
+        batch: Any,
+        spec: EstimatorSpec,
+        generator: torch.Generator,
+    ) -> Estimate:
+        """Clean loss plus the scaled explicit terms plus ``S``, differentiable twice.
+
+        Args:
+            model: The model (its sites are gated).
+            forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
+            batch: Passed to ``forward_fn``.
+            spec: The terms and their scales.
+            generator: Source of the labels, probes and signs.
+
+        Returns:
+            The estimate; its surrogate is the exact objective.
+        """
+        check_curvature(self.name, CURVATURES, spec.curvature)
+        model = uncompiled(model, "gradient='double-backward'")
+        loss = spec.loss
+        with torch.profiler.record_function("dropsplit.double_backward.gated_forward"):
+            out, ctx = gated_forward(model, forward_fn, batch, loss, spec.grouping)
+        summed = loss.summed(out.logits, out.targets)
+        surrogate = summed / out.n
+        label_grads = probe_grads = None
+        needs_label = spec.implicit or spec.curvature == "label"
+        with torch.profiler.record_function("dropsplit.double_backward.gate_gradients"):
+            if needs_label and spec.curvature in ("sampled", "identity"):
+                # both gate gradients from one backward through the model
+                probe = curvature_probe(spec.curvature, out, loss, generator)
+                label_grads, probe_grads = joint_site_gradients(
+                    [summed, probe], out.logits, ctx.gates, create_graph=True
+                )
+            elif needs_label:
+                label_grads = site_gradients(summed, ctx.gates, create_graph=True)
+        regularizers = explicit = implicit = terms = None
+        if spec.curvature is not None:
+            terms = explicit_terms(
+                out, ctx.record, loss, spec.curvature, generator, True, label_grads, probe_grads
             )
-        elif needs_label:
-            label_grads = site_gradients(summed, ctx.gates, create_graph=True)
-    regularizers = explicit = implicit = terms = None
-    if spec.curvature is not None:
-        terms = explicit_terms(
-            out, ctx.record, loss, spec.curvature, generator, True, label_grads, probe_grads
+            terms = [spec.explicit_scale * term for term in terms]
+            explicit = torch.stack(terms).sum()
+            surrogate = surrogate + explicit
+            regularizers = explicit
+        if spec.implicit:
+            assert label_grads is not None
+            implicit = implicit_scalar_sum(
+                ctx.record, label_grads, out.n, generator, spec.implicit_scale
+            )
+            surrogate = surrogate + implicit
+            regularizers = implicit if regularizers is None else regularizers + implicit
+        return Estimate(
+            surrogate=surrogate,
+            regularizers=regularizers,
+            loss=(summed / out.n).detach(),
+            explicit=None if explicit is None else explicit.detach(),
+            explicit_terms=None if terms is None else [t.detach() for t in terms],
+            implicit=None if implicit is None else implicit.detach(),
+            record=ctx.record,
+            aux=out.aux,
         )
-        terms = [spec.explicit_scale * term for term in terms]
-        explicit = torch.stack(terms).sum()
-        surrogate = surrogate + explicit
-        regularizers = explicit
-    if spec.implicit:
-        assert label_grads is not None
-        implicit = implicit_scalar_sum(
-            ctx.record, label_grads, out.n, generator, spec.implicit_scale
-        )
-        surrogate = surrogate + implicit
-        regularizers = implicit if regularizers is None else regularizers + implicit
-    return Estimate(
-        surrogate=surrogate,
-        regularizers=regularizers,
-        loss=(summed / out.n).detach(),
-        explicit=None if explicit is None else explicit.detach(),
-        explicit_terms=None if terms is None else [t.detach() for t in terms],
-        implicit=None if implicit is None else implicit.detach(),
-        record=ctx.record,
-        aux=out.aux,
-    )

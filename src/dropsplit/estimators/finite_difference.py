@@ -35,9 +35,9 @@ forwards and one backward through both: that of Dropout_2, with single backward 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -47,15 +47,16 @@ from dropsplit.core.noise import sample_rademacher
 from dropsplit.core.sites import SiteContext, site_context
 from dropsplit.estimators.base import (
     Estimate,
+    Estimator,
     EstimatorSpec,
     check_curvature,
+    check_number,
+    check_options,
     check_precision,
     without_autocast,
 )
 
-CURVATURES = ("sampled", "label", "identity")
-SEPARABLE = False  # the antithetic loss stands in for the clean loss: no regularizer-only part
-__all__ = ["CURVATURES", "SEPARABLE", "FiniteDifferenceEstimate", "estimate"]
+__all__ = ["FiniteDifference", "FiniteDifferenceEstimate"]
 
 
 @dataclass
@@ -73,85 +74,143 @@ class FiniteDifferenceEstimate(Estimate):
     probe: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-@without_autocast
-def estimate(
-    model: nn.Module,
-    forward_fn: ForwardFn,
-    batch: Any,
-    spec: EstimatorSpec,
-    generator: torch.Generator,
-) -> FiniteDifferenceEstimate:
-    r"""Run the two antithetic passes and build the surrogate of Analytic's objective.
+@dataclass(frozen=True)
+class FiniteDifference(Estimator):
+    """``gradient="finite-difference"``: two antithetic forwards along random signs.
 
-    ``spec.fd_epsilon`` is the step relative to each site's noise standard deviation
-    ``sqrt(v)``; with ``spec.fd_examples`` (``examples(out)``: the example index of each
-    target) the explicit term squares one slope per example (see the module doc).
+    Attributes:
+        epsilon: The step, relative to each site's noise standard deviation ``sqrt(v)``, in
+            ``(0, 1]``; the estimate is unbiased up to ``O(epsilon^2)``.
+        examples: ``examples(out)``: the example index of each target, so that the explicit
+            term squares one slope per example (much less noise; see the module doc), e.g.
+            :func:`dropsplit.models.awd.sequence_examples`. ``None``: one slope per batch.
 
-    Args:
-        model: The model (its sites are perturbed).
-        forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
-        batch: Passed to ``forward_fn``.
-        spec: The terms, their scales, the step and the example map.
-        generator: Source of the signs and the probe labels.
-
-    Returns:
-        The estimator's draw; backpropagate ``surrogate``.
+    In a config file (``[method.estimator]``) the example map is not written out: the option
+    ``per_example`` (default ``true``) takes the batch layout that the trainer offers every
+    estimator (:meth:`from_config`), ``false`` one slope per batch.
     """
-    check_curvature("finite-difference", CURVATURES, spec.curvature)
-    loss, epsilon = spec.loss, spec.fd_epsilon
-    with (
-        torch.profiler.record_function("dropsplit.finite_difference.forward_plus"),
-        site_context(
-            model, SiteContext("perturb", [generator], grouping=spec.grouping, epsilon=epsilon)
-        ) as plus_ctx,
-    ):
-        plus = call_forward(forward_fn, model, batch, loss)
-    if not plus_ctx.record:
-        raise ValueError("the forward pass used none of the model's dropout sites")
-    check_precision("finite-difference", plus.logits, plus_ctx.gates)
-    minus_multipliers = [2.0 - m for m in plus_ctx.gates]
-    with (
-        torch.profiler.record_function("dropsplit.finite_difference.forward_minus"),
-        site_context(model, SiteContext("fixed", multipliers=minus_multipliers)),
-    ):
-        minus = call_forward(forward_fn, model, batch, loss)
-    n = plus.n
-    loss_plus, loss_minus, probe_plus, probe_minus, probe = _per_target_values(
-        spec, plus, minus, generator
-    )
-    summed_plus, summed_minus = loss_plus.sum(), loss_minus.sum()
-    mean_loss = (summed_plus + summed_minus) / (2 * n)
-    surrogate = mean_loss
-    explicit = implicit_value = None
-    if spec.curvature is not None:
-        ids = _example_ids(spec, plus)
-        slopes = (probe_plus - probe_minus) / (2 * epsilon)  # per target
-        slopes = slopes.new_zeros(int(ids.max()) + 1).index_add(0, ids, slopes)  # per example
-        explicit = spec.explicit_scale * slopes.detach().pow(2).sum() / (2 * n)
-        surrogate = surrogate + spec.explicit_scale * (slopes.detach() * slopes).sum() / n
-    if spec.implicit:
-        slope = (summed_plus - summed_minus) / (2 * epsilon)
-        implicit_value = math.sqrt(spec.implicit_scale) / n * slope
-        surrogate = surrogate + implicit_value
-    return FiniteDifferenceEstimate(
-        surrogate=surrogate,
-        regularizers=None,
-        loss=mean_loss.detach(),
-        explicit=explicit,
-        explicit_terms=None,
-        implicit=None if implicit_value is None else implicit_value.detach(),
-        record=plus_ctx.record,
-        aux=plus.aux,
-        directions=[(m - 1.0) / epsilon for m in plus_ctx.gates],
-        probe=probe,
-    )
+
+    name: ClassVar[str] = "finite-difference"
+    CURVATURES: ClassVar[tuple[str, ...]] = ("sampled", "label", "identity")
+    # the antithetic loss stands in for the clean loss: no regularizer-only part
+    SEPARABLE: ClassVar[bool] = False
+    epsilon: float = 0.05
+    examples: Callable[[ForwardOutput], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        epsilon = check_number("FiniteDifference", "epsilon", self.epsilon, 1.0)
+        object.__setattr__(self, "epsilon", epsilon)
+        if self.examples is not None and not callable(self.examples):
+            raise TypeError(
+                "FiniteDifference: examples must be None or a callable out -> example index "
+                f"per target, got {type(self.examples).__name__}"
+            )
+
+    @classmethod
+    def config_options(cls) -> dict[str, Any]:
+        """``epsilon`` and ``per_example`` (the example map itself is the trainer's)."""
+        return {**super().config_options(), "per_example": True}
+
+    @classmethod
+    def from_config(
+        cls, options: Mapping[str, Any], examples: Callable[[Any], torch.Tensor] | None = None
+    ) -> FiniteDifference:
+        """One slope per example of the trainer's layout ``examples`` unless ``per_example``.
+
+        Raises:
+            ValueError: For an option it does not take, or a bad ``epsilon``.
+            TypeError: For a ``per_example`` that is not a bool, or an ``epsilon`` that is not a
+                number.
+        """
+        check_options(cls, options)
+        values = {**cls.config_options(), **options}
+        per_example = values.pop("per_example")
+        if not isinstance(per_example, bool):
+            raise TypeError(f"FiniteDifference: per_example must be a bool, got {per_example!r}")
+        return cls(**values, examples=examples if per_example else None)
+
+    @without_autocast
+    def estimate(
+        self,
+        model: nn.Module,
+        forward_fn: ForwardFn,
+        batch: Any,
+        spec: EstimatorSpec,
+        generator: torch.Generator,
+    ) -> FiniteDifferenceEstimate:
+        r"""Run the two antithetic passes and build the surrogate of Analytic's objective.
+
+        ``self.epsilon`` is the step relative to each site's noise standard deviation
+        ``sqrt(v)``; with ``self.examples`` (``examples(out)``: the example index of each
+        target) the explicit term squares one slope per example (see the module doc).
+
+        Args:
+            model: The model (its sites are perturbed).
+            forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
+            batch: Passed to ``forward_fn``.
+            spec: The terms and their scales.
+            generator: Source of the signs and the probe labels.
+
+        Returns:
+            The estimator's draw; backpropagate ``surrogate``.
+        """
+        check_curvature(self.name, self.CURVATURES, spec.curvature)
+        loss, epsilon = spec.loss, self.epsilon
+        with (
+            torch.profiler.record_function("dropsplit.finite_difference.forward_plus"),
+            site_context(
+                model, SiteContext("perturb", [generator], grouping=spec.grouping, epsilon=epsilon)
+            ) as plus_ctx,
+        ):
+            plus = call_forward(forward_fn, model, batch, loss)
+        if not plus_ctx.record:
+            raise ValueError("the forward pass used none of the model's dropout sites")
+        check_precision(self.name, plus.logits, plus_ctx.gates)
+        minus_multipliers = [2.0 - m for m in plus_ctx.gates]
+        with (
+            torch.profiler.record_function("dropsplit.finite_difference.forward_minus"),
+            site_context(model, SiteContext("fixed", multipliers=minus_multipliers)),
+        ):
+            minus = call_forward(forward_fn, model, batch, loss)
+        n = plus.n
+        loss_plus, loss_minus, probe_plus, probe_minus, probe = _per_target_values(
+            spec, plus, minus, generator
+        )
+        summed_plus, summed_minus = loss_plus.sum(), loss_minus.sum()
+        mean_loss = (summed_plus + summed_minus) / (2 * n)
+        surrogate = mean_loss
+        explicit = implicit_value = None
+        if spec.curvature is not None:
+            ids = _example_ids(self.examples, plus)
+            slopes = (probe_plus - probe_minus) / (2 * epsilon)  # per target
+            slopes = slopes.new_zeros(int(ids.max()) + 1).index_add(0, ids, slopes)  # per example
+            explicit = spec.explicit_scale * slopes.detach().pow(2).sum() / (2 * n)
+            surrogate = surrogate + spec.explicit_scale * (slopes.detach() * slopes).sum() / n
+        if spec.implicit:
+            slope = (summed_plus - summed_minus) / (2 * epsilon)
+            implicit_value = math.sqrt(spec.implicit_scale) / n * slope
+            surrogate = surrogate + implicit_value
+        return FiniteDifferenceEstimate(
+            surrogate=surrogate,
+            regularizers=None,
+            loss=mean_loss.detach(),
+            explicit=explicit,
+            explicit_terms=None,
+            implicit=None if implicit_value is None else implicit_value.detach(),
+            record=plus_ctx.record,
+            aux=plus.aux,
+            directions=[(m - 1.0) / epsilon for m in plus_ctx.gates],
+            probe=probe,
+        )
 
 
-def _example_ids(spec: EstimatorSpec, out: ForwardOutput) -> torch.Tensor:
-    """The example index of each target (``spec.fd_examples``; all zeros without it)."""
-    if spec.fd_examples is None:
+def _example_ids(
+    examples: Callable[[ForwardOutput], torch.Tensor] | None, out: ForwardOutput
+) -> torch.Tensor:
+    """The example index of each target (``examples(out)``; all zeros without it)."""
+    if examples is None:
         return torch.zeros(out.n, dtype=torch.long, device=out.logits.device)
-    ids = spec.fd_examples(out).to(out.logits.device)
+    ids = examples(out).to(out.logits.device)
     if ids.shape != (out.n,):
         raise ValueError(f"examples(out) must give one example index per target, shape ({out.n},)")
     return ids

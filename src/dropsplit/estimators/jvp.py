@@ -71,8 +71,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -87,7 +88,7 @@ from dropsplit.core.forward import (
 )
 from dropsplit.core.losses import Loss
 from dropsplit.core.sites import SiteContext, site_context
-from dropsplit.estimators.base import Estimate, EstimatorSpec, check_curvature
+from dropsplit.estimators.base import Estimate, Estimator, EstimatorSpec, check_curvature
 from dropsplit.estimators.hvp_difference import (
     Gradients,
     explicit_directions,
@@ -95,9 +96,7 @@ from dropsplit.estimators.hvp_difference import (
     inject,
 )
 
-CURVATURES = ("sampled", "label", "identity")
-SEPARABLE = True
-__all__ = ["CURVATURES", "SEPARABLE", "directional_gradients", "dual_sites", "estimate"]
+__all__ = ["JVP", "directional_gradients", "dual_sites"]
 
 
 @contextlib.contextmanager
@@ -191,101 +190,112 @@ def _add(total: Gradients, grads: Gradients, scale: float = 1.0) -> Gradients:
     return out
 
 
-def estimate(
-    model: nn.Module,
-    forward_fn: ForwardFn,
-    batch: Any,
-    spec: EstimatorSpec,
-    generator: torch.Generator,
-) -> Estimate:
-    """Build the surrogate of Analytic's objective from exact directional derivatives.
+@dataclass(frozen=True)
+class JVP(Estimator):
+    """``gradient="jvp"``: exact directional derivatives, forward over reverse; no options."""
 
-    The labels (or ``u``) and signs are drawn from ``generator`` in the order of the
-    double-backward path, so both paths see the same draws and give the same gradient.
+    name: ClassVar[str] = "jvp"
+    CURVATURES: ClassVar[tuple[str, ...]] = ("sampled", "label", "identity")
+    SEPARABLE: ClassVar[bool] = True
 
-    Args:
-        model: The model (its sites are gated, then driven by dual multipliers).
-        forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
-        batch: Passed to ``forward_fn``.
-        spec: The terms and their scales (``hvp_step`` is not used: nothing is stepped).
-        generator: Source of the labels and signs.
+    def estimate(
+        self,
+        model: nn.Module,
+        forward_fn: ForwardFn,
+        batch: Any,
+        spec: EstimatorSpec,
+        generator: torch.Generator,
+    ) -> Estimate:
+        """Build the surrogate of Analytic's objective from exact directional derivatives.
 
-    Returns:
-        The estimate; backpropagate ``surrogate`` (or, with ``spec.with_loss`` ``False``,
-        ``regularizers``).
+        The labels (or ``u``) and signs are drawn from ``generator`` in the order of the
+        double-backward path, so both paths see the same draws and give the same gradient.
 
-    Raises:
-        ValueError: On an unsupported curvature or a forward that uses no site.
-    """
-    check_curvature("jvp", CURVATURES, spec.curvature)
-    model = uncompiled(model, "gradient='jvp'")  # compiled graphs have no forward-mode AD
-    loss = spec.loss
-    # the implicit pass alone needs only the gates' shapes from this forward, not its graph
-    graph = spec.curvature is not None or not spec.implicit
-    with (
-        torch.profiler.record_function("dropsplit.jvp.gated_forward"),
-        torch.set_grad_enabled(graph and torch.is_grad_enabled()),
-    ):
-        out, ctx = gated_forward(model, forward_fn, batch, loss, spec.grouping, twice=False)
-    n, gates, qs = out.n, ctx.gates, [site.p for site, _ in ctx.record]
-    params = trainable_parameters(model)
-    summed = loss.summed(out.logits, out.targets)
-    clean_loss = (summed / n).detach()
-    true_loss = partial(loss.summed, targets=out.targets)
-    # (label, directions, the function of the logits whose gradient moves along them)
-    moves: list[tuple[str, list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = []
-    terms, explicit = None, None
-    if spec.curvature is not None:
-        probe, _, terms, directions = explicit_directions(out, gates, qs, spec, generator, "jvp")
-        terms = [term.detach() for term in terms]
-        explicit = torch.stack(terms).sum()
-        moves.append(("explicit", directions, probe))
-    if spec.implicit:
-        directions = implicit_directions(gates, qs, n, spec.implicit_scale, generator)
-        if spec.curvature == "label":
-            # the probe is L itself and the derivative is linear in the direction: one pass
-            # along d + d' gives both gradients
-            ((_, along, _),) = moves
-            both = [a + b for a, b in zip(along, directions, strict=True)]
-            moves = [("label_implicit", both, true_loss)]
-        else:
-            moves.append(("implicit", directions, true_loss))
-    total: Gradients = [None] * len(params)
-    if spec.with_loss and not spec.implicit:
-        # no implicit pass to give the clean gradient: take it from the gated graph
-        with torch.profiler.record_function("dropsplit.jvp.clean_backward"):
-            grads = torch.autograd.grad(summed / n, params, allow_unused=True)
-        total = _add(total, list(grads))
-    aux, record = out.aux, ctx.record
-    # free the gated graph before the dual passes (the "label" probe holds on to ``out``)
-    out.logits = out.logits.detach()
-    del out, ctx, summed, gates
-    implicit = None
-    for label, directions, function in moves:
-        with torch.profiler.record_function(f"dropsplit.jvp.{label}_pass"):
-            primals, tangents, slope = directional_gradients(
-                model, forward_fn, batch, loss, params, directions, function
+        Args:
+            model: The model (its sites are gated, then driven by dual multipliers).
+            forward_fn: ``(model, batch) -> (logits, targets[, aux])``.
+            batch: Passed to ``forward_fn``.
+            spec: The terms and their scales.
+            generator: Source of the labels and signs.
+
+        Returns:
+            The estimate; backpropagate ``surrogate`` (or, with ``spec.with_loss`` ``False``,
+            ``regularizers``).
+
+        Raises:
+            ValueError: On an unsupported curvature or a forward that uses no site.
+        """
+        check_curvature(self.name, self.CURVATURES, spec.curvature)
+        model = uncompiled(model, "gradient='jvp'")  # compiled graphs have no forward-mode AD
+        loss = spec.loss
+        # the implicit pass alone needs only the gates' shapes from this forward, not its graph
+        graph = spec.curvature is not None or not spec.implicit
+        with (
+            torch.profiler.record_function("dropsplit.jvp.gated_forward"),
+            torch.set_grad_enabled(graph and torch.is_grad_enabled()),
+        ):
+            out, ctx = gated_forward(model, forward_fn, batch, loss, spec.grouping, twice=False)
+        n, gates, qs = out.n, ctx.gates, [site.p for site, _ in ctx.record]
+        params = trainable_parameters(model)
+        summed = loss.summed(out.logits, out.targets)
+        clean_loss = (summed / n).detach()
+        true_loss = partial(loss.summed, targets=out.targets)
+        # (label, directions, the function of the logits whose gradient moves along them)
+        moves: list[tuple[str, list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = []
+        terms, explicit = None, None
+        if spec.curvature is not None:
+            probe, _, terms, directions = explicit_directions(
+                out, gates, qs, spec, generator, "jvp"
             )
-        total = _add(total, tangents)
-        if label == "implicit":
-            implicit = slope  # S = D_{d'} L, exactly
-        elif label == "label_implicit":
-            assert explicit is not None
-            implicit = slope - 2 * explicit  # D_{d + d'} L = S + D_d L, and D_d L = 2 lambda R
-        if label != "explicit" and spec.with_loss:
-            total = _add(total, primals, 1.0 / n)  # grad_W L at gates 1: the clean gradient
-        del primals, tangents
-    value = clean_loss.new_zeros(())
-    for part in (explicit, implicit):
-        value = value if part is None else value + part
-    injected = value + inject(total, params)
-    return Estimate(
-        surrogate=clean_loss + injected if spec.with_loss else injected,
-        regularizers=None if spec.with_loss else injected,
-        loss=clean_loss,
-        explicit=explicit,
-        explicit_terms=terms,
-        implicit=implicit,
-        record=record,
-        aux=aux,
-    )
+            terms = [term.detach() for term in terms]
+            explicit = torch.stack(terms).sum()
+            moves.append(("explicit", directions, probe))
+        if spec.implicit:
+            directions = implicit_directions(gates, qs, n, spec.implicit_scale, generator)
+            if spec.curvature == "label":
+                # the probe is L itself and the derivative is linear in the direction: one pass
+                # along d + d' gives both gradients
+                ((_, along, _),) = moves
+                both = [a + b for a, b in zip(along, directions, strict=True)]
+                moves = [("label_implicit", both, true_loss)]
+            else:
+                moves.append(("implicit", directions, true_loss))
+        total: Gradients = [None] * len(params)
+        if spec.with_loss and not spec.implicit:
+            # no implicit pass to give the clean gradient: take it from the gated graph
+            with torch.profiler.record_function("dropsplit.jvp.clean_backward"):
+                grads = torch.autograd.grad(summed / n, params, allow_unused=True)
+            total = _add(total, list(grads))
+        aux, record = out.aux, ctx.record
+        # free the gated graph before the dual passes (the "label" probe holds on to ``out``)
+        out.logits = out.logits.detach()
+        del out, ctx, summed, gates
+        implicit = None
+        for label, directions, function in moves:
+            with torch.profiler.record_function(f"dropsplit.jvp.{label}_pass"):
+                primals, tangents, slope = directional_gradients(
+                    model, forward_fn, batch, loss, params, directions, function
+                )
+            total = _add(total, tangents)
+            if label == "implicit":
+                implicit = slope  # S = D_{d'} L, exactly
+            elif label == "label_implicit":
+                assert explicit is not None
+                implicit = slope - 2 * explicit  # D_{d + d'} L = S + D_d L, and D_d L = 2 lambda R
+            if label != "explicit" and spec.with_loss:
+                total = _add(total, primals, 1.0 / n)  # grad_W L at gates 1: the clean gradient
+            del primals, tangents
+        value = clean_loss.new_zeros(())
+        for part in (explicit, implicit):
+            value = value if part is None else value + part
+        injected = value + inject(total, params)
+        return Estimate(
+            surrogate=clean_loss + injected if spec.with_loss else injected,
+            regularizers=None if spec.with_loss else injected,
+            loss=clean_loss,
+            explicit=explicit,
+            explicit_terms=terms,
+            implicit=implicit,
+            record=record,
+            aux=aux,
+        )

@@ -87,7 +87,7 @@ def methods(batch_size: int) -> dict[str, ds.Method]:
         out[f"Analytic({explicit})"] = ds.Analytic(explicit, False, seed=0)
     out["Analytic(implicit only)"] = ds.Analytic(None, True, seed=0)
     examples = column_examples(batch_size)
-    fd = partial(ds.Analytic, gradient="finite-difference", fd_examples=examples, seed=0)
+    fd = partial(ds.Analytic, gradient=ds.FiniteDifference(examples=examples), seed=0)
     for explicit, implicit in (("sampled", True), ("sampled", False), ("label", True)):
         tag = f"{explicit}, implicit" if implicit else explicit
         out[f"Analytic({tag}) FD"] = fd(explicit, implicit)

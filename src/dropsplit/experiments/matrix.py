@@ -42,9 +42,17 @@ from dropsplit.experiments.claims import (
     judge_claims,
     stat,
 )
-from dropsplit.experiments.report import Run, by_name, limited_seeds, load_runs, marked
+from dropsplit.experiments.report import (
+    Run,
+    by_name,
+    limited_seeds,
+    load_runs,
+    marked,
+    save_figure,
+)
 from dropsplit.experiments.reproduce import Suite, load_suite
 from dropsplit.optional import require
+from dropsplit.training.checkpoint import save_text
 from dropsplit.training.config import load_config, to_dict
 
 MODELS = {"lstm": "LSTM", "qrnn": "QRNN", "transformer": "Transformer"}
@@ -224,7 +232,7 @@ def plot_claims(columns: list[Column], out: Path) -> list[str]:
         )
         fig.tight_layout()
         name = figure_name(claim)
-        fig.savefig(out / name, dpi=100, metadata={"Software": None})
+        save_figure(fig, out / name, dpi=100)
         plt.close(fig)
         written.append(name)
     return written
@@ -430,6 +438,18 @@ def write_matrix(path: str | Path, out: str | Path, command: str) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = plot_claims(columns, out)
+    lines = [*_header_lines(columns, command), *_body_lines(columns)]
+    claims = {figure_name(c): c for c in CLAIMS}
+    for name in figures:
+        title = f"({claims[name].key}) {claims[name].statement}"
+        lines += [f"### {title}", "", f"![{claims[name].key}]({name})", ""]
+    report = out / "REPORT.md"
+    save_text("\n".join(lines), report)  # atomically: a killed run leaves the old report whole
+    return report
+
+
+def _header_lines(columns: list[Column], command: str) -> list[str]:
+    """The title, how to regenerate, and one row per configuration."""
     lines = [
         "# The paper's claims across architectures and corpora",
         "",
@@ -446,7 +466,12 @@ def write_matrix(path: str | Path, out: str | Path, command: str) -> Path:
             f"| {c.label} | `{c.report.as_posix()}` | `{c.suite.path.as_posix()}` | "
             f"{len(c.groups)} ({seeds}) |"
         )
-    lines += [
+    return lines
+
+
+def _body_lines(columns: list[Column]) -> list[str]:
+    """The verdicts, the data-size rows, the per-site explicit gaps, coverage, figure heading."""
+    return [
         "",
         "## Verdicts",
         "",
@@ -491,10 +516,3 @@ def write_matrix(path: str | Path, out: str | Path, command: str) -> Path:
         "## Figures",
         "",
     ]
-    claims = {figure_name(c): c for c in CLAIMS}
-    for name in figures:
-        title = f"({claims[name].key}) {claims[name].statement}"
-        lines += [f"### {title}", "", f"![{claims[name].key}]({name})", ""]
-    report = out / "REPORT.md"
-    report.write_text("\n".join(lines))
-    return report

@@ -3,7 +3,10 @@
 ``dropsplit report RUN_DIRS... --out DIR`` copies the small files of each run (``run.json``,
 ``summary.json``, ``metrics.jsonl``, ``measure/measure.json``) to ``DIR/runs/<name>/seed<i>/``
 and writes ``DIR/REPORT.md``, ``DIR/summary.csv`` and the figures from those copies only, so
-running it again on ``DIR/runs/*/*`` regenerates every file byte for byte.
+running it again on ``DIR/runs/*/*`` regenerates every file byte for byte. Every file is written
+atomically (a kill leaves the old file or the new one, whole); the run name and seed of
+``run.json`` must make a directory under ``DIR/runs``, and a run whose files lack what the report
+reads (no ``test_ppl``, no evaluation) is a one-line error naming the file.
 
 The claims and their verdict rules are data: :mod:`~dropsplit.experiments.claims`. A run whose
 best evaluation lies in the last 10 % of its budget is marked † (budget-limited) in every table
@@ -19,6 +22,7 @@ import shutil
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +39,20 @@ from dropsplit.experiments.claims import (
     stat,
 )
 from dropsplit.experiments.practice import practitioner_lines
+from dropsplit.experiments.reproduce import check_run_name, run_directory
 from dropsplit.experiments.time_to_quality import plot_time_to_quality, time_to_quality_lines
 from dropsplit.optional import require
+from dropsplit.training.checkpoint import atomic_write, save_text
 
 COPIED = ("run.json", "summary.json", "metrics.jsonl", "noise_scale.json")  # when present
 MEASUREMENTS = "measure*/measure.json"  # `dropsplit measure` outputs: measure/, measure-q0.05/, ...
+# what the report reads of each run: a file without one of them is named, not a traceback
+SUMMARY_NUMBERS = ("best_val_ppl", "test_ppl", "epochs", "train_seconds", "seconds_per_step")
+METRIC_NUMBERS = ("step", "epoch", "val_ppl", "seconds")
+INCOMPLETE = (
+    "finish the run (dropsplit reproduce resumes it) or train it again, or leave its directory "
+    "out of the report"
+)
 
 
 @dataclass
@@ -77,11 +90,76 @@ def marked(runs: list[Run], text: str | None = None) -> str:
     return (runs[0].label if text is None else text) + (LIMITED if limited_seeds(runs) else "")
 
 
+def _json(path: Path) -> Any:
+    """The JSON of ``path``.
+
+    Raises:
+        ValueError: If it is not JSON (one line naming the file and what to do).
+    """
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not JSON ({err}): {INCOMPLETE}") from err
+
+
+def _numbers(record: Any, keys: tuple[str, ...], where: str) -> None:
+    """Refuse a record that is not an object with a number under each of ``keys``."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is not a JSON object: {INCOMPLETE}")
+    for key in keys:
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            what = "no" if value is None else f"a non-number {str(value)[:40]!r} as"
+            raise ValueError(f"{where} has {what} {key}: {INCOMPLETE}")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The evaluations of ``metrics.jsonl``, each with the numbers the report reads.
+
+    Raises:
+        ValueError: If a line is not JSON or lacks a number, or the file holds no evaluation.
+    """
+    metrics = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {i} is not JSON ({err}): {INCOMPLETE}") from err
+        _numbers(record, METRIC_NUMBERS, f"{path} line {i}")
+        metrics.append(record)
+    if not metrics:
+        raise ValueError(f"{path} holds no evaluation: {INCOMPLETE}")
+    return metrics
+
+
+def read_spec(path: Path) -> dict[str, Any]:
+    """``run.json``: a run name that makes a directory (:func:`check_run_name`) and a seed.
+
+    Raises:
+        ValueError: If it is not JSON, lacks ``name``, ``group`` or ``seed``, or its name or
+            seed cannot make a directory under the report's.
+    """
+    spec = _json(path)
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path} is not a JSON object: {INCOMPLETE}")
+    for key in ("name", "group", "seed"):
+        if key not in spec:
+            raise ValueError(f"{path} has no {key}: it is not a run.json of dropsplit reproduce")
+    check_run_name(spec["name"], path)
+    run_directory(".", spec["name"], spec["seed"], path)  # the seed: an int >= 0
+    return spec
+
+
 def load_runs(directories: Iterable[str | Path]) -> list[Run]:
     """Read run directories written by ``dropsplit reproduce`` (skips unfinished ones).
 
     Raises:
         FileNotFoundError: If a directory has no ``run.json``.
+        ValueError: If a file is not JSON, ``run.json`` names a run that cannot be a directory,
+            or ``summary.json`` or ``metrics.jsonl`` lacks what the report reads (one line
+            naming the file).
     """
     runs = []
     for d in directories:
@@ -91,12 +169,13 @@ def load_runs(directories: Iterable[str | Path]) -> list[Run]:
             raise FileNotFoundError(f"{d} is not a suite run (no run.json)")
         if not (d / "summary.json").exists():
             continue
-        spec = json.loads(spec_path.read_text())
-        metrics_path = d / "metrics.jsonl"
-        metrics = [
-            json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()
-        ]
-        measures = {p.parent.name: json.loads(p.read_text()) for p in sorted(d.glob(MEASUREMENTS))}
+        spec = read_spec(spec_path)
+        summary = _json(d / "summary.json")
+        _numbers(summary, SUMMARY_NUMBERS, str(d / "summary.json"))
+        if not isinstance(summary.get("config"), dict):
+            raise ValueError(f"{d / 'summary.json'} has no config: {INCOMPLETE}")
+        metrics = read_metrics(d / "metrics.jsonl")
+        measures = {p.parent.name: _json(p) for p in sorted(d.glob(MEASUREMENTS))}
         scale = d / "noise_scale.json"
         runs.append(
             Run(
@@ -104,28 +183,40 @@ def load_runs(directories: Iterable[str | Path]) -> list[Run]:
                 spec["group"],
                 spec["seed"],
                 spec.get("label", spec["name"]),
-                json.loads((d / "summary.json").read_text()),
+                summary,
                 metrics,
                 d,
                 measures,
-                json.loads(scale.read_text()) if scale.exists() else None,
+                _json(scale) if scale.exists() else None,
             )
         )
     return sorted(runs, key=lambda r: (r.group, r.name, r.seed))
 
 
+def run_problem(directory: Path) -> str | None:
+    """Why a finished run cannot go into a report (one line naming the file), or ``None``."""
+    try:
+        load_runs([directory])
+    except (ValueError, OSError) as err:
+        return str(err)
+    return None
+
+
 def copy_runs(runs: list[Run], out: Path) -> list[Run]:
-    """Copy the small files of every run to ``out/runs/<name>/seed<i>`` and re-read them."""
+    """Copy the small files of every run to ``out/runs/<name>/seed<i>`` and re-read them.
+
+    Each copy is atomic; every target lies under ``out/runs`` (:func:`run_directory`).
+    """
     targets = []
     for run in runs:
-        target = out / "runs" / run.name / f"seed{run.seed}"
+        target = run_directory(out / "runs", run.name, run.seed, run.directory / "run.json")
         if target.resolve() != run.directory.resolve():
             measured = [str(p.relative_to(run.directory)) for p in run.directory.glob(MEASUREMENTS)]
             for name in (*COPIED, *measured):
                 source = run.directory / name
                 if source.exists():
                     (target / name).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(source, target / name)
+                    atomic_write(target / name, partial(shutil.copyfile, source))
         targets.append(target)
     return load_runs(targets)
 
@@ -173,7 +264,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             for m in ("mean", "sd")
         ]
         writer.writerow([row["name"], row["group"], row["seeds"], *values, row["limited"]])
-    path.write_text(buf.getvalue())
+    save_text(buf.getvalue(), path)
 
 
 FIGURES = {
@@ -263,10 +354,15 @@ def plot_groups(groups: dict[str, list[Run]], out: Path) -> list[str]:
         axes[0].legend(fontsize=7, title=legend, title_fontsize=7)
         fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(out / filename, dpi=110, metadata={"Software": None})
+        save_figure(fig, out / filename, dpi=110)
         plt.close(fig)
         written.append(filename)
     return written
+
+
+def save_figure(fig: Any, path: Path, dpi: int) -> None:
+    """``fig`` as a PNG at ``path``, atomically (no ``Software`` stamp: byte for byte the same)."""
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi, metadata={"Software": None}))
 
 
 def _measure_table(runs: list[Run]) -> list[str]:
@@ -389,8 +485,9 @@ def write_report(
     Returns:
         Path of ``REPORT.md``.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from dropsplit.training.runs import writable_directory
+
+    out = writable_directory(Path(out), "the report")
     runs = copy_runs(load_runs(directories), out)
     if not runs:
         raise ValueError("no finished runs to report on")
@@ -410,8 +507,8 @@ def write_report(
     lines += _verdict_lines(groups)
     costs_path = out / "step_costs.json"
     if step_costs is not None:
-        costs_path.write_text(json.dumps(step_costs, indent=2, sort_keys=True) + "\n")
-    costs = json.loads(costs_path.read_text()) if costs_path.exists() else None
+        save_text(json.dumps(step_costs, indent=2, sort_keys=True) + "\n", costs_path)
+    costs = _json(costs_path) if costs_path.exists() else None
     lines += practitioner_lines(groups, costs)
     lines += time_to_quality_lines(
         groups, costs or {}, plot_time_to_quality(groups, costs or {}, out)
@@ -445,5 +542,5 @@ def write_report(
     lines += _measure_table([r for r in runs if r.name == "dropout-1"])
     lines.append("")
     report = out / "REPORT.md"
-    report.write_text("\n".join(lines))
+    save_text("\n".join(lines), report)
     return report

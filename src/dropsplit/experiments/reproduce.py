@@ -351,8 +351,10 @@ def reproduce(
 def unreportable(directory: Path) -> str | None:
     """Why a finished run cannot go into the report (one line), or ``None``.
 
-    A ``summary.json`` that is not JSON, or a run that never had a finite validation loss (it
-    diverged), would break the whole suite's report: it is left out and named instead.
+    A ``summary.json`` that is not JSON, a run that never had a finite validation loss (it
+    diverged), or files that lack what the report reads
+    (:func:`~dropsplit.experiments.report.run_problem`) would break the whole suite's report: it
+    is left out and named instead.
     """
     path = directory / "summary.json"
     try:
@@ -365,7 +367,10 @@ def unreportable(directory: Path) -> str | None:
             f"{path}: the run diverged (best validation loss {best}): left out of the report; "
             "train it again (another optim.lr) with --overwrite"
         )
-    return None
+    from dropsplit.experiments.report import run_problem
+
+    problem = run_problem(directory)  # what the report reads: test_ppl, an evaluation, ...
+    return None if problem is None else f"left out of the report: {problem}"
 
 
 def _guarded(failed: list, spec: RunSpec, head: str, call: Any, *args: Any, **kwargs: Any) -> None:
@@ -406,7 +411,7 @@ def _run_parallel(tasks: list, jobs: int, failed: list) -> None:
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")  # no fork of a threaded torch
     pool = ProcessPoolExecutor(
-        jobs, context, initializer=_worker_start, initargs=(threads, os.getpid())
+        jobs, context, initializer=_worker_start, initargs=(threads, jobs, os.getpid())
     )
     try:
         futures = [(task, pool.submit(_run_in_worker, *task, False)) for task in tasks]
@@ -436,11 +441,14 @@ def _stop_workers(pool: Any) -> None:
             process.join(5)
 
 
-def _worker_start(threads: int, parent: int) -> None:
-    """A worker's set-up: its thread count, and a watchdog that ends it with its parent."""
+def _worker_start(threads: int, jobs: int, parent: int) -> None:
+    """A worker's set-up: its share of the cores, and a watchdog that ends it with its parent."""
     import torch
 
+    from dropsplit.training.threads import share_cores
+
     torch.set_num_threads(threads)
+    share_cores(jobs)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
     def watch() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from dropsplit.experiments.claims import LIMITED, Stat, arm, budget_limited, compare, stat
 from dropsplit.experiments.practice import first_reaching
 from dropsplit.optional import require
+from dropsplit.training.checkpoint import atomic_write
 
 MIN_CPU_SHARE = 0.95  # CPU time / wall time of a one-thread run that had its core to itself
 FIGURE = "fig11_time_to_quality.png"
@@ -310,6 +311,8 @@ def plot_time_to_quality(
     ax.legend(fontsize=7, title=title, title_fontsize=7)
     ax.set_title("Time to quality")
     fig.tight_layout()
-    fig.savefig(out / FIGURE, dpi=110, metadata={"Software": None})
+    atomic_write(  # a kill leaves the old figure or the new one, whole
+        out / FIGURE, lambda p: fig.savefig(p, format="png", dpi=110, metadata={"Software": None})
+    )
     plt.close(fig)
     return FIGURE

@@ -200,6 +200,23 @@ def attention_forward(
             is_causal=is_causal,
             **kwargs,
         )
+    return _explicit_attention(
+        module, site, query, key, value, attention_mask, scaling, is_causal, kwargs.get("softcap")
+    )
+
+
+def _explicit_attention(
+    module: nn.Module,
+    site: Dropout,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    is_causal: bool | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale + mask) v with the site on the probabilities, sdpa's rules kept."""
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     q_length, kv_length = query.shape[2], key.shape[2]
@@ -211,7 +228,6 @@ def attention_forward(
         kv_length = q_length
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-    softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     keep = None

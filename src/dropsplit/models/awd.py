@@ -189,7 +189,7 @@ def detach_state(state):
 def sequence_examples(out) -> torch.Tensor:
     """Example (batch column) of each target of :func:`lm_forward`'s flattened ``[T * B]``.
 
-    For ``Analytic(gradient="finite-difference", fd_examples=sequence_examples)`` on a recurrent
+    For ``Analytic(gradient=ds.FiniteDifference(examples=sequence_examples))`` on a recurrent
     model; ``B`` is read from the returned recurrent state (``aux``). For any model (the
     stateless Transformer too) with a known batch size, use :func:`column_examples`.
     """
@@ -198,7 +198,10 @@ def sequence_examples(out) -> torch.Tensor:
 
 
 def column_examples(columns: int) -> Callable[[Any], torch.Tensor]:
-    """``fd_examples`` for :func:`lm_forward` on batches of ``columns`` sequences (any model)."""
+    """``FiniteDifference(examples=...)`` for :func:`lm_forward` on ``columns`` sequences.
+
+    For any model; the trainer offers it to the estimator as its batch layout.
+    """
 
     def examples(out) -> torch.Tensor:
         if out.n % columns:

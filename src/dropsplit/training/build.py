@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dropsplit.baselines import Fraternal, RDrop
+from dropsplit.estimators import ESTIMATORS
 from dropsplit.methods import Analytic, DropoutK, Method, NoDropout
 from dropsplit.models import LanguageModel
 from dropsplit.models.awd import AWDLSTM, QRNNLM, column_examples
@@ -18,8 +19,11 @@ from dropsplit.training.config import Config, MethodConfig, OptimConfig
 def build_method(cfg: MethodConfig, seed: int, columns: int) -> Method:
     """The gradient maker a config names (non-finite objectives are reported, not raised).
 
-    ``columns`` is the number of sequences per training batch (finite-difference examples).
+    ``columns`` is the number of sequences per training batch: its layout
+    (:func:`~dropsplit.models.awd.column_examples`, the example of each target) is offered to
+    the estimator, which takes it if it can use it (``FiniteDifference``'s ``per_example``).
     """
+    estimator = ESTIMATORS[cfg.gradient].from_config(cfg.estimator, column_examples(columns))
     if cfg.name == "none":
         return NoDropout(seed=seed, nonfinite="warn")
     if cfg.name == "rdrop":
@@ -32,8 +36,7 @@ def build_method(cfg: MethodConfig, seed: int, columns: int) -> Method:
             None if cfg.noise == "none" else cfg.noise,
             implementation=cfg.implementation,
             grouping=cfg.grouping,
-            gradient=cfg.gradient,
-            hvp_step=cfg.hvp_step,
+            gradient=estimator,
             seed=seed,
             nonfinite="warn",
         )
@@ -43,10 +46,7 @@ def build_method(cfg: MethodConfig, seed: int, columns: int) -> Method:
         explicit_scale=cfg.explicit_scale,
         implicit_scale=cfg.implicit_scale,
         grouping=cfg.grouping,
-        gradient=cfg.gradient,
-        fd_epsilon=cfg.fd_epsilon,
-        hvp_step=cfg.hvp_step,
-        fd_examples=column_examples(columns) if cfg.fd_per_example else None,
+        gradient=estimator,
         explicit_every=cfg.explicit_every,
         implicit_every=cfg.implicit_every,
         start_step=cfg.start_step,

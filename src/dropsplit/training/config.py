@@ -1,10 +1,12 @@
 """Experiment configuration: frozen dataclasses loaded from TOML with ``--set key=value``.
 
-A config file has the sections ``[data]``, ``[model]``, ``[method]``, ``[optim]`` and
+A config file has the sections ``[data]``, ``[model]``, ``[method]`` (with its table
+``[method.estimator]``: the options of the chosen gradient estimator), ``[optim]`` and
 ``[train]``; anything left out keeps its default. ``--set method.name=analytic`` overrides one
 key (the value is read as a TOML value, so ``--set optim.lr=20`` is a number and
-``--set method.noise=difference`` a string). Unknown keys, wrong types and values outside a
-key's choices are errors that name the key.
+``--set method.noise=difference`` a string), ``--set method.estimator.step=1e-4`` one option
+of a table. Unknown keys, wrong types and values outside a key's choices are errors that name
+the key.
 
 ``model.name`` picks a task of :data:`~dropsplit.training.tasks.TASKS`, and each task owns its
 keys. The language models (``lstm``, ``qrnn``, ``transformer``) read the flat keys of
@@ -38,7 +40,8 @@ import torch
 from dropsplit.core.explicit import CURVATURES
 from dropsplit.core.sites import GROUPINGS
 from dropsplit.data import CORPORA
-from dropsplit.estimators import GRADIENTS
+from dropsplit.estimators import ESTIMATORS, GRADIENTS
+from dropsplit.estimators.legacy import legacy_config
 from dropsplit.methods import NOISES, REPLICATIONS
 from dropsplit.models.lstm import IMPLEMENTATIONS
 from dropsplit.models.qrnn import FORGET_MULTS
@@ -76,7 +79,8 @@ class ModelConfig:
     ``transformer`` (:class:`~dropsplit.models.transformer.TransformerLM`) uses
     ``embedding_size`` (the width), ``hidden_size`` (the MLP width), ``layers``, ``heads``,
     ``context``, ``p_input``, ``p_attention``, ``p_attn_out``, ``p_mlp_hidden``, ``p_mlp_out``,
-    ``p_output``, ``tie_weights``.
+    ``p_output``, ``tie_weights``. ``context`` is at least ``data.bptt``; a variable window
+    (``data.variable_bptt``) that would run longer is cut to it.
 
     Any other task of :data:`~dropsplit.training.tasks.TASKS` reads none of these: its keys
     are the table ``[model.<section>]``, parsed into its dataclass as ``options`` (``None`` for
@@ -114,6 +118,12 @@ class MethodConfig:
     ``implicit_every`` and the schedule's ``start_step``), ``"rdrop"`` (``alpha``) or
     ``"fraternal"`` (``kappa``) of :mod:`dropsplit.baselines`.
 
+    ``estimator`` (the TOML table ``[method.estimator]``) holds the options of the estimator
+    that ``gradient`` names, checked by its class
+    (:meth:`~dropsplit.estimators.base.Estimator.from_config`); a loaded config holds every
+    option with its value (defaults filled in). The older keys ``hvp_step``, ``fd_epsilon``
+    and ``fd_per_example`` load into it (:mod:`dropsplit.estimators.legacy`).
+
     The choices of each key come from the library's own constants (:data:`CHOICES`).
     """
 
@@ -127,9 +137,7 @@ class MethodConfig:
     implicit_scale: float = 1.0
     grouping: str = "mask"
     gradient: str = "double-backward"
-    fd_epsilon: float = 0.05
-    fd_per_example: bool = True
-    hvp_step: float = 1e-3
+    estimator: dict[str, Any] = field(default_factory=dict)
     alpha: float = 0.5
     kappa: float = 0.15
     explicit_every: int = 1
@@ -171,6 +179,7 @@ class TrainConfig:
     divergence_factor: float = 3.0
     max_skips: int = 10  # consecutive skipped steps that stop the run as diverged (0: never)
     device: str = "cpu"
+    threads: int = 0  # intra-op threads (0: the rule of dropsplit.training.threads)
 
 
 @dataclass(frozen=True)
@@ -198,8 +207,6 @@ CHOICES = {
     "train.divergence": DIVERGENCE_ACTIONS,
 }
 POSITIVE = {
-    "method.fd_epsilon",
-    "method.hvp_step",
     "data.batch_size",
     "data.eval_batch_size",
     "data.test_batch_size",
@@ -233,6 +240,7 @@ NON_NEGATIVE = {
     "train.max_eval_batches",
     "train.patience",
     "train.min_epochs",
+    "train.threads",
 }
 PROBABILITIES = {
     "model.p_input",
@@ -262,6 +270,8 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+    elif kind is dict:
+        ok = isinstance(value, dict)
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -317,21 +327,42 @@ def from_dict(raw: dict[str, Any]) -> Config:
             raise ValueError(f"config section [{name}] must be a table")
     _, options = _task_options(raw.get("model", {}), raw.get("data", {}))
     for name in sections:
-        cls = type(getattr(defaults_config, name))
-        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name != "options"}
+        section = getattr(defaults_config, name)
+        defaults = {k: v for k, v in dataclasses.asdict(section).items() if k != "options"}
         values = _renamed(name, raw.get(name, {}))
         if name == "model":
             values = {k: v for k, v in values.items() if not isinstance(v, dict)}
+        if name == "method":
+            values = legacy_config(values, values.get("gradient", section.gradient))
         for key in values:
             if key not in defaults:
                 raise ValueError(f"unknown config key {name}.{key}; keys are {sorted(defaults)}")
         checked = {k: _check_value(f"{name}.{k}", v, defaults[k]) for k, v in values.items()}
         if name == "model":
             checked["options"] = options
-        built[name] = cls(**checked)
+        built[name] = type(section)(**checked)
+    built["method"] = _with_estimator(built["method"])
     config = Config(**built)
     _check_together(config)
     return config
+
+
+def _with_estimator(method: MethodConfig) -> MethodConfig:
+    """``method`` with every option of its estimator (``[method.estimator]``), checked.
+
+    The estimator's class checks the options (an unknown key lists those it takes); the
+    defaults fill in the rest, so the old keys, a table that spells out a default and no
+    table at all give the same config.
+
+    Raises:
+        ValueError: Naming ``[method.estimator]`` and what the estimator refused.
+    """
+    cls = ESTIMATORS[method.gradient]
+    try:
+        cls.from_config(method.estimator)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config [method.estimator]: {err}") from None
+    return dataclasses.replace(method, estimator={**cls.config_options(), **method.estimator})
 
 
 def _check_together(config: Config) -> None:
@@ -431,17 +462,20 @@ def string_override(key: str, value: str) -> str:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``section.key=value``; the value is read as TOML, else kept as a string.
+    """Split ``section.key=value`` or ``section.table.key=value``; the value is read as TOML.
+
+    A value that is not TOML is kept as a string.
 
     Raises:
-        ValueError: If the text has no ``=`` or the key is not ``section.key``.
+        ValueError: If the text has no ``=`` or the key is not ``section.key`` or
+            ``section.table.key``.
     """
     if "=" not in text:
         raise ValueError(f"--set expects section.key=value, got {text!r}")
     key, value = text.split("=", 1)
     parts = key.strip().split(".")
-    if not (len(parts) == 2 or (len(parts) == 3 and parts[0] == "model")) or not all(parts):
-        raise ValueError(f"--set key must be section.key (or model.table.key), got {key!r}")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(f"--set key must be section.key or section.table.key, got {key!r}")
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
@@ -485,19 +519,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         except OSError as err:
             raise ValueError(f"config file {path} cannot be read: {err.strerror}") from err
     for text in overrides:
-        parts, value = parse_override(text)
-        table = raw
-        for part in parts[:-1]:
-            table = table.setdefault(part, {})
+        (section, *keys), value = parse_override(text)
+        table = raw.setdefault(section, {})
+        for key in keys[:-1]:
+            table = table.setdefault(key, {})
             if not isinstance(table, dict):
-                raise ValueError(f"--set {'.'.join(parts)}: {part} is not a table")
-        table[parts[-1]] = value
+                raise ValueError(f"--set {text!r}: {section}.{key} is not a table")
+        table[keys[-1]] = value
     return from_dict(raw)
 
 
 # keys that may differ when a run is resumed: how long it goes on and where things are, not what
 # it trains
 RESUMABLE = (
+    "train.threads",  # the speed, not the numbers (up to the rounding of another thread count)
     "data.path",
     "data.download",
     "train.epochs",
@@ -564,15 +599,18 @@ def _toml_value(value: Any) -> str:
 
 
 def to_toml(config: Config) -> str:
-    """Write the resolved config as TOML (sections of scalars, a task's table under its own)."""
+    """Write the resolved config as TOML: sections of scalars, then their tables.
+
+    A table-valued key (the ``estimator``, a task's options) is its own ``[section.key]`` after
+    the section's scalars, left out when empty.
+    """
     lines = []
     for section, values in to_dict(config).items():
-        lines.append(f"[{section}]")
-        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if k not in tables]
-        lines.append("")
-        for name, table in tables.items():
-            lines.append(f"[{section}.{name}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        tables = [(f"{section}.{k}", v) for k, v in values.items() if isinstance(v, dict) and v]
+        for name, table in [(section, values), *tables]:
+            lines.append(f"[{name}]")
+            lines += [
+                f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)
+            ]
             lines.append("")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from dropsplit.training.checkpoint import WriteError, load_checked, load_weights
 from dropsplit.training.config import MODEL_NAMES, Config, load_config, string_override
 from dropsplit.training.tasks import Task, task_class
 from dropsplit.training.tasks.lm import LanguageModelTask
+from dropsplit.training.threads import set_threads
 
 RETRAIN = "train the run again (dropsplit train CONFIG --out RUN --overwrite) or put back its copy"
 
@@ -52,12 +53,18 @@ def require_run(run: Path) -> None:
         )
 
 
-def load_task_run(run: Path, data: str | None = None) -> tuple[Config, Task, torch.nn.Module]:
+def load_task_run(
+    run: Path, data: str | None = None, threads: int = 0
+) -> tuple[Config, Task, torch.nn.Module]:
     """Config, task (its data loaded) and the best weights of a run directory of any task.
+
+    Also sets the process's thread count for the model
+    (:func:`~dropsplit.training.threads.set_threads`).
 
     Args:
         run: The directory ``dropsplit train`` wrote.
         data: Data directory (default: the config's, else ``$DROPSPLIT_DATA``).
+        threads: Intra-op threads (``0``: the run's ``train.threads``, else the rule).
 
     Raises:
         FileNotFoundError: If ``run`` is not a run directory or has no ``best.pt`` yet.
@@ -67,6 +74,7 @@ def load_task_run(run: Path, data: str | None = None) -> tuple[Config, Task, tor
     config = load_config(run / "config.toml", [string_override("data.path", data)] if data else [])
     task = task_class(config.model.name)(config)
     model = task.build_model()
+    set_threads(threads or config.train.threads, model)
     weights = run / "best.pt"
     if not weights.exists():
         raise FileNotFoundError(f"{weights} does not exist: has the run evaluated yet?")
@@ -74,12 +82,15 @@ def load_task_run(run: Path, data: str | None = None) -> tuple[Config, Task, tor
     return config, task, model
 
 
-def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, LanguageModel]:
+def load_run(
+    run: Path, data: str | None = None, threads: int = 0
+) -> tuple[Config, Corpus, LanguageModel]:
     """Config, corpus and the best weights of a language model's run (lstm, qrnn, transformer).
 
     Args:
         run: The directory ``dropsplit train`` wrote.
         data: Data directory (default: the config's, else ``$DROPSPLIT_DATA``).
+        threads: Intra-op threads (``0``: the run's ``train.threads``, else the rule).
 
     Raises:
         FileNotFoundError: If ``run`` is not a run directory or has no ``best.pt`` yet.
@@ -87,7 +98,7 @@ def load_run(run: Path, data: str | None = None) -> tuple[Config, Corpus, Langua
             is of another task (one line).
     """
     require_language_model(run)
-    config, task, model = load_task_run(run, data)
+    config, task, model = load_task_run(run, data, threads)
     if not isinstance(task, LanguageModelTask):  # a task registered under an LM's name
         raise ValueError(f"{run} is not the run of a language model: {type(task).__name__}")
     return config, task.corpus, cast(LanguageModel, model)
@@ -138,6 +149,7 @@ def measure_run(
     seed: int = 0,
     out: str | Path | None = None,
     data: str | None = None,
+    threads: int = 0,
 ) -> tuple[dict[str, Any], Path, list[str]]:
     """:func:`~dropsplit.measure.effects.measure_effects` on validation batches of a trained run.
 
@@ -158,7 +170,7 @@ def measure_run(
         raise ValueError(f"--batches must be at least 1, got {batches}")
     require_language_model(run)  # before creating anything in it
     out = writable_directory(Path(out) if out else run / "measure", "the measurement")
-    config, corpus, model = load_run(run, data)
+    config, corpus, model = load_run(run, data, threads)
     d = config.data
     if q is not None:
         for site in sites(model):
@@ -186,6 +198,7 @@ def noise_scale_run(
     samples: int = 8,
     seed: int = 0,
     data: str | None = None,
+    threads: int = 0,
 ) -> tuple[dict[str, Any], Path]:
     """:func:`~dropsplit.measure.effects.noise_scale` on training batches of a trained run.
 
@@ -202,7 +215,7 @@ def noise_scale_run(
         raise ValueError(f"--batches must be at least 2 (a covariance needs two), got {batches}")
     require_language_model(run)
     writable_directory(Path(run), "noise_scale.json")
-    config, corpus, model = load_run(run, data)
+    config, corpus, model = load_run(run, data, threads)
     d = config.data
     chosen = _first_batches(model, corpus.train, d.batch_size, d.bptt, batches)
     if len(chosen) < batches:

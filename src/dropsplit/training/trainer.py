@@ -67,6 +67,7 @@ from dropsplit.training.config import Config, check_resumable, to_dict, to_toml
 from dropsplit.training.tasks import Evaluation, Step, Task, pack_state, task_class, unpack_state
 from dropsplit.training.tasks.base import progress_bar as _progress_bar
 from dropsplit.training.tasks.lm import evaluate  # noqa: F401 (re-exported: the LM evaluation)
+from dropsplit.training.threads import set_threads
 
 STAT_KEYS = ("explicit", "implicit", "noise", "penalty")  # regularizer values averaged into metrics
 
@@ -252,7 +253,8 @@ class Trainer:
             in it (:class:`~dropsplit.training.checkpoint.RunInUseError`, naming its PID).
         FileNotFoundError: If ``resume`` is set and ``out_dir`` holds no checkpoint.
         ValueError: For an ``out_dir`` that cannot be a run directory, a CUDA device that is not
-            there, a resume with a changed config, or a damaged checkpoint or ``best.pt``.
+            there, a resume with a changed config, a damaged checkpoint or ``best.pt``, or (under
+            ``torchrun``) a checkpoint of another process count or a rank file of another step.
     """
 
     def __init__(
@@ -298,6 +300,7 @@ class Trainer:
             config, self.device, rank=self.rank, world=self.world, corpus=corpus
         )
         self.model = self._build_model()
+        set_threads(tc.threads, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.method = build_method(config.method, tc.seed + 1000 * self.rank, d.batch_size)
         self.optimizer = build_optimizer(config.optim, self.params)
@@ -437,14 +440,45 @@ class Trainer:
                 f"{path} holds non-finite weights ({bad}, step {self.progress.step}): the run had "
                 f"diverged before it was saved; it cannot go on: {fix} (e.g. with a lower optim.lr)"
             )
+        world = ckpt.get("world", self.world)  # not recorded before rank files had a step
+        if world != self.world:
+            raise ValueError(
+                f"{path} was written by {world} process{'es' if world != 1 else ''}, not "
+                f"{self.world}: resume with as many (torchrun --nproc_per_node {world}; one "
+                "process: plain dropsplit train), or start again with --overwrite"
+            )
         if self.rank != 0:
-            own_path = self.out / f"rank{self.rank}.pt"
-            own = load_checked(own_path, fix, self.device, keys=("method", "state"))
+            own = self._load_rank_file(self.rank)
             self.method.load_state_dict(own["method"])
             self.state = unpack_state(own["state"])
+        else:  # every rank file checked here too, so the refusal is rank 0's line, on the screen
+            for rank in range(1, self.world):
+                self._load_rank_file(rank)
         if self.rank == 0:
             self._check_best()
             truncate_metrics(self.out / "metrics.jsonl", self.progress.step)
+
+    def _load_rank_file(self, rank: int) -> dict[str, Any]:
+        """``rank<r>.pt``, written with the checkpoint this run resumes from.
+
+        A rank file holds the method state and recurrent state of one process at the step of
+        ``checkpoint.pt``; a file of another step (a kill between the two writes, or a file of
+        another run) would resume silently and inexactly.
+
+        Raises:
+            FileNotFoundError: If the file is missing.
+            ValueError: If it is damaged or of another step (one line naming both files).
+        """
+        path, fix = self.out / f"rank{rank}.pt", RESTART
+        own = load_checked(path, fix, self.device, keys=("method", "state"))
+        step = own.get("step")  # None: written before rank files recorded their step
+        if step is not None and step != self.progress.step:
+            raise ValueError(
+                f"{path} is from step {step}, {self.checkpoint_path} from step "
+                f"{self.progress.step}: they were not saved together (a kill between the two "
+                f"writes, or a file of another run), so the run cannot resume exactly; {fix}"
+            )
+        return own
 
     def _check_best(self) -> None:
         """``best.pt`` of a run that has evaluated: present, whole and of this model.
@@ -465,12 +499,18 @@ class Trainer:
         check_weights(self.model.state_dict(), load_checked(best, fix, self.device), best, fix)
 
     def checkpoint(self) -> None:
-        """Save everything needed to continue exactly (each rank its masks and state)."""
+        """Save everything needed to continue exactly (each rank its masks and state).
+
+        Rank ``r > 0`` writes ``rank<r>.pt`` with the step, rank 0 ``checkpoint.pt`` with the
+        step and the number of processes; :meth:`resume` refuses files that do not match.
+        """
         if self.rank != 0:
-            save_torch(
-                {"method": self.method.state_dict(), "state": pack_state(self.state)},
-                self.out / f"rank{self.rank}.pt",
-            )
+            own = {
+                "method": self.method.state_dict(),
+                "state": pack_state(self.state),
+                "step": self.progress.step,  # tied to checkpoint.pt's step (checked at resume)
+            }
+            save_torch(own, self.out / f"rank{self.rank}.pt")
             return
         save_torch(
             {
@@ -483,6 +523,7 @@ class Trainer:
                 "state": pack_state(self.state),
                 "task": self.task.state_dict(),
                 "progress": self.progress.__dict__,
+                "world": self.world,  # the processes whose rank files go with it
             },
             self.checkpoint_path,
         )

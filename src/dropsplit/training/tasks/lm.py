@@ -107,8 +107,8 @@ class LanguageModelTask(Task):
             )
         if m.context < config.data.bptt:
             raise ValueError(
-                f"model.context ({m.context}) must be at least data.bptt ({config.data.bptt}); "
-                "variable windows run longer, so leave a margin (e.g. twice data.bptt)"
+                f"model.context ({m.context}) must be at least data.bptt ({config.data.bptt}) "
+                "(variable windows that run longer are cut to the context)"
             )
 
     def build_model(self) -> nn.Module:
@@ -121,9 +121,12 @@ class LanguageModelTask(Task):
 
     def batches(self, generator: torch.Generator, position: int) -> Iterator[Step]:
         """Truncated-BPTT windows ``(inputs, targets)`` from row ``position`` on."""
-        d = self.config.data
+        d, m = self.config.data, self.config.model
+        # a Transformer sees at most its context: a longer random window is cut to it (the draws
+        # are unchanged, so runs whose windows fit are bit for bit the same)
+        context = m.context if m.name == "transformer" else None
         for start, x, y in bptt_batches(
-            self.train_data, d.bptt, d.variable_bptt, generator, position
+            self.train_data, d.bptt, d.variable_bptt, generator, position, max_length=context
         ):
             yield Step(start + x.shape[0], (x, y), x.numel(), x.shape[0])
 
