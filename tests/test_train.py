@@ -343,10 +343,10 @@ def test_eval_command(tmp_path, capsys):
 )
 def test_early_stopping_on_scripted_losses(tmp_path, monkeypatch, min_epochs, logged, test_loss):
     """Patience 2 on scripted validation losses; ``min_epochs`` holds the stop off."""
-    import dropsplit.training.trainer as train_module
+    from dropsplit.training.tasks import Evaluation, LanguageModelTask
 
     losses = iter([3.0, 2.0, 2.5, 2.1, 2.2, 1.0, 1.5, 1.6, 0.5])
-    monkeypatch.setattr(train_module, "evaluate", lambda *args: next(losses))
+    monkeypatch.setattr(LanguageModelTask, "evaluate", lambda *args: Evaluation(next(losses)))
     config = tiny(
         "train.max_steps=0",
         "train.eval_every=0",

@@ -48,12 +48,27 @@ def _train(args: argparse.Namespace) -> int:
     summary = train(config, out, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, one line for the run, not per rank
         return 0
-    print(
-        f"{out}: best valid ppl {summary['best_val_ppl']:.2f}, test ppl {summary['test_ppl']:.2f}, "
-        f"{summary['steps']} steps ({summary['skipped_steps']} skipped), "
-        f"{summary['tokens_per_second']:.0f} tokens/s"
-    )
+    print(_result_line(out, summary))
     return 0
+
+
+def _result_line(out: str, summary: dict[str, Any]) -> str:
+    """A trained run in one line: perplexities (a classifier: loss, accuracy) and throughput."""
+    if "test_accuracy" in summary:  # a classifier: examples per second
+        quality = (
+            f"best valid loss {summary['best_val_loss']:.4f}, "
+            f"test accuracy {summary['test_accuracy']:.4f}"
+        )
+        unit = "examples/s"
+    else:
+        quality = (
+            f"best valid ppl {summary['best_val_ppl']:.2f}, test ppl {summary['test_ppl']:.2f}"
+        )
+        unit = "tokens/s"
+    return (
+        f"{out}: {quality}, {summary['steps']} steps ({summary['skipped_steps']} skipped), "
+        f"{summary['tokens_per_second']:.0f} {unit}"
+    )
 
 
 def _dry_run(name: str, config: Any, out: Path, *, resume: bool) -> int:
@@ -174,17 +189,14 @@ def _verify(root: Path, required: list[str]) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import math
 
-    from dropsplit.data import batchify
-    from dropsplit.training.runs import load_run
-    from dropsplit.training.trainer import evaluate
+    from dropsplit.training.runs import load_task_run
 
     run = Path(args.run)
-    config, corpus, model = load_run(run, args.data, args.threads)
-    d = config.data
-    split = getattr(corpus, args.split)
-    size = d.eval_batch_size if args.split == "valid" else d.test_batch_size
-    loss = evaluate(model, batchify(split, size), d.bptt, show_progress=True)
-    print(f"{run} {args.split}: loss {loss:.4f}, ppl {math.exp(loss):.2f}")
+    _, task, model = load_task_run(run, args.data, args.threads)
+    result = task.evaluate(model, args.split, show_progress=True)
+    loss = result.loss
+    extra = "".join(f", {k} {v:.4f}" for k, v in result.metrics.items())
+    print(f"{run} {args.split}: loss {loss:.4f}, ppl {math.exp(min(loss, 50.0)):.2f}{extra}")
     return 0
 
 

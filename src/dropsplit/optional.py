@@ -1,4 +1,4 @@
-"""Optional dependencies of the command line (plots, progress bars): a clear line when missing."""
+"""Optional dependencies (plots, progress bars, the tasks' libraries): a clear line when missing."""
 
 from __future__ import annotations
 
@@ -8,8 +8,16 @@ from types import ModuleType
 EXTRA = "dropsplit[cli]"
 
 
-def require(module: str, purpose: str) -> ModuleType:
+def require(
+    module: str, purpose: str, extra: str = EXTRA, package: str | None = None
+) -> ModuleType:
     """Import ``module`` or fail with one line that names the package to install.
+
+    Args:
+        module: The module to import.
+        purpose: What needs it (the start of the error).
+        extra: The extra of dropsplit that installs it.
+        package: Its name on PyPI (default: the module's top-level name).
 
     Raises:
         ModuleNotFoundError: ``"<purpose> needs <package>: pip install 'dropsplit[cli]'"``.
@@ -17,7 +25,7 @@ def require(module: str, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        package = module.split(".")[0]
+        package = package or module.split(".")[0]
         raise ModuleNotFoundError(
-            f"{purpose} needs {package}: pip install '{EXTRA}' (or pip install {package})"
+            f"{purpose} needs {package}: pip install '{extra}' (or pip install {package})"
         ) from err

@@ -75,7 +75,8 @@ class Column:
         """``Architecture · corpus``, from Dropout_1's config."""
         config = self.groups["dropout-1"][0].summary["config"]
         # summaries from before the model registry have no model.name: they are LSTMs
-        model, corpus = config["model"].get("name", "lstm"), config["data"]["corpus"]
+        # a task without a corpus (digits-mlp) has no data.corpus
+        model, corpus = config["model"].get("name", "lstm"), config["data"].get("corpus", "-")
         return f"{MODELS.get(model, model)} · {CORPORA.get(corpus, corpus)}"
 
     @cached_property

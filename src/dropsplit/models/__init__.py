@@ -2,6 +2,7 @@
 
 from dropsplit.models.awd import AWDLSTM, QRNNLM, RecurrentLM, lm_forward
 from dropsplit.models.lstm import LSTM, LSTMLayer
+from dropsplit.models.mlp import MLPClassifier
 from dropsplit.models.qrnn import QRNN, QRNNLayer
 from dropsplit.models.toy import ElmanRNN, TinyRNNLM
 from dropsplit.models.transformer import TransformerLM
@@ -18,6 +19,7 @@ __all__ = [
     "ElmanRNN",
     "LSTMLayer",
     "LanguageModel",
+    "MLPClassifier",
     "QRNNLayer",
     "RecurrentLM",
     "TinyRNNLM",

@@ -7,6 +7,19 @@ key (the value is read as a TOML value, so ``--set optim.lr=20`` is a number and
 ``--set method.noise=difference`` a string), ``--set method.estimator.step=1e-4`` one option
 of a table. Unknown keys, wrong types and values outside a key's choices are errors that name
 the key.
+
+``model.name`` picks a task of :data:`~dropsplit.training.tasks.TASKS`, and each task owns its
+keys. The language models (``lstm``, ``qrnn``, ``transformer``) read the flat keys of
+``[model]`` (:class:`ModelConfig`, as every config written before tasks did, so old files load
+and resolve to the same ``config.toml``); their cross-key checks (the Transformer's heads and
+context) are the task's own. Any other task keeps its keys in a table of its own,
+``[model.<section>]`` (e.g. ``[model.hf]`` of ``hf-causal-lm``, ``[model.mlp]`` of
+``digits-mlp``; ``--set model.hf.layers=4``), parsed into the task's frozen dataclass
+(``config.model.options``), which checks its values and names the key. A key of another family
+is refused, not ignored: a flat language-model key under ``model.name = "digits-mlp"``, a table
+of another task, or a ``[data]`` key the task does not read (``data.corpus`` for the digits).
+The resolved ``config.toml`` of such a run holds ``name``, its table and the ``[data]`` keys it
+reads.
 """
 
 from __future__ import annotations
@@ -57,7 +70,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The language model: ``name`` picks the family (:data:`MODEL_NAMES`).
+    """The model: ``name`` picks the task; the flat keys are the language models'.
 
     ``lstm`` and ``qrnn`` (AWD-style, :mod:`dropsplit.models.awd`) use ``embedding_size``,
     ``hidden_size``, ``layers``, ``p_input``, ``p_hidden``, ``p_output``, ``p_weight``
@@ -68,6 +81,10 @@ class ModelConfig:
     ``context``, ``p_input``, ``p_attention``, ``p_attn_out``, ``p_mlp_hidden``, ``p_mlp_out``,
     ``p_output``, ``tie_weights``. ``context`` is at least ``data.bptt``; a variable window
     (``data.variable_bptt``) that would run longer is cut to it.
+
+    Any other task of :data:`~dropsplit.training.tasks.TASKS` reads none of these: its keys
+    are the table ``[model.<section>]``, parsed into its dataclass as ``options`` (``None`` for
+    the language models, and never written as a key of ``[model]``).
     """
 
     name: str = "lstm"
@@ -88,6 +105,8 @@ class ModelConfig:
     p_attn_out: float = 0.1
     p_mlp_hidden: float = 0.0
     p_mlp_out: float = 0.1
+    # the task's own keys ([model.<section>]), a frozen dataclass; None for the language models
+    options: Any = None
 
 
 @dataclass(frozen=True)
@@ -176,7 +195,6 @@ class Config:
 
 CHOICES = {
     "data.corpus": CORPORA,
-    "model.name": MODEL_NAMES,
     "model.implementation": IMPLEMENTATIONS,
     "model.forget_mult": FORGET_MULTS,
     "method.name": METHOD_NAMES,
@@ -307,16 +325,21 @@ def from_dict(raw: dict[str, Any]) -> Config:
             raise ValueError(f"unknown config section [{name}]; sections are {sorted(sections)}")
         if not isinstance(values, dict):
             raise ValueError(f"config section [{name}] must be a table")
+    _, options = _task_options(raw.get("model", {}), raw.get("data", {}))
     for name in sections:
         section = getattr(defaults_config, name)
-        defaults = dataclasses.asdict(section)
+        defaults = {k: v for k, v in dataclasses.asdict(section).items() if k != "options"}
         values = _renamed(name, raw.get(name, {}))
+        if name == "model":
+            values = {k: v for k, v in values.items() if not isinstance(v, dict)}
         if name == "method":
             values = legacy_config(values, values.get("gradient", section.gradient))
         for key in values:
             if key not in defaults:
                 raise ValueError(f"unknown config key {name}.{key}; keys are {sorted(defaults)}")
         checked = {k: _check_value(f"{name}.{k}", v, defaults[k]) for k, v in values.items()}
+        if name == "model":
+            checked["options"] = options
         built[name] = type(section)(**checked)
     built["method"] = _with_estimator(built["method"])
     config = Config(**built)
@@ -351,17 +374,86 @@ def _check_together(config: Config) -> None:
             f"config key train.device must name a device (cpu, cuda, cuda:N, mps), got "
             f"{_shown(config.train.device)}"
         ) from None
-    m = config.model
-    if m.name == "transformer":
-        if m.embedding_size % m.heads:
+    from dropsplit.training.tasks import task_class
+
+    task_class(config.model.name).check(config)  # the family's own checks across keys
+
+
+def _task_options(model: Any, data: Any) -> tuple[type, Any]:
+    """The task ``model.name`` names and its own keys parsed, refusing another family's keys.
+
+    Raises:
+        ValueError: For an unknown ``model.name`` (listing the tasks), a table of another task,
+            a flat language-model key for a task with its own table, a ``[data]`` key the task
+            does not read, or a bad key of its table (named).
+    """
+    from dropsplit.training.tasks import task_class
+
+    if not isinstance(model, dict) or not isinstance(data, dict):
+        return task_class("lstm"), None  # from_dict names the section that is not a table
+    name = model.get("name", ModelConfig.name)
+    if not isinstance(name, str):
+        raise ValueError(f"config key model.name must be a str, got {_shown(name)}")
+    task = task_class(name)
+    for key, value in model.items():
+        if isinstance(value, dict) and key != task.section:
+            own = f"its keys go in [model.{task.section}]" if task.section else "no table"
             raise ValueError(
-                f"model.heads ({m.heads}) must divide model.embedding_size ({m.embedding_size})"
+                f"config table [model.{key}] is not for model.name = {name!r}, which takes {own}"
             )
-        if m.context < config.data.bptt:
+        if not isinstance(value, dict) and key != "name" and not task.model_fields:
             raise ValueError(
-                f"model.context ({m.context}) must be at least data.bptt ({config.data.bptt}) "
-                "(variable windows that run longer are cut to the context)"
+                f"config key model.{key} is not a key of model.name = {name!r}: its keys go in "
+                f"[model.{task.section}] ({', '.join(_option_names(task.options))})"
             )
+    if task.data_keys is not None:
+        for key in data:
+            if key not in task.data_keys:
+                raise ValueError(
+                    f"config key data.{key} is not read by model.name = {name!r} (it reads "
+                    f"{', '.join('data.' + k for k in task.data_keys)}): leave it out"
+                )
+    if task.options is None:
+        return task, None
+    return task, _parse_options(task.options, f"model.{task.section}", model.get(task.section, {}))
+
+
+def _option_names(cls: type | None) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)] if cls is not None else []
+
+
+def _parse_options(cls: type, prefix: str, values: dict[str, Any]) -> Any:
+    """A task's table parsed into its dataclass; each field's ``metadata["check"]`` applied.
+
+    ``check``: ``"positive"``, ``"probability"`` (in ``[0, 1)``) or a tuple of choices; a
+    tuple default takes a list of positive integers.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    checked = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key {prefix}.{key}; keys are {sorted(fields)}")
+        name, f = f"{prefix}.{key}", fields[key]
+        if isinstance(f.default, tuple):
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+            )
+            if not ok:
+                raise ValueError(
+                    f"config key {name} must be a list of positive integers, got {_shown(value)}"
+                )
+            value = tuple(value)
+        else:
+            value = _check_value(name, value, f.default)
+        check = f.metadata.get("check")
+        if check == "positive" and value <= 0:
+            raise ValueError(f"config key {name} must be positive, got {value!r}")
+        if check == "probability" and not 0 <= value < 1:
+            raise ValueError(f"config key {name} must be in [0, 1), got {value!r}")
+        if isinstance(check, tuple) and value not in check:
+            raise ValueError(f"config key {name} must be one of {check}, got {_shown(value)}")
+        checked[key] = value
+    return cls(**checked)
 
 
 def string_override(key: str, value: str) -> str:
@@ -462,10 +554,10 @@ def check_resumable(saved: Path, config: Config) -> None:
     """
     old, new = to_dict(load_config(saved)), to_dict(config)
     changed = [
-        f"{section}.{key} {old[section][key]!r} -> {new[section][key]!r}"
+        f"{section}.{key} {old[section].get(key)!r} -> {new[section].get(key)!r}"
         for section in old
-        for key in old[section]
-        if old[section][key] != new[section][key] and f"{section}.{key}" not in RESUMABLE
+        for key in {**old[section], **new[section]}
+        if old[section].get(key) != new[section].get(key) and f"{section}.{key}" not in RESUMABLE
     ]
     if changed:
         raise ValueError(
@@ -476,8 +568,24 @@ def check_resumable(saved: Path, config: Config) -> None:
 
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
-    """The config as nested dicts."""
-    return dataclasses.asdict(config)
+    """The config as nested dicts: of ``[model]`` and ``[data]``, the keys its task reads.
+
+    A language model's config is the dataclasses as they are (the flat ``[model]``); another
+    task's ``[model]`` holds ``name`` and its table of options.
+    """
+    from dropsplit.training.tasks import task_class
+
+    out = dataclasses.asdict(config)
+    model = out["model"]
+    options = model.pop("options")
+    task = task_class(config.model.name)
+    if not task.model_fields:
+        out["model"] = {"name": model["name"]}
+        if task.section is not None:
+            out["model"][task.section] = options or {}
+    if task.data_keys is not None:
+        out["data"] = {k: v for k, v in out["data"].items() if k in task.data_keys}
+    return out
 
 
 def _toml_value(value: Any) -> str:
@@ -485,14 +593,16 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
 
 
 def to_toml(config: Config) -> str:
     """Write the resolved config as TOML: sections of scalars, then their tables.
 
-    A table-valued key (the ``estimator``) is its own ``[section.key]`` after the section's
-    scalars, left out when empty.
+    A table-valued key (the ``estimator``, a task's options) is its own ``[section.key]`` after
+    the section's scalars, left out when empty.
     """
     lines = []
     for section, values in to_dict(config).items():

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from dropsplit.core.sites import sites
-from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
+from dropsplit.data import Corpus, batchify, bptt_batches
 from dropsplit.models import LanguageModel
-from dropsplit.training.build import build_model
 from dropsplit.training.checkpoint import WriteError, load_checked, load_weights_into, save_json
-from dropsplit.training.config import Config, load_config, string_override
+from dropsplit.training.config import MODEL_NAMES, Config, load_config, string_override
+from dropsplit.training.tasks import Task, task_class
+from dropsplit.training.tasks.lm import LanguageModelTask
 from dropsplit.training.threads import set_threads
 
 RETRAIN = "train the run again (dropsplit train CONFIG --out RUN --overwrite) or put back its copy"
@@ -52,10 +53,10 @@ def require_run(run: Path) -> None:
         )
 
 
-def load_run(
+def load_task_run(
     run: Path, data: str | None = None, threads: int = 0
-) -> tuple[Config, Corpus, LanguageModel]:
-    """Config, corpus and the best weights of a run directory.
+) -> tuple[Config, Task, torch.nn.Module]:
+    """Config, task (its data loaded) and the best weights of a run directory of any task.
 
     Also sets the process's thread count for the model
     (:func:`~dropsplit.training.threads.set_threads`).
@@ -71,15 +72,52 @@ def load_run(
     """
     require_run(run)
     config = load_config(run / "config.toml", [string_override("data.path", data)] if data else [])
-    d = config.data
-    corpus = load_corpus(d.corpus, d.path or None, d.train_fraction, d.download)
-    model = build_model(config, len(corpus.vocab))
+    task = task_class(config.model.name)(config)
+    model = task.build_model()
     set_threads(threads or config.train.threads, model)
     weights = run / "best.pt"
     if not weights.exists():
         raise FileNotFoundError(f"{weights} does not exist: has the run evaluated yet?")
     load_weights_into(model, load_checked(weights, RETRAIN), weights, RETRAIN)
-    return config, corpus, model
+    return config, task, model
+
+
+def load_run(
+    run: Path, data: str | None = None, threads: int = 0
+) -> tuple[Config, Corpus, LanguageModel]:
+    """Config, corpus and the best weights of a language model's run (lstm, qrnn, transformer).
+
+    Args:
+        run: The directory ``dropsplit train`` wrote.
+        data: Data directory (default: the config's, else ``$DROPSPLIT_DATA``).
+        threads: Intra-op threads (``0``: the run's ``train.threads``, else the rule).
+
+    Raises:
+        FileNotFoundError: If ``run`` is not a run directory or has no ``best.pt`` yet.
+        ValueError: If ``best.pt`` is damaged or holds the weights of another model, or the run
+            is of another task (one line).
+    """
+    require_language_model(run)
+    config, task, model = load_task_run(run, data, threads)
+    if not isinstance(task, LanguageModelTask):  # a task registered under an LM's name
+        raise ValueError(f"{run} is not the run of a language model: {type(task).__name__}")
+    return config, task.corpus, cast(LanguageModel, model)
+
+
+def require_language_model(run: Path) -> None:
+    """Refuse a run of a task other than the paper's language models (before any file is made).
+
+    Raises:
+        FileNotFoundError: If ``run`` is not a run directory.
+        ValueError: One line naming the run's task.
+    """
+    require_run(run)
+    name = load_config(Path(run) / "config.toml").model.name
+    if name not in MODEL_NAMES:
+        raise ValueError(
+            f"{run} is a model.name = {name!r} run: measure and noise-scale take the run of "
+            f"one of the paper's language models ({', '.join(MODEL_NAMES)})"
+        )
 
 
 def _first_batches(
@@ -130,7 +168,7 @@ def measure_run(
         raise ValueError(f"--q must be in [0, 1), got {q}")
     if batches < 1:
         raise ValueError(f"--batches must be at least 1, got {batches}")
-    require_run(run)  # before creating anything in it
+    require_language_model(run)  # before creating anything in it
     out = writable_directory(Path(out) if out else run / "measure", "the measurement")
     config, corpus, model = load_run(run, data, threads)
     d = config.data
@@ -175,7 +213,7 @@ def noise_scale_run(
 
     if batches < 2:
         raise ValueError(f"--batches must be at least 2 (a covariance needs two), got {batches}")
-    require_run(run)
+    require_language_model(run)
     writable_directory(Path(run), "noise_scale.json")
     config, corpus, model = load_run(run, data, threads)
     d = config.data

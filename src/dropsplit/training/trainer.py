@@ -1,8 +1,13 @@
-"""Train the AWD-style LM with any method: checkpoints, exact resume, NT-ASGD, DDP.
+"""Train any task (the AWD-style LMs, a ``transformers`` causal LM, a classifier) with any method.
+
+What is trained comes from the task ``model.name`` names (:mod:`~dropsplit.training.tasks`): its
+model, batches, forward function, carried state and evaluation; the loop, the optimizer, NT-ASGD,
+checkpoints, exact resume and DDP are the trainer's.
 
 A run directory holds ``config.toml`` (resolved), ``metrics.jsonl`` (one object per evaluation),
 ``checkpoint.pt`` (everything needed to continue exactly: weights, optimizer, averaged weights,
-the method's generator, RNG states, the position in the epoch and the recurrent state),
+the method's generator, RNG states, the position in the epoch, the state carried between batches
+(a language model's recurrent state) and the task's own state),
 ``best.pt`` (weights at the best validation loss) and ``summary.json``. Every file is written
 atomically (:mod:`~dropsplit.training.checkpoint`), so a killed run resumes from its last
 checkpoint as if it had never stopped; SIGTERM ends a run with a last checkpoint. One process
@@ -43,26 +48,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dropsplit.data import Corpus, batchify, bptt_batches, load_corpus
-from dropsplit.models import LanguageModel
-from dropsplit.models.awd import detach_state, lm_forward
-from dropsplit.training.build import build_method, build_model, build_optimizer
+from dropsplit.data import Corpus
+from dropsplit.training.build import build_method, build_optimizer
 from dropsplit.training.checkpoint import (
     LOCK_NAME,
     TEMPORARY_SUFFIX,
     RunLock,
     check_weights,
     damaged,
-    flatten_state,
     load_checked,
     load_weights_into,
     save_json,
     save_text,
     save_torch,
     truncate_metrics,
-    unflatten_state,
 )
 from dropsplit.training.config import Config, check_resumable, to_dict, to_toml
+from dropsplit.training.tasks import Evaluation, Step, Task, pack_state, task_class, unpack_state
+from dropsplit.training.tasks.base import progress_bar as _progress_bar
+from dropsplit.training.tasks.lm import evaluate  # noqa: F401 (re-exported: the LM evaluation)
 from dropsplit.training.threads import set_threads
 
 STAT_KEYS = ("explicit", "implicit", "noise", "penalty")  # regularizer values averaged into metrics
@@ -120,39 +124,6 @@ class Averager:
         """Restore :meth:`state_dict`."""
         self.active, self.count = state["active"], state["count"]
         self.average = [a.clone() for a in state["average"]]
-
-
-def evaluate(
-    model: LanguageModel,
-    data: torch.Tensor,
-    bptt: int,
-    max_batches: int = 0,
-    show_progress: bool = False,
-) -> float:
-    """Token-mean negative log-likelihood of ``data`` (``[T, B]``), sites off.
-
-    ``show_progress``: a bar over the windows on a terminal (a full test set takes minutes).
-    """
-    was_training = model.training
-    model.eval()
-    total, count, state = 0.0, 0, model.init_state(data.shape[1])
-    windows = -(-(data.shape[0] - 1) // bptt)
-    bar = _progress_bar(min(windows, max_batches or windows), 0, not show_progress, "window")
-    with torch.no_grad():
-        for n, (_, x, y) in enumerate(bptt_batches(data, bptt)):
-            if max_batches and n >= max_batches:
-                break
-            bar.update(1)
-            logits, state = model(x, state)
-            total += float(
-                nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
-                )
-            )
-            count += y.numel()
-    bar.close()
-    model.train(was_training)
-    return total / count
 
 
 @dataclass
@@ -269,7 +240,7 @@ class Trainer:
         resume: Continue from ``out_dir/checkpoint.pt`` (an error when there is none).
         overwrite: Delete the run already in ``out_dir`` and start again.
         dry_run: Stop after 3 steps with a shortened evaluation.
-        corpus: A preloaded corpus (default: loaded from the config).
+        corpus: A preloaded corpus (default: loaded from the config) for a task trained on one.
         show_progress: Show a progress bar (on a terminal).
 
     The trainer holds ``out_dir``'s lock (:class:`~dropsplit.training.checkpoint.RunLock`) from
@@ -325,22 +296,10 @@ class Trainer:
         d, tc = config.data, config.train
         self.device = torch.device(tc.device)
         torch.manual_seed(tc.seed)
-        corpus = corpus or load_corpus(d.corpus, d.path or None, d.train_fraction, d.download)
-        columns = batchify(corpus.train, d.batch_size * self.world)
-        rank_columns = slice(self.rank * d.batch_size, (self.rank + 1) * d.batch_size)
-        self.train_data = columns[:, rank_columns].to(self.device)
-        self.valid_data = batchify(corpus.valid, d.eval_batch_size).to(self.device)
-        self.test_data = batchify(corpus.test, d.test_batch_size).to(self.device)
-        try:
-            self.model = build_model(config, len(corpus.vocab)).to(self.device)
-        except (RuntimeError, MemoryError) as err:  # e.g. model.hidden_size=10**12
-            m = config.model
-            raise ValueError(
-                f"the model cannot be built (model.embedding_size={m.embedding_size}, "
-                f"model.hidden_size={m.hidden_size}, model.layers={m.layers}): "
-                f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else 'no memory'}"
-                "; choose smaller sizes"
-            ) from err
+        self.task: Task = task_class(config.model.name)(
+            config, self.device, rank=self.rank, world=self.world, corpus=corpus
+        )
+        self.model = self._build_model()
         set_threads(tc.threads, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.method = build_method(config.method, tc.seed + 1000 * self.rank, d.batch_size)
@@ -349,10 +308,10 @@ class Trainer:
         self.trained: nn.Module = self.model
         if self.world > 1:
             self.trained = nn.parallel.DistributedDataParallel(self.model)
-        self.bptt_gen = torch.Generator().manual_seed(tc.seed + 1)
+        self.bptt_gen = torch.Generator().manual_seed(tc.seed + 1)  # the task's batches
         self.max_steps = 3 if self.dry_run else tc.max_steps
         self.progress = Progress()
-        self.state: Any = None  # the model's recurrent state, carried across windows
+        self.state: Any = None  # the task's state carried across batches (an LM's recurrent one)
         self.terminate: int | None = None  # the signal that asked the run to stop (SIGTERM)
         self.checkpointed_step: int | None = None  # the step of the last checkpoint written
         if resume:
@@ -361,12 +320,28 @@ class Trainer:
         self.progress.sources.append({"step": self.progress.step, **_source()})
         if self.rank == 0:  # on resume, the keys that may change (check_resumable) are recorded
             save_text(to_toml(config), self.out / "config.toml")
-        per_epoch = max(1, (self.train_data.shape[0] - 1) // d.bptt)
-        total = tc.epochs * per_epoch
+        total = tc.epochs * self.task.steps_per_epoch()
         total = min(total, self.max_steps) if self.max_steps else total
         self.bar = _progress_bar(
             total, self.progress.step, disable=self.rank != 0 or not show_progress
         )
+
+    def _build_model(self) -> nn.Module:
+        """The task's model on the device; a size too large is one line naming the sizes."""
+        try:
+            return self.task.build_model().to(self.device)
+        except (RuntimeError, MemoryError) as err:  # e.g. model.hidden_size=10**12
+            flat = {
+                f"{section}.{key}": value
+                for section, values in to_dict(self.config).items()
+                for key, value in values.items()
+            }
+            sizes = ", ".join(f"{k}={flat[k]}" for k in self.task.size_keys if k in flat)
+            raise ValueError(
+                f"the model cannot be built ({sizes}): "
+                f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else 'no memory'}"
+                "; choose smaller sizes"
+            ) from err
 
     def _prepare_directory(self, resume: bool, overwrite: bool) -> None:
         """Create and lock the run directory, then :meth:`_check_directory` under the lock."""
@@ -454,7 +429,8 @@ class Trainer:
             self.method.load_state_dict(ckpt["method"])
             self.bptt_gen.set_state(ckpt["bptt_generator"])
             torch.set_rng_state(ckpt["torch_rng"])
-            self.state = unflatten_state(ckpt["state"])
+            self.state = unpack_state(ckpt["state"])
+            self.task.load_state_dict(ckpt.get("task", {}))
             self.progress = Progress(**ckpt["progress"])
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
             raise damaged(path, f"its training state does not fit: {err}", fix) from err
@@ -474,7 +450,7 @@ class Trainer:
         if self.rank != 0:
             own = self._load_rank_file(self.rank)
             self.method.load_state_dict(own["method"])
-            self.state = unflatten_state(own["state"])
+            self.state = unpack_state(own["state"])
         else:  # every rank file checked here too, so the refusal is rank 0's line, on the screen
             for rank in range(1, self.world):
                 self._load_rank_file(rank)
@@ -531,7 +507,7 @@ class Trainer:
         if self.rank != 0:
             own = {
                 "method": self.method.state_dict(),
-                "state": flatten_state(self.state),
+                "state": pack_state(self.state),
                 "step": self.progress.step,  # tied to checkpoint.pt's step (checked at resume)
             }
             save_torch(own, self.out / f"rank{self.rank}.pt")
@@ -544,7 +520,8 @@ class Trainer:
                 "averager": self.averager.state_dict(),
                 "bptt_generator": self.bptt_gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
-                "state": flatten_state(self.state),
+                "state": pack_state(self.state),
+                "task": self.task.state_dict(),
                 "progress": self.progress.__dict__,
                 "world": self.world,  # the processes whose rank files go with it
             },
@@ -557,7 +534,8 @@ class Trainer:
         config, progress, averager = self.config, self.progress, self.averager
         averager.swap()
         max_batches = 2 if self.dry_run else config.train.max_eval_batches
-        val = evaluate(self.model, self.valid_data, config.data.bptt, max_batches)
+        result = self.task.evaluate(self.model, "valid", max_batches)
+        val = result.loss
         if val < progress.best_val and self.rank == 0:
             save_torch(self.model.state_dict(), self.out / "best.pt")
         averager.swap()
@@ -574,6 +552,7 @@ class Trainer:
             "train_loss": progress.loss_sum / count if progress.loss_count else None,
             "val_loss": val,
             "val_ppl": math.exp(min(val, 50.0)),
+            **{f"val_{k}": v for k, v in result.metrics.items()},
             "lr": config.optim.lr,
             "averaging": averager.active,
             "skipped": progress.skipped,
@@ -598,23 +577,29 @@ class Trainer:
             return False
         return len(history) - 1 - history.index(min(history)) >= tc.patience
 
-    def step(self, start: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One step of the method on window ``x -> y`` beginning at ``start``, guarded."""
+    def _set_learning_rate(self, window: int | None) -> None:
+        """``optim.lr``, decayed after its epoch, scaled by the window's length under SGD."""
+        config = self.config
+        lr = config.optim.lr
+        if 0 < config.optim.decay_after < self.progress.epoch:  # WikiText-103 QRNN schedule
+            lr *= config.optim.lr_decay
+        if window is not None and config.optim.name not in ("adam", "adamw"):
+            lr = lr * window / config.data.bptt  # AWD; in this order: the same floats as before
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, item: Step) -> None:
+        """One step of the method on a batch of the task (:class:`Step`), guarded."""
         config, progress = self.config, self.progress
         tick, cpu_tick = time.perf_counter(), time.process_time()
         if self.state is None:
-            self.state = self.model.init_state(config.data.batch_size)
-        lr = config.optim.lr
-        if 0 < config.optim.decay_after < progress.epoch:  # the paper's WikiText-103 QRNN schedule
-            lr *= config.optim.lr_decay
-        if config.optim.name not in ("adam", "adamw"):  # AWD: lr scales with the window length
-            lr = lr * x.shape[0] / config.data.bptt  # in this order: the same floats as before
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            self.state = self.task.initial_state(self.model)
+        self._set_learning_rate(item.window)
         self.optimizer.zero_grad(set_to_none=True)  # step() adds to p.grad
-        result = self.method.step(self.trained, lm_forward, (x, y, self.state))
+        batch = self.task.bind(item.batch, self.state)
+        result = self.method.step(self.trained, self.task.forward, batch)
         progress.step += 1
-        progress.position = start + x.shape[0]
+        progress.position = item.position
         factor, explicit = config.train.divergence_factor, result.stats.get("explicit")
         loss_finite = result.finite and math.isfinite(result.loss)
         if not loss_finite or diverged(result.loss, progress, factor):
@@ -631,7 +616,7 @@ class Trainer:
         if skip is None:
             self.optimizer.step()
             self.averager.update()
-            self.state = detach_state(result.aux)
+            self.state = self.task.carry(result.aux)
             progress.loss_sum += result.loss
             progress.loss_count += 1
             progress.consecutive_skips = 0
@@ -654,7 +639,7 @@ class Trainer:
             )
         progress.train_seconds += time.perf_counter() - tick
         progress.train_cpu_seconds += time.process_time() - cpu_tick
-        progress.train_tokens += x.numel() * self.world
+        progress.train_tokens += item.examples * self.world
         self.bar.update(1)
         if progress.step % config.train.log_every == 0:
             self.bar.set_postfix(epoch=progress.epoch, loss=f"{result.loss:.3f}")
@@ -697,20 +682,9 @@ class Trainer:
 
     def run_epoch(self, interrupt_at_step: int | None = None) -> bool:
         """Train the rest of the current epoch; ``False`` when ``max_steps`` ended it early."""
-        tc, d, progress = self.config.train, self.config.data, self.progress
-        # a Transformer sees at most its context: a longer random window is cut to it (the draws
-        # are unchanged, so runs whose windows fit are bit for bit the same)
-        context = getattr(self.model, "context", None)
-        windows = bptt_batches(
-            self.train_data,
-            d.bptt,
-            d.variable_bptt,
-            self.bptt_gen,
-            progress.position,
-            max_length=context if isinstance(context, int) else None,
-        )
-        for start, x, y in windows:
-            self.step(start, x, y)
+        tc, progress = self.config.train, self.progress
+        for item in self.task.batches(self.bptt_gen, progress.position):
+            self.step(item)
             evaluated = bool(tc.eval_every) and progress.step % tc.eval_every == 0
             if evaluated:
                 self.evaluate()
@@ -785,7 +759,7 @@ class Trainer:
         if self.world > 1:  # every rank tests the same best.pt: wait until rank 0 has written it
             dist.barrier()
         summary = _summary(
-            self.config, self.model, self.out, self.test_data, progress, self.dry_run, self.device
+            self.config, self.model, self.out, self.task, progress, self.dry_run, self.device
         )
         if self.rank == 0:
             save_json(summary, self.out / "summary.json")
@@ -872,19 +846,20 @@ def _provenance(progress: Progress) -> dict[str, Any]:
     }
 
 
-def _summary(config, model, out, test_data, progress, dry_run, device) -> dict[str, Any]:
+def _summary(config, model, out, task, progress, dry_run, device) -> dict[str, Any]:
     best = out / "best.pt"
     if best.exists():
         state = load_checked(best, RESTART, device)
         load_weights_into(model, state, best, RESTART)
-    test = evaluate(model, test_data, config.data.bptt, 2 if dry_run else 0)
-    best_val = progress.best_val
+    result: Evaluation = task.evaluate(model, "test", 2 if dry_run else 0)
+    test, best_val = result.loss, progress.best_val
     return {
         "config": to_dict(config),
         "best_val_loss": best_val,
         "best_val_ppl": math.exp(min(best_val, 50.0)),
         "test_loss": test,
         "test_ppl": math.exp(min(test, 50.0)),
+        **{f"test_{k}": v for k, v in result.metrics.items()},
         "epochs": progress.epoch - 1,
         "steps": progress.step,
         "skipped_steps": progress.skipped,
@@ -915,25 +890,3 @@ def machine_description(device: torch.device | str) -> str:
 def _log(rank: int, message: str) -> None:
     if rank == 0:
         print(message, file=sys.stderr)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, initial: int, disable: bool, unit: str = "step"):
-    """A tqdm bar on a terminal; nothing otherwise (or without tqdm)."""
-    if disable or not sys.stderr.isatty():
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True)
