@@ -26,15 +26,21 @@ def pytest_configure(config):
 
 def pytest_addoption(parser):
     parser.addoption("--run-montecarlo", action="store_true", help="run the slow Monte-Carlo tier")
+    parser.addoption("--run-slow", action="store_true", help="run the slow tier of process tests")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-montecarlo"):
-        return
-    skip = pytest.mark.skip(reason="slow Monte-Carlo tier: pass --run-montecarlo")
-    for item in items:
-        if "montecarlo" in item.keywords:
-            item.add_marker(skip)
+    tiers = {
+        "montecarlo": ("--run-montecarlo", "slow Monte-Carlo tier"),
+        "slow": ("--run-slow", "slow tier (a fast test of the same behaviour runs by default)"),
+    }
+    for marker, (option, what) in tiers.items():
+        if config.getoption(option):
+            continue
+        skip = pytest.mark.skip(reason=f"{what}: pass {option}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -441,6 +441,7 @@ def test_data_paths_with_quotes_and_backslashes_reach_the_config_intact(tmp_path
     assert load_config(TINY, [string_override("data.path", odd)]).data.path == odd
 
 
+@pytest.mark.slow  # test_a_killed_process_resumes_exactly is its fast tier
 def test_five_kill_9s_at_random_moments_then_resume_give_identical_metrics(tmp_path):
     """kill -9 five times in a row (checkpoint writes included, any moment), resuming each time
     (or starting again when no checkpoint was written yet): the metrics of the finished run are
