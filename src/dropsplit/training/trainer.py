@@ -245,7 +245,8 @@ class Trainer:
 
     The trainer holds ``out_dir``'s lock (:class:`~dropsplit.training.checkpoint.RunLock`) from
     its creation to the end of :meth:`run` (or :meth:`close`): a second trainer on the same
-    directory is refused.
+    directory is refused. It sets the process's intra-op thread count for its model
+    (``train.threads``, else :func:`~dropsplit.training.threads.set_threads`'s rule).
 
     Raises:
         FileExistsError: If ``out_dir`` holds a run (any of its files) and neither ``resume`` nor
