@@ -239,6 +239,27 @@ def test_estimator_finding_compares_each_estimator_with_the_main_runs():
     assert missing.effect == "missing runs: analytic, analytic-exact, explicit, explicit-fd"
 
 
+def test_a_suite_whose_main_analytic_runs_are_exact_is_judged_on_them():
+    """The digits race trains R_approx (+ xi_approx) by double backward (HVP differences are
+    wrong on ReLU networks): (c) and (d) judge those runs, finite differences stay a control, and
+    the estimator row does not compare the exact runs with themselves."""
+    exact = ('method.gradient="double-backward"',)
+    arms = _arms(0.3, dropout_1=100, dropout_8=110)
+    arms["analytic"] = _arm("analytic", [90.0, 91.0, 90.5], *exact)
+    arms["explicit"] = _arm("explicit", [105.0, 104.0, 104.5], *exact)
+    d = _verdict(arms, "d")
+    assert d.verdict == "better" and "analytic - dropout-1" in d.effect
+    assert _verdict(arms, "c").verdict == "reproduced"
+    estimator = _verdict(arms, "estimator")
+    assert estimator.verdict == "not run"
+    assert estimator.effect == "missing runs: analytic-exact, analytic-fd, explicit-fd"
+    fd_only = _arms(0.3, dropout_1=100)
+    fd_only["analytic"] = _arm(
+        "analytic", [90.0, 91.0, 90.5], 'method.gradient="finite-difference"'
+    )
+    assert _verdict(fd_only, "d").verdict == "not run"
+
+
 def test_a_new_claim_is_an_entry_not_a_branch():
     """A claim on another architecture is one Claim: its selections, its judge."""
     qrnn = Select("qrnn-dropout-1", (("model.name", "qrnn"), ("method.name", "dropout")))

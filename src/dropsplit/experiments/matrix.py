@@ -77,6 +77,8 @@ class Column:
         # summaries from before the model registry have no model.name: they are LSTMs
         # a task without a corpus (digits-mlp) has no data.corpus
         model, corpus = config["model"].get("name", "lstm"), config["data"].get("corpus", "-")
+        if model == "digits-mlp":
+            return f"MLP ({config['model']['mlp']['activation']}) · digits"
         return f"{MODELS.get(model, model)} · {CORPORA.get(corpus, corpus)}"
 
     @cached_property
