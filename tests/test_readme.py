@@ -40,6 +40,7 @@ TIMEOUT = 600  # seconds a block may run (the Trainer and Lightning blocks take 
 FENCE = re.compile(r"^```(?P<lang>[\w-]*)[ \t]*\n(?P<code>.*?)^```[ \t]*$", re.M | re.S)
 MARKER = re.compile(r"<!--\s*(?P<kind>requires|not run by the tests|output of the block above)"
                     r"\s*:?\s*(?P<arg>.*?)\s*-->")  # fmt: skip
+TIMINGS = "| step | idle | under a competing load |"  # the head of the README's timing table
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 
 
@@ -213,6 +214,10 @@ def test_the_readme_has_two_commands_and_no_development_history():
     text = README.read_text()
     two = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
     assert len(FENCE.findall(two)) == 2, "'Two commands' shows a number of blocks other than 2"
+    # a date belongs to a measurement (the timing table), not to the README's history
+    start = text.index(TIMINGS)
+    table = text[start : text.index("\n\n", start)]
+    text = text.replace(table, "")
     for word in (r"\bsession", r"\bearlier\b", r"\bwe changed\b", r"\b20\d\d-\d\d"):
         assert not re.search(word, text, re.I), f"README: {word}"
 
@@ -349,3 +354,20 @@ def test_the_tour_uses_the_real_corpus_given_relative_to_the_repository():
     """As `DROPSPLIT_DATA=../shared/data python -m pytest` from the repository root runs it."""
     out = run_cell(data_cell(), data=os.path.relpath(REAL, ROOT), pwd=ROOT)
     assert "corpus: ptb" in out, out
+
+
+def test_every_time_the_readme_gives_is_a_dated_range_idle_and_loaded():
+    """Issue 31.6: the timing table gives, per step, an idle time and a time under a competing
+    load, each with its date (and the load named); the text names the machine and the thread
+    setting."""
+    text = README.read_text()
+    start = text.index(TIMINGS)
+    table = text[start:].split("\n\n")[0].splitlines()[2:]
+    assert len(table) >= 4, "install, main job, tests, .ci/run"
+    timed = re.compile(r"\d+(?:\.\d+)? (?:s|min) \((?:CI, )?\d{4}-\d\d-\d\d")
+    for row in table:
+        idle, loaded = (cell.strip() for cell in row.split("|")[2:4])
+        assert timed.search(idle) and timed.search(loaded), row
+        assert "beside" in loaded, f"the load is not named: {row}"
+    intro = text[text.rindex("\n\n", 0, start - 2) : start]
+    assert "AMD EPYC" in intro and "thread" in intro
