@@ -253,6 +253,10 @@ def test_a_suite_whose_main_analytic_runs_are_exact_is_judged_on_them():
     estimator = _verdict(arms, "estimator")
     assert estimator.verdict == "not run"
     assert estimator.effect == "missing runs: analytic-exact, analytic-fd, explicit-fd"
+    # with a finite-difference control, the exact main runs are compared with it once
+    arms["analytic-fd"] = _arm("analytic-fd", [95.0, 96.0, 94.0])
+    effect = _verdict(arms, "estimator").effect
+    assert effect.startswith("analytic-fd - analytic = ") and effect.count("analytic-fd -") == 1
     fd_only = _arms(0.3, dropout_1=100)
     fd_only["analytic"] = _arm(
         "analytic", [90.0, 91.0, 90.5], 'method.gradient="finite-difference"'

@@ -1,6 +1,9 @@
 """The reproduction suite and its report on the synthetic corpus (verdicts: test_claims.py)."""
 
+import glob
 import json
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -269,6 +272,10 @@ def test_bench_command_is_reachable_from_the_cli(capsys):
         "suite-char-transformer.toml",
         "suite-char-time.toml",
         "suite-char-wt2.toml",
+        "suite-char-controls.toml",
+        "suite-char-gpt2.toml",
+        "suite-digits-relu.toml",
+        "suite-digits-gelu.toml",
         "gpu/suite-ptb-lstm.toml",
         "gpu/suite-wt2-lstm.toml",
         "gpu/suite-wt103-qrnn.toml",
@@ -367,3 +374,30 @@ def test_report_tables_every_measurement_with_the_full_second_order_term(tmp_pat
         "| input | 0.0200 | 1.00e-03 | 0.0400 | 0.0500 | 0.50 | 0.0250 | 2.00e-03 | 0.80 |" in text
     )
     assert "| input | 0.0200 | 1.00e-03 | 0.0400 | 0.0500 | 0.50 |\n" in text  # the trained-q table
+
+
+REPO = Path(__file__).parents[1]
+COMMITTED_REPORTS = sorted(
+    p.parent.relative_to(REPO).as_posix()
+    for p in (REPO / "docs" / "results").glob("**/REPORT.md")
+    if "`dropsplit report " in p.read_text().split("\n", 4)[3]
+)
+
+
+@pytest.mark.parametrize("report", COMMITTED_REPORTS)
+def test_every_committed_report_regenerates_byte_for_byte(report, tmp_path, monkeypatch):
+    """Each committed report's REPORT.md from a copy of its directory (the run summaries and the
+    measurements beside them), by the command on its fourth line (issue 29: reports regenerate
+    from committed summaries with the rules in force)."""
+    committed = (REPO / report / "REPORT.md").read_text()
+    command = re.search(r"`dropsplit (report .*?)`", committed.split("\n", 4)[3]).group(1)
+    copy = tmp_path / "report"
+    shutil.copytree(REPO / report, copy)
+    monkeypatch.chdir(REPO)
+    argv = []
+    for word in shlex.split(command):
+        if word == report or word.startswith(f"{report}/"):
+            word = str(copy) + word[len(report) :]
+        argv += sorted(glob.glob(word)) if "*" in word else [word]
+    assert main(argv) == 0
+    assert (copy / "REPORT.md").read_text() == committed.replace(report, str(copy))

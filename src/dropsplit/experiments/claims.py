@@ -909,12 +909,18 @@ def finding(*pairs: tuple[Select, Select]) -> Judge:
     """A comparison of ours with no paper verdict: ``b - a`` for each pair whose runs exist.
 
     A pair whose two conditions find the same run (the digits race's main analytic runs are its
-    exact ones) is no comparison: its first run, the control, counts as missing.
+    exact ones) is no comparison: its first run, the control, counts as missing; a pair of runs
+    found by two pairs of conditions is compared once.
     """
 
     def judge(runs: Runs) -> Outcome:
         found = [(runs.one(a), runs.one(b)) for a, b in pairs]
-        distinct = [(a, b) for a, b in found if a is not None and b is not None and a is not b]
+        distinct: list[tuple[Arm, Arm]] = []
+        for a, b in found:  # each pair of runs once, whichever conditions found it
+            if a is None or b is None or a is b:
+                continue
+            if not any(a is x and b is y for x, y in distinct):
+                distinct.append((a, b))
         diffs = tuple(compare(a, b) for a, b in distinct)
         if not diffs:
             absent = {s.name for pair in pairs for s in pair if runs.one(s) is None}
