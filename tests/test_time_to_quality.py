@@ -1,6 +1,9 @@
 """Time to quality (issue 18): the cost model of lazy / scheduled steps, clean timings, the
 report's section and figure."""
 
+import itertools
+import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -10,10 +13,14 @@ import dropsplit as ds
 from dropsplit.experiments.report import Run
 from dropsplit.experiments.time_to_quality import (
     FIGURE,
+    RATIO_FIGURE,
+    TARGETS,
     clean_timing,
     comparable,
     dropout_step_equivalents,
+    plot_ratio_curve,
     plot_time_to_quality,
+    ratio_curve,
     step_counts,
     step_kind,
     time_to_quality_lines,
@@ -186,3 +193,53 @@ def test_the_figure_draws_one_line_per_seed(tmp_path, monkeypatch):
     assert len(lines) == 6
     sched = [line for line in lines if line.get_label() == "sched (2)"][0]
     assert list(sched.get_xdata()) == pytest.approx([90.0, 440.0, 790.0])
+
+
+def _exact_bootstrap(variant, reference):
+    """Every resample of both sides, with its probability: the exact bootstrap distribution of
+    the ratio of means (``itertools.product``), to check the Monte-Carlo one against."""
+    outcomes = []
+    for picks_v in itertools.product(variant, repeat=len(variant)):
+        for picks_d in itertools.product(reference, repeat=len(reference)):
+            outcomes.append(statistics.fmean(picks_v) / statistics.fmean(picks_d))
+    return sorted(outcomes)
+
+
+def test_the_ratio_over_targets_against_hand_counts_and_the_exact_bootstrap():
+    """Target +0 % = 6.1 (Dropout_1's mean best): Dropout_1 seeds 300 (reaches 6.0 at 300) and
+    400 (its own best 6.2 above the target: its time to its best); sched seeds 440, 790.
+    Target +5 % = 6.405: Dropout_1 at 300 (7.0 > 6.405 at 200) and 300 (6.5 > 6.405, then
+    6.2 at 400: 400); sched 440 and 440 (6.3 at step 200)."""
+    groups = groups_for_report()
+    curve = ratio_curve(groups["sched"], groups["dropout-1"], COSTS, choices=3)
+    assert [r.target for r in curve] == list(TARGETS)
+    first, last = curve[0], curve[-1]
+    assert first.ratio == pytest.approx((440 + 790) / (300 + 400))
+    assert last.ratio == pytest.approx((440 + 440) / (300 + 400))
+    exact = _exact_bootstrap([440.0, 790.0], [300.0, 400.0])
+    # 16 equally likely outcomes: the 2.5 % and 97.5 % order statistics are the extremes
+    assert (first.low, first.high) == pytest.approx((exact[0], exact[-1]))
+    assert first.low_corrected <= first.low and first.high_corrected >= first.high
+    assert first.text() == f"1.76 [{exact[0]:.2f}, {exact[-1]:.2f}]"
+
+
+def test_a_seed_that_never_arrives_makes_the_ratio_never():
+    groups = groups_for_report()
+    never = [run("never", s, [7.0, 6.8, 6.7], analytic()) for s in (0, 1)]
+    curve = ratio_curve(never, groups["dropout-1"], COSTS)
+    assert curve[0].text() == "never"
+    half = [run("half", 0, [7.0, 6.0], analytic()), run("half", 1, [7.0, 6.8], analytic())]
+    first = ratio_curve(half, groups["dropout-1"], COSTS)[0]
+    assert first.text() == "never"  # the mean over seeds needs every seed
+    assert math.isinf(first.high) and first.low == pytest.approx(2 * 3.5 * 100 / 400)
+
+
+def test_the_report_section_has_the_ratio_table_and_its_figure(tmp_path):
+    groups = groups_for_report()
+    assert plot_ratio_curve(groups, COSTS, tmp_path) == RATIO_FIGURE
+    assert (tmp_path / RATIO_FIGURE).exists()
+    text = "\n".join(time_to_quality_lines(groups, COSTS, FIGURE, RATIO_FIGURE))
+    assert "| run | | +0 % | +1 % | +2 % | +3 % | +4 % | +5 % |" in text
+    assert "| sched (2) | 95 % | 1.76 [" in text
+    assert "| | 97.5 % | " in text  # Bonferroni over the two analytic variants (sched, slow)
+    assert f"![Ratio over targets]({RATIO_FIGURE})" in text

@@ -40,7 +40,11 @@ from dropsplit.experiments.claims import (
 )
 from dropsplit.experiments.practice import practitioner_lines
 from dropsplit.experiments.reproduce import check_run_name, run_directory
-from dropsplit.experiments.time_to_quality import plot_time_to_quality, time_to_quality_lines
+from dropsplit.experiments.time_to_quality import (
+    plot_ratio_curve,
+    plot_time_to_quality,
+    time_to_quality_lines,
+)
 from dropsplit.optional import require
 from dropsplit.training.checkpoint import atomic_write, save_text
 
@@ -511,7 +515,10 @@ def write_report(
     costs = _json(costs_path) if costs_path.exists() else None
     lines += practitioner_lines(groups, costs)
     lines += time_to_quality_lines(
-        groups, costs or {}, plot_time_to_quality(groups, costs or {}, out)
+        groups,
+        costs or {},
+        plot_time_to_quality(groups, costs or {}, out),
+        plot_ratio_curve(groups, costs or {}, out),
     )
     lines += [
         "",

@@ -7,14 +7,23 @@ benchmarked step-cost ratios of the steps taken: a lazy or scheduled run mixes c
 full analytic steps) and in wall time, the latter only from clean timings (:func:`clean_timing`).
 Dropout_1's own time to that quality is each seed's time to its own best evaluation. The verdict
 lines give each analytic run's ratio to it with the spread over seeds.
+
+The ratio over targets (:func:`ratio_curve`, issue 29 item 4): for targets from Dropout_1's mean
+best to 5 % above it, the ratio of the mean cost to reach the target to Dropout_1's mean cost,
+with a percentile interval from a bootstrap over seeds on both sides, so Dropout_1's own spread
+enters it; each variant's interval is also given at a Bonferroni level for the choice among the
+variants reported.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from dropsplit.experiments.claims import LIMITED, Stat, arm, budget_limited, compare, stat
 from dropsplit.experiments.practice import first_reaching
@@ -23,6 +32,10 @@ from dropsplit.training.checkpoint import atomic_write
 
 MIN_CPU_SHARE = 0.95  # CPU time / wall time of a one-thread run that had its core to itself
 FIGURE = "fig11_time_to_quality.png"
+RATIO_FIGURE = "fig12_time_to_quality_ratio.png"
+TARGETS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05)  # above Dropout_1's mean best, relative
+RESAMPLES = 10_000  # bootstrap resamples per side
+LEVEL = 0.95
 # kind of step -> benchmark row of its cost (`dropsplit bench --size char`, ratios to DropoutK(1))
 STEP_ROWS = {
     "clean": "NoDropout",
@@ -184,7 +197,10 @@ def _cells(runs: list[Any], target: float, costs: dict[str, float]) -> list[str]
 
 
 def time_to_quality_lines(
-    groups: dict[str, list[Any]], costs: dict[str, float], figure: str | None = None
+    groups: dict[str, list[Any]],
+    costs: dict[str, float],
+    figure: str | None = None,
+    ratio_figure: str | None = None,
 ) -> list[str]:
     """The report's time-to-quality section (empty without Dropout_1 or an analytic run).
 
@@ -192,6 +208,7 @@ def time_to_quality_lines(
         groups: Runs by name.
         costs: Benchmark step-cost ratios by row name.
         figure: File name of :func:`plot_time_to_quality`'s figure, shown when given.
+        ratio_figure: File name of :func:`plot_ratio_curve`'s figure, shown when given.
     """
     groups = comparable(groups)
     if "dropout-1" not in groups or not any(
@@ -225,7 +242,7 @@ def time_to_quality_lines(
     lines += ["", *_verdicts(groups, reference, costs)]
     if figure:
         lines += ["", f"![Time to quality]({figure})"]
-    return lines
+    return lines + ratio_lines(groups, costs, ratio_figure)
 
 
 def _verdicts(groups, reference, costs) -> list[str]:
@@ -262,6 +279,189 @@ def _verdicts(groups, reference, costs) -> list[str]:
             f"{wall_text}; {quality}."
         )
     return lines
+
+
+def reference_cost(run: Any, target: float, costs: dict[str, float]) -> float | None:
+    """A Dropout_1 seed's cost to ``target`` in dropout-step equivalents.
+
+    Its first evaluation at or below the target, or its own best where that lies above the
+    target (the convention of :func:`_verdicts`).
+    """
+    best = min(m["val_ppl"] for m in run.metrics)
+    hit = first_reaching(run, max(target, best))
+    return None if hit is None else _cost(run, hit, costs, "equivalents")
+
+
+def variant_cost(run: Any, target: float, costs: dict[str, float]) -> float | None:
+    """A run's cost to its first evaluation at or below ``target``.
+
+    ``math.inf`` if it never gets there, ``None`` without a benchmark row for its steps.
+    """
+    hit = first_reaching(run, target)
+    return math.inf if hit is None else _cost(run, hit, costs, "equivalents")
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Mean cost to a target over Dropout_1's mean cost, with bootstrap percentile intervals.
+
+    Attributes:
+        target: How far above Dropout_1's mean best the target lies (0.01: 1 %).
+        ratio: The ratio of the means (``inf``: a seed never reaches the target).
+        low, high: The interval at :data:`LEVEL`.
+        low_corrected, high_corrected: The interval at the Bonferroni level for the choice.
+    """
+
+    target: float
+    ratio: float
+    low: float
+    high: float
+    low_corrected: float
+    high_corrected: float
+
+    def text(self, corrected: bool = False) -> str:
+        """``0.93 [0.71, 1.20]`` (``never`` when a seed does not reach the target)."""
+        if math.isinf(self.ratio):
+            return "never"
+        low, high = (self.low, self.high)
+        if corrected:
+            low, high = (self.low_corrected, self.high_corrected)
+        return f"{self.ratio:.2f} [{_bound(low)}, {_bound(high)}]"
+
+
+def percent(value: float) -> str:
+    """``0.95`` as ``95 %``, ``0.99286`` as ``99.3 %``."""
+    return f"{100 * value:.3g} %"
+
+
+def _bound(value: float) -> str:
+    return "never" if math.isinf(value) else f"{value:.2f}"
+
+
+def ratio_curve(
+    runs: list[Any], reference: list[Any], costs: dict[str, float], choices: int = 1
+) -> list[Ratio] | None:
+    """A variant's cost ratio to Dropout_1 at each of :data:`TARGETS` (``None``: a cost unknown).
+
+    Each bootstrap resample draws the variant's seeds and Dropout_1's seeds with replacement,
+    independently (:data:`RESAMPLES` each, a fixed generator so a report regenerates byte for
+    byte), and takes the ratio of the resampled means; a resample holding a seed that never
+    reaches the target has ratio ``inf``. With three seeds a side a resample takes one of ten
+    mean values per side, so the interval is coarse and, like any bootstrap on few seeds, too
+    narrow rather than too wide.
+
+    Args:
+        runs: The variant's seeds.
+        reference: Dropout_1's seeds.
+        costs: Benchmark step-cost ratios by row name.
+        choices: How many variants the headline was chosen among (Bonferroni: level
+            ``1 - (1 - LEVEL) / choices`` for the corrected interval).
+    """
+    base = stat(reference).mean
+    rng = np.random.default_rng(0)
+    out = []
+    for fraction in TARGETS:
+        target = base * (1 + fraction)
+        mine = [variant_cost(r, target, costs) for r in runs]
+        theirs = [reference_cost(r, target, costs) for r in reference]
+        if any(c is None for c in mine) or any(c is None for c in theirs):
+            return None
+        v, d = np.array(mine, dtype=float), np.array(theirs, dtype=float)
+        pick_v = rng.integers(0, len(v), size=(RESAMPLES, len(v)))
+        pick_d = rng.integers(0, len(d), size=(RESAMPLES, len(d)))
+        draws = v[pick_v].mean(axis=1) / d[pick_d].mean(axis=1)
+        alpha, corrected = 1 - LEVEL, (1 - LEVEL) / choices
+        # an order statistic, not an interpolation: a resample that never arrives is inf
+        quantiles = [alpha / 2, 1 - alpha / 2, corrected / 2, 1 - corrected / 2]
+        low, high, low_c, high_c = np.quantile(draws, quantiles, method="inverted_cdf")
+        ratio = float(v.mean() / d.mean())
+        out.append(Ratio(fraction, ratio, float(low), float(high), float(low_c), float(high_c)))
+    return out
+
+
+def ratio_lines(
+    groups: dict[str, list[Any]], costs: dict[str, float], figure: str | None = None
+) -> list[str]:
+    """The table of :func:`ratio_curve` for every analytic variant (empty if none has costs)."""
+    reference = groups["dropout-1"]
+    variants = [n for n, rs in groups.items() if n != "dropout-1" and _headline(rs, n)]
+    curves = {n: ratio_curve(groups[n], reference, costs, len(variants)) for n in variants}
+    known = {n: c for n, c in curves.items() if c is not None}
+    if not known:
+        return []
+    level = 1 - (1 - LEVEL) / len(variants)
+    head = " | ".join(f"+{percent(f)}" for f in TARGETS)
+    lines = [
+        "",
+        "### The ratio over targets",
+        "",
+        "Dropout-step equivalents to reach a target, mean over the variant's seeds over the mean "
+        "over Dropout_1's (a Dropout_1 seed whose best lies above the target counts its time to "
+        "its best), for targets from Dropout_1's mean best (+0 %) to 5 % above it. Brackets: "
+        f"{percent(LEVEL)} percentile interval of a bootstrap over seeds on both sides "
+        f"({RESAMPLES:,} resamples each; with three seeds a side a coarse interval, and too "
+        f"narrow rather than too wide); second line: the same at {percent(level)}, Bonferroni "
+        f"for the choice among the {len(variants)} variants here, the interval a headline chosen "
+        "among them needs. "
+        "*never*: a seed (or a resample's seed) does not reach the target. (n): the variant's "
+        "seeds; one seed leaves only Dropout_1's spread in the interval.",
+        "",
+        f"| run | | {head} |",
+        "|---|---|" + "---:|" * len(TARGETS),
+    ]
+    for name, curve in known.items():
+        label = f"{_marked(groups[name])} ({len(groups[name])})"
+        plain = " | ".join(r.text() for r in curve)
+        corrected = " | ".join(r.text(True) for r in curve)
+        lines.append(f"| {label} | {percent(LEVEL)} | {plain} |")
+        lines.append(f"| | {percent(level)} | {corrected} |")
+    if figure:
+        lines += ["", f"![Ratio over targets]({figure})"]
+    return lines
+
+
+def plot_ratio_curve(
+    groups: dict[str, list[Any]], costs: dict[str, float], out: Path
+) -> str | None:
+    """:func:`ratio_lines`' ratios against the target, one line and band per variant."""
+    groups = comparable(groups)
+    if "dropout-1" not in groups:
+        return None
+    reference = groups["dropout-1"]
+    variants = [n for n, rs in groups.items() if n != "dropout-1" and _headline(rs, n)]
+    found = {n: ratio_curve(groups[n], reference, costs, len(variants)) for n in variants}
+    curves = {n: c for n, c in found.items() if c is not None}
+    if not curves:
+        return None
+    require("matplotlib", "the report's figures").use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    palette = plt.get_cmap("tab10")
+    xs = [100 * f for f in TARGETS]
+    for i, (name, curve) in enumerate(curves.items()):
+        finite = [(x, r) for x, r in zip(xs, curve, strict=True) if math.isfinite(r.ratio)]
+        if not finite:
+            continue
+        fx = [x for x, _ in finite]
+        color = palette(i % 10)
+        ax.plot(fx, [r.ratio for _, r in finite], color=color, marker="o", lw=1.2,
+                label=f"{_marked(groups[name])} ({len(groups[name])})")  # fmt: skip
+        highs = [min(r.high, 10.0) for _, r in finite]  # a band to "never" is drawn to 10
+        ax.fill_between(fx, [r.low for _, r in finite], highs, color=color, alpha=0.15)
+    ax.axhline(1.0, color="k", ls="--", lw=0.8, label="Dropout_1's cost")
+    ax.set_xlabel("target: % above Dropout_1's mean best validation perplexity")
+    ax.set_ylabel("cost ratio to Dropout_1 (dropout-step equivalents)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title=f"run (seeds); band: {percent(LEVEL)} bootstrap", title_fontsize=7)
+    ax.set_title("Time to quality over targets")
+    fig.tight_layout()
+    atomic_write(
+        out / RATIO_FIGURE,
+        lambda p: fig.savefig(p, format="png", dpi=110, metadata={"Software": None}),
+    )
+    plt.close(fig)
+    return RATIO_FIGURE
 
 
 def comparable(groups: dict[str, list[Any]]) -> dict[str, list[Any]]:
