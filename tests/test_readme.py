@@ -210,14 +210,18 @@ def test_the_readme_links_only_to_files_that_exist():
             assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
 
 
+def timing_table(text: str) -> str:
+    """The README's timing table: its head, rule and rows."""
+    start = text.index(TIMINGS)
+    return text[start : text.index("\n\n", start)]
+
+
 def test_the_readme_has_two_commands_and_no_development_history():
     text = README.read_text()
     two = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
     assert len(FENCE.findall(two)) == 2, "'Two commands' shows a number of blocks other than 2"
     # a date belongs to a measurement (the timing table), not to the README's history
-    start = text.index(TIMINGS)
-    table = text[start : text.index("\n\n", start)]
-    text = text.replace(table, "")
+    text = text.replace(timing_table(text), "")
     for word in (r"\bsession", r"\bearlier\b", r"\bwe changed\b", r"\b20\d\d-\d\d"):
         assert not re.search(word, text, re.I), f"README: {word}"
 
@@ -362,7 +366,7 @@ def test_every_time_the_readme_gives_is_a_dated_range_idle_and_loaded():
     setting."""
     text = README.read_text()
     start = text.index(TIMINGS)
-    table = text[start:].split("\n\n")[0].splitlines()[2:]
+    table = timing_table(text).splitlines()[2:]
     assert len(table) >= 4, "install, main job, tests, .ci/run"
     timed = re.compile(r"\d+(?:\.\d+)? (?:s|min) \((?:CI, )?\d{4}-\d\d-\d\d")
     for row in table:

@@ -21,6 +21,8 @@ from dropsplit.experiments.time_to_quality import (
     plot_ratio_curve,
     plot_time_to_quality,
     ratio_curve,
+    ratio_curves,
+    ratio_lines,
     step_counts,
     step_kind,
     time_to_quality_lines,
@@ -236,9 +238,10 @@ def test_a_seed_that_never_arrives_makes_the_ratio_never():
 
 def test_the_report_section_has_the_ratio_table_and_its_figure(tmp_path):
     groups = groups_for_report()
-    assert plot_ratio_curve(groups, COSTS, tmp_path) == RATIO_FIGURE
+    curves = ratio_curves(groups, COSTS)
+    assert plot_ratio_curve(curves, groups, tmp_path) == RATIO_FIGURE
     assert (tmp_path / RATIO_FIGURE).exists()
-    text = "\n".join(time_to_quality_lines(groups, COSTS, FIGURE, RATIO_FIGURE))
+    text = "\n".join(ratio_lines(curves, groups, RATIO_FIGURE))
     assert "| run | | +0 % | +1 % | +2 % | +3 % | +4 % | +5 % |" in text
     assert "| sched (2) | 95 % | 1.76 [" in text
     assert "| | 97.5 % | " in text  # Bonferroni over the two analytic variants (sched, slow)

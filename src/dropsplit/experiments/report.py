@@ -43,6 +43,8 @@ from dropsplit.experiments.reproduce import check_run_name, run_directory
 from dropsplit.experiments.time_to_quality import (
     plot_ratio_curve,
     plot_time_to_quality,
+    ratio_curves,
+    ratio_lines,
     time_to_quality_lines,
 )
 from dropsplit.optional import require
@@ -515,11 +517,10 @@ def write_report(
     costs = _json(costs_path) if costs_path.exists() else None
     lines += practitioner_lines(groups, costs)
     lines += time_to_quality_lines(
-        groups,
-        costs or {},
-        plot_time_to_quality(groups, costs or {}, out),
-        plot_ratio_curve(groups, costs or {}, out),
+        groups, costs or {}, plot_time_to_quality(groups, costs or {}, out)
     )
+    curves = ratio_curves(groups, costs or {})  # the bootstrap once, for the table and figure
+    lines += ratio_lines(curves, groups, plot_ratio_curve(curves, groups, out))
     lines += [
         "",
         "## All runs",

@@ -197,10 +197,7 @@ def _cells(runs: list[Any], target: float, costs: dict[str, float]) -> list[str]
 
 
 def time_to_quality_lines(
-    groups: dict[str, list[Any]],
-    costs: dict[str, float],
-    figure: str | None = None,
-    ratio_figure: str | None = None,
+    groups: dict[str, list[Any]], costs: dict[str, float], figure: str | None = None
 ) -> list[str]:
     """The report's time-to-quality section (empty without Dropout_1 or an analytic run).
 
@@ -208,7 +205,6 @@ def time_to_quality_lines(
         groups: Runs by name.
         costs: Benchmark step-cost ratios by row name.
         figure: File name of :func:`plot_time_to_quality`'s figure, shown when given.
-        ratio_figure: File name of :func:`plot_ratio_curve`'s figure, shown when given.
     """
     groups = comparable(groups)
     if "dropout-1" not in groups or not any(
@@ -242,7 +238,7 @@ def time_to_quality_lines(
     lines += ["", *_verdicts(groups, reference, costs)]
     if figure:
         lines += ["", f"![Time to quality]({figure})"]
-    return lines + ratio_lines(groups, costs, ratio_figure)
+    return lines
 
 
 def _verdicts(groups, reference, costs) -> list[str]:
@@ -309,7 +305,8 @@ class Ratio:
         target: How far above Dropout_1's mean best the target lies (0.01: 1 %).
         ratio: The ratio of the means (``inf``: a seed never reaches the target).
         low, high: The interval at :data:`LEVEL`.
-        low_corrected, high_corrected: The interval at the Bonferroni level for the choice.
+        low_corrected, high_corrected: The interval at :attr:`corrected_level`.
+        choices: How many variants the headline is chosen among.
     """
 
     target: float
@@ -318,6 +315,12 @@ class Ratio:
     high: float
     low_corrected: float
     high_corrected: float
+    choices: int
+
+    @property
+    def corrected_level(self) -> float:
+        """The Bonferroni level for the choice: ``1 - (1 - LEVEL) / choices``."""
+        return 1 - (1 - LEVEL) / self.choices
 
     def text(self, corrected: bool = False) -> str:
         """``0.93 [0.71, 1.20]`` (``never`` when a seed does not reach the target)."""
@@ -375,21 +378,39 @@ def ratio_curve(
         quantiles = [alpha / 2, 1 - alpha / 2, corrected / 2, 1 - corrected / 2]
         low, high, low_c, high_c = np.quantile(draws, quantiles, method="inverted_cdf")
         ratio = float(v.mean() / d.mean())
-        out.append(Ratio(fraction, ratio, float(low), float(high), float(low_c), float(high_c)))
+        bounds = (float(low), float(high), float(low_c), float(high_c))
+        out.append(Ratio(fraction, ratio, *bounds, choices))
     return out
 
 
-def ratio_lines(
-    groups: dict[str, list[Any]], costs: dict[str, float], figure: str | None = None
-) -> list[str]:
-    """The table of :func:`ratio_curve` for every analytic variant (empty if none has costs)."""
+def ratio_curves(groups: dict[str, list[Any]], costs: dict[str, float]) -> dict[str, list[Ratio]]:
+    """:func:`ratio_curve` of every analytic variant on Dropout_1's setting that has costs.
+
+    The corrected intervals count every analytic variant as a choice, with costs or not.
+    """
+    groups = comparable(groups)
+    if "dropout-1" not in groups:
+        return {}
     reference = groups["dropout-1"]
     variants = [n for n, rs in groups.items() if n != "dropout-1" and _headline(rs, n)]
-    curves = {n: ratio_curve(groups[n], reference, costs, len(variants)) for n in variants}
-    known = {n: c for n, c in curves.items() if c is not None}
-    if not known:
+    found = {n: ratio_curve(groups[n], reference, costs, len(variants)) for n in variants}
+    return {n: c for n, c in found.items() if c is not None}
+
+
+def ratio_lines(
+    curves: dict[str, list[Ratio]], groups: dict[str, list[Any]], figure: str | None = None
+) -> list[str]:
+    """The table of :func:`ratio_curves` (empty without a curve).
+
+    Args:
+        curves: :func:`ratio_curves` of ``groups``.
+        groups: Runs by name (for the labels).
+        figure: File name of :func:`plot_ratio_curve`'s figure, shown when given.
+    """
+    if not curves:
         return []
-    level = 1 - (1 - LEVEL) / len(variants)
+    first = next(iter(curves.values()))[0]
+    level, choices = first.corrected_level, first.choices
     head = " | ".join(f"+{percent(f)}" for f in TARGETS)
     lines = [
         "",
@@ -401,7 +422,7 @@ def ratio_lines(
         f"{percent(LEVEL)} percentile interval of a bootstrap over seeds on both sides "
         f"({RESAMPLES:,} resamples each; with three seeds a side a coarse interval, and too "
         f"narrow rather than too wide); second line: the same at {percent(level)}, Bonferroni "
-        f"for the choice among the {len(variants)} variants here, the interval a headline chosen "
+        f"for the choice among the {choices} variants here, the interval a headline chosen "
         "among them needs. "
         "*never*: a seed (or a resample's seed) does not reach the target. (n): the variant's "
         "seeds; one seed leaves only Dropout_1's spread in the interval.",
@@ -409,7 +430,7 @@ def ratio_lines(
         f"| run | | {head} |",
         "|---|---|" + "---:|" * len(TARGETS),
     ]
-    for name, curve in known.items():
+    for name, curve in curves.items():
         label = f"{_marked(groups[name])} ({len(groups[name])})"
         plain = " | ".join(r.text() for r in curve)
         corrected = " | ".join(r.text(True) for r in curve)
@@ -421,16 +442,9 @@ def ratio_lines(
 
 
 def plot_ratio_curve(
-    groups: dict[str, list[Any]], costs: dict[str, float], out: Path
+    curves: dict[str, list[Ratio]], groups: dict[str, list[Any]], out: Path
 ) -> str | None:
-    """:func:`ratio_lines`' ratios against the target, one line and band per variant."""
-    groups = comparable(groups)
-    if "dropout-1" not in groups:
-        return None
-    reference = groups["dropout-1"]
-    variants = [n for n, rs in groups.items() if n != "dropout-1" and _headline(rs, n)]
-    found = {n: ratio_curve(groups[n], reference, costs, len(variants)) for n in variants}
-    curves = {n: c for n, c in found.items() if c is not None}
+    """:func:`ratio_curves` against the target, one line and band per variant (``None``: none)."""
     if not curves:
         return None
     require("matplotlib", "the report's figures").use("Agg")
