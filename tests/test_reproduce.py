@@ -104,10 +104,31 @@ def test_suite_expands_runs_over_seeds_and_quick_keeps_its_runs(suite_file):
     )
 
 
+def test_first_seed_gives_fresh_seed_indices_per_suite_and_per_run(tmp_path):
+    (tmp_path / "base.toml").write_text(BASE)
+    (tmp_path / "suite.toml").write_text(
+        'base = "base.toml"\nseeds = 2\nfirst_seed = 3\n'
+        '[[run]]\nname = "a"\ngroup = "g"\nset = []\n'
+        '[[run]]\nname = "b"\ngroup = "g"\nset = []\nfirst_seed = 0\n'
+    )
+    runs = load_suite(tmp_path / "suite.toml").runs
+    assert [(r.name, r.seed, r.overrides[-1]) for r in runs] == [
+        ("b", 0, "train.seed=1111"),
+        ("b", 1, "train.seed=1112"),
+        ("a", 3, "train.seed=1114"),
+        ("a", 4, "train.seed=1115"),
+    ]
+    assert runs[2].directory == "a/seed3"
+
+
 @pytest.mark.parametrize(
     "text, match",
     [
         ('base = "base.toml"\n[[run]]\nname = "x"\ngroup = "g"\n', "lacks"),
+        (
+            'base = "base.toml"\nfirst_seed = -1\n[[run]]\nname = "x"\ngroup = "g"\nset = []\n',
+            "first_seed",
+        ),
         (
             'base = "base.toml"\n[[run]]\nname = "x"\ngroup = "g"\nset = []\n'
             '[[run]]\nname = "x"\ngroup = "g"\nset = []\n',
@@ -115,7 +136,7 @@ def test_suite_expands_runs_over_seeds_and_quick_keeps_its_runs(suite_file):
         ),
         ('base = "nothere.toml"\n', "base config"),
     ],
-    ids=["missing-key", "repeated-name", "missing-base"],
+    ids=["missing-key", "negative-first-seed", "repeated-name", "missing-base"],
 )
 def test_bad_suite_files(tmp_path, text, match):
     (tmp_path / "base.toml").write_text(BASE)
@@ -271,6 +292,7 @@ def test_bench_command_is_reachable_from_the_cli(capsys):
         "suite-char-qrnn.toml",
         "suite-char-transformer.toml",
         "suite-char-time.toml",
+        "suite-char-time-confirm.toml",
         "suite-char-wt2.toml",
         "suite-char-controls.toml",
         "suite-char-gpt2.toml",

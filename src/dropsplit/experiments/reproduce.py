@@ -16,9 +16,10 @@ A suite file (``configs/paper/suite.toml``) names a base config and the runs, ea
     quick_set = ["train.epochs=2"]   # optional: this run's own --quick overrides, applied last
 
 Run ``r`` with seed index ``i`` trains into ``OUT/<name>/seed<i>`` with ``train.seed = 1111 + i``
-(``seeds`` per run may override the suite's). Runs with several seeds are trained first, seed by
-seed (all seed-0 runs, then all seed-1 runs, ...), then single-seed runs in file order, so a
-suite stopped early has complete seeds of its headline runs. A finished run (``summary.json``)
+(``seeds`` per run may override the suite's; ``first_seed = s``, per suite or run, starts the
+indices at ``s``: fresh seeds for runs trained before with seeds ``0 .. s-1``). Runs with several
+seeds are trained first, seed by seed (all seed-0 runs, then all seed-1 runs, ...), then
+single-seed runs in file order, so a suite stopped early has complete seeds of its headline runs. A finished run (``summary.json``)
 is skipped, an interrupted one (``checkpoint.pt``) resumes, so the suite can be stopped and
 restarted at will: Ctrl-C or SIGTERM stops it at once (the runs under way write a last
 checkpoint where they can), and workers of ``--jobs`` end with their parent, even a killed one.
@@ -211,7 +212,12 @@ def load_suite(
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             where = "--seeds" if seeds is not None else f"{path}: seeds of run {entry['name']!r}"
             raise ValueError(f"{where} must be at least 1, got {n!r} (0 would train nothing)")
-        for i in range(n):
+        first = entry.get("first_seed", raw.get("first_seed", 0))
+        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+            raise ValueError(
+                f"{path}: first_seed of run {entry['name']!r} must be an int >= 0, got {first!r}"
+            )
+        for i in range(first, first + n):
             spec = RunSpec(
                 entry["name"],
                 entry["group"],
