@@ -283,3 +283,27 @@ def test_report_copies_carry_the_noise_scale(tmp_path):
     (copied,) = copy_runs(load_runs([source]), tmp_path / "b")
     assert copied.noise_scale == {"ratio": 2.5}
     assert (tmp_path / "b/runs/dropout-1/seed0/noise_scale.json").exists()
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ({"name": "qrnn"}, "QRNN · PTB characters"),
+        ({}, "LSTM · PTB characters"),  # summaries from before the model registry
+        (
+            {"name": "hf-causal-lm", "hf": {"architecture": "gpt2"}},
+            "GPT-2 (transformers) · PTB characters",
+        ),
+        ({"name": "digits-mlp", "mlp": {"activation": "gelu"}}, "MLP (gelu) · digits"),
+    ],
+    ids=["qrnn", "legacy-lstm", "hf-gpt2", "digits"],
+)
+def test_a_column_is_labelled_by_its_model_and_corpus(model, expected):
+    from dropsplit.experiments.matrix import Column
+    from dropsplit.experiments.report import Run
+
+    data = {} if model.get("name") == "digits-mlp" else {"corpus": "ptb-char"}
+    summary = {"config": {"model": model, "data": data}}
+    run = Run("dropout-1", "g", 0, "Dropout_1", summary, [], Path("."))
+    column = Column(Path("."), None, {"dropout-1": [run]})  # type: ignore[arg-type]
+    assert column.label == expected

@@ -56,6 +56,7 @@ from dropsplit.training.checkpoint import save_text
 from dropsplit.training.config import load_config, to_dict
 
 MODELS = {"lstm": "LSTM", "qrnn": "QRNN", "transformer": "Transformer"}
+HF_ARCHITECTURES = {"gpt2": "GPT-2"}
 CORPORA = {"ptb-char": "PTB characters", "wikitext-2-char": "WikiText-2 characters", "ptb": "PTB"}
 
 
@@ -79,6 +80,9 @@ class Column:
         model, corpus = config["model"].get("name", "lstm"), config["data"].get("corpus", "-")
         if model == "digits-mlp":
             return f"MLP ({config['model']['mlp']['activation']}) · digits"
+        if model == "hf-causal-lm":
+            architecture = config["model"]["hf"]["architecture"]
+            model = f"{HF_ARCHITECTURES.get(architecture, architecture)} (transformers)"
         return f"{MODELS.get(model, model)} · {CORPORA.get(corpus, corpus)}"
 
     @cached_property

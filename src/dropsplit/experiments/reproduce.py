@@ -19,11 +19,11 @@ Run ``r`` with seed index ``i`` trains into ``OUT/<name>/seed<i>`` with ``train.
 (``seeds`` per run may override the suite's; ``first_seed = s``, per suite or run, starts the
 indices at ``s``: fresh seeds for runs trained before with seeds ``0 .. s-1``). Runs with several
 seeds are trained first, seed by seed (all seed-0 runs, then all seed-1 runs, ...), then
-single-seed runs in file order, so a suite stopped early has complete seeds of its headline runs. A finished run (``summary.json``)
-is skipped, an interrupted one (``checkpoint.pt``) resumes, so the suite can be stopped and
-restarted at will: Ctrl-C or SIGTERM stops it at once (the runs under way write a last
-checkpoint where they can), and workers of ``--jobs`` end with their parent, even a killed one.
-A run that fails is named and the suite goes on with the others.
+single-seed runs in file order, so a suite stopped early has complete seeds of its headline
+runs. A finished run (``summary.json``) is skipped, an interrupted one (``checkpoint.pt``)
+resumes, so the suite can be stopped and restarted at will: Ctrl-C or SIGTERM stops it at once
+(the runs under way write a last checkpoint where they can), and workers of ``--jobs`` end with
+their parent, even a killed one. A run that fails is named and the suite goes on with the others.
 
 Run names become directories: they are letters, digits, ``.``, ``_`` and ``-`` only
 (:func:`check_run_name`), and every run directory lies under the output directory
