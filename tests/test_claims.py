@@ -330,6 +330,31 @@ def test_a_budget_limited_run_is_marked_in_the_tables_and_its_verdict(tmp_path):
     assert csv[0].endswith(",budget_limited_seeds") and csv[2].endswith(",2")
 
 
+def test_commits_of_one_numerics_version_compare_as_one_and_of_two_are_mixed(tmp_path):
+    def run(name, seed, ppl, commit, numerics):
+        d = _write(tmp_path / "in", name, seed, ppl, 5)
+        summary = json.loads((d / "summary.json").read_text())
+        summary |= {"git": {"commit": commit, "dirty": False, "numerics": numerics}}
+        (d / "summary.json").write_text(json.dumps(summary | {"resumed": []}))
+        return d
+
+    pairs = [(5.0, 5.3), (5.1, 5.45), (5.05, 5.35)]
+    one = [run("dropout-1", i, a, "aaaa", 1) for i, (a, _) in enumerate(pairs)]
+    one += [run("dropout-8", i, b, "bbbb", 1) for i, (_, b) in enumerate(pairs)]
+    text = write_report(one, tmp_path / "one").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| (a) "))
+    assert row.endswith("| **reproduced** |") and "‡" not in row
+    assert "record the code that trained them (1 distinct: numerics 1;" in text
+    retrained = one[-1] / "summary.json"  # one seed retrained by other numerics
+    summary = json.loads(retrained.read_text())
+    summary["git"] = {"commit": "cccc", "dirty": False, "numerics": 2}
+    retrained.write_text(json.dumps(summary))
+    text = write_report(one, tmp_path / "two").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| (a) "))
+    assert row.endswith("| **reproduced‡** |")
+    assert "‡ mixed code versions: numerics 1, numerics 2" in row
+
+
 def test_comparisons_across_commits_are_flagged_mixed_and_unrecorded_ones_unknown(tmp_path):
     dirs = []
     for seed, (one, eight) in enumerate([(5.0, 5.3), (5.1, 5.45), (5.05, 5.35)]):
@@ -340,7 +365,7 @@ def test_comparisons_across_commits_are_flagged_mixed_and_unrecorded_ones_unknow
     row = next(line for line in text.splitlines() if line.startswith("| (a) "))
     assert row.endswith("| **reproduced‡** |")
     assert "‡ mixed code versions: aaaa, bbbb" in row
-    assert "6 of 6 run summaries record the commits that trained them (2 distinct)" in text
+    assert "6 of 6 run summaries record the code that trained them (2 distinct: aaaa, bbbb;" in text
     # one seed without a commit beside recorded ones: unknown, said so, not called mixed
     a = Arm("dropout-1", config_for("dropout-1"), {1: 5.0, 2: 5.1}, (), frozenset({"aaaa"}), 0)
     b = Arm("dropout-8", config_for("dropout-8"), {1: 5.3, 2: 5.5}, (), frozenset({"aaaa"}), 1)
@@ -363,8 +388,44 @@ def test_comparisons_across_commits_are_flagged_mixed_and_unrecorded_ones_unknow
             True,
         ),
         ({"git": None, "resumed": [{"step": 9, "commit": "def", "dirty": False}]}, ("def",), False),
+        # commits that record one numerics version are that one version
+        (
+            {
+                "git": {"commit": "abc", "dirty": False, "numerics": 1},
+                "resumed": [{"step": 9, "commit": "def", "dirty": False, "numerics": 1}],
+            },
+            ("numerics 1",),
+            True,
+        ),
+        (
+            {
+                "git": {"commit": "abc", "dirty": False, "numerics": 1},
+                "resumed": [{"step": 9, "commit": "def", "dirty": False, "numerics": 2}],
+            },
+            ("numerics 1", "numerics 2"),
+            True,
+        ),
+        # an installed copy (no checkout) still records its numerics version
+        ({"git": {"commit": None, "dirty": None, "numerics": 3}}, ("numerics 3",), True),
+        # a dirty checkout's numerics are unknown: its commit, marked dirty
+        (
+            {"git": {"commit": "abc", "dirty": True, "numerics": 1}, "resumed": []},
+            ("abc+dirty",),
+            True,
+        ),
     ],
-    ids=["none", "commit-key", "git", "dirty", "resumed", "started-unknown"],
+    ids=[
+        "none",
+        "commit-key",
+        "git",
+        "dirty",
+        "resumed",
+        "started-unknown",
+        "one-numerics",
+        "two-numerics",
+        "installed-numerics",
+        "dirty-numerics",
+    ],
 )
 def test_the_code_that_trained_a_run_is_read_from_its_summary(summary, versions, complete):
     assert code_of(summary) == (versions, complete)

@@ -307,3 +307,21 @@ def test_a_column_is_labelled_by_its_model_and_corpus(model, expected):
     run = Run("dropout-1", "g", 0, "Dropout_1", summary, [], Path("."))
     column = Column(Path("."), None, {"dropout-1": [run]})  # type: ignore[arg-type]
     assert column.label == expected
+
+
+def test_the_matrix_refuses_cells_of_mixed_code_unless_told(two_columns, capsys):
+    """The QRNN's Dropout_4 seed 1 retrained by other numerics: its (a) cell compares two code
+    versions; the matrix refuses, naming it, and writes it marked ‡ when told."""
+    for name in ("dropout-1", "dropout-4"):
+        for seed in (0, 1):
+            path = Path("qrnn") / "runs" / name / f"seed{seed}" / "summary.json"
+            summary = json.loads(path.read_text())
+            numerics = 2 if (name, seed) == ("dropout-4", 1) else 1
+            summary["git"] = {"commit": "c" * 40, "dirty": False, "numerics": numerics}
+            path.write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match=r"\(a\) QRNN · PTB characters: numerics 1, numerics 2"):
+        write_matrix(two_columns, "out", "cmd")
+    assert not Path("out/REPORT.md").exists()
+    assert main(["matrix", str(two_columns), "--out", "out", "--allow-mixed-code"]) == 0
+    text = Path("out/REPORT.md").read_text()
+    assert "--allow-mixed-code" in text and "‡ mixed code versions: numerics 1, numerics 2" in text

@@ -769,6 +769,17 @@ def test_the_summary_records_the_commit_of_the_run_and_of_each_resume(tmp_path, 
     assert train(config, tmp_path / "s")["git"] is None
 
 
+def test_the_summary_records_the_numerics_version_of_the_code(tmp_path, monkeypatch):
+    import dropsplit.training.trainer as tr
+
+    # recorded inside a checkout and outside one (an installed copy: no commit)
+    for commit in ("a" * 40, None):
+        source = {"commit": commit, "dirty": None if commit is None else False}
+        monkeypatch.setattr(tr, "source_commit", lambda source=source: source)
+        summary = train(tiny("train.max_steps=2"), tmp_path / str(commit))
+        assert summary["git"] == source | {"numerics": tr.NUMERICS}
+
+
 def test_the_commit_is_that_of_this_checkout():
     from dropsplit.training.trainer import source_commit
 

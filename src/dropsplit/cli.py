@@ -331,8 +331,9 @@ def _report(args: argparse.Namespace) -> int:
 def _matrix(args: argparse.Namespace) -> int:
     from dropsplit.experiments.matrix import write_matrix
 
-    command = f"dropsplit matrix {args.columns} --out {args.out}"
-    print(f"Report: {write_matrix(args.columns, args.out, command)}")
+    mixed = " --allow-mixed-code" if args.allow_mixed_code else ""
+    command = f"dropsplit matrix {args.columns} --out {args.out}{mixed}"
+    print(f"Report: {write_matrix(args.columns, args.out, command, args.allow_mixed_code)}")
     return 0
 
 
@@ -552,6 +553,12 @@ def _add_suite_commands(sub: Any) -> None:
     )
     matrix.add_argument("columns", help="matrix file (configs/paper/matrix.toml)")
     matrix.add_argument("--out", required=True, help="report directory")
+    matrix.add_argument(
+        "--allow-mixed-code",
+        action="store_true",
+        help="write cells whose comparisons mix runs trained by different code versions "
+        "(marked ‡) instead of refusing",
+    )
     matrix.set_defaults(handler=_matrix)
 
 

@@ -118,21 +118,28 @@ def budget_limited(summary: Mapping[str, Any], metrics: Sequence[Mapping[str, An
 
 
 def code_of(summary: Mapping[str, Any]) -> tuple[tuple[str, ...], bool]:
-    """The commits that trained a run, and whether the record is complete.
+    """The code versions that trained a run, and whether the record is complete.
 
-    Reads ``summary["git"]`` (``{"commit", "dirty"}`` of the code that started the run, ``None``
-    when unknown) with ``summary["resumed"]`` (each resume's ``{"step", "commit", "dirty"}``),
-    or a plain ``summary["commit"]`` (one commit, or a list). A dirty checkout counts as its own
-    version (``<commit>+dirty``). Complete: the code that started the run is recorded, and every
-    resume's; summaries from before the record have neither (``((), False)``).
+    Reads ``summary["git"]`` (``{"commit", "dirty", "numerics"}`` of the code that started the
+    run, ``None`` when neither is known) with ``summary["resumed"]`` (each resume's ``{"step",
+    "commit", "dirty", "numerics"}``), or a plain ``summary["commit"]`` (one commit, or a list).
+    A clean checkout that records its numerics version (``dropsplit.training.trainer.NUMERICS``)
+    is that version (``numerics <n>``: commits that change no trained number compare as one);
+    otherwise the commit is the version, and a dirty checkout its own (``<commit>+dirty``).
+    Complete: the code that started the run is recorded, and every resume's; summaries from before
+    the record have neither (``((), False)``).
     """
 
     def version(entry: Any) -> str | None:
         if isinstance(entry, str):
             return entry or None
-        if isinstance(entry, Mapping) and entry.get("commit"):
-            return str(entry["commit"]) + ("+dirty" if entry.get("dirty") else "")
-        return None
+        if not isinstance(entry, Mapping):
+            return None
+        if entry.get("numerics") is not None and not entry.get("dirty"):
+            return f"numerics {entry['numerics']}"
+        if not entry.get("commit"):
+            return None
+        return str(entry["commit"]) + ("+dirty" if entry.get("dirty") else "")
 
     if "git" in summary or "resumed" in summary:
         entries = [summary.get("git"), *summary.get("resumed", [])]
@@ -609,13 +616,7 @@ class Verdict:
         if self.limited:
             text.append(f"{LIMITED} rests on budget-limited runs: {', '.join(self.limited)}")
         if self.code == "mixed":
-            versions = sorted(
-                {
-                    v[:10] + ("+dirty" if v.endswith("+dirty") else "")
-                    for d in self.decisive
-                    for v in d.versions
-                }
-            )
+            versions = sorted({_short(v) for d in self.decisive for v in d.versions})
             text.append(f"{MIXED} mixed code versions: {', '.join(versions)}")
         elif self.code == "partly unknown":
             text.append("code versions partly unrecorded")
@@ -1171,8 +1172,17 @@ def code_version_text(runs: Iterable[Any]) -> str:
             "versions is *unknown*, and it is not flagged as mixed."
         )
     return (
-        f"Code versions: {recorded} of {len(codes)} run summaries record the commits that trained "
-        f"them ({len(versions)} distinct); a comparison between different commits (or a dirty "
-        f"checkout) is marked {MIXED}, one resting on seeds without a record says *code versions "
-        "partly unrecorded* (not mixed: unknown)."
+        f"Code versions: {recorded} of {len(codes)} run summaries record the code that trained "
+        f"them ({len(versions)} distinct: {', '.join(_short(v) for v in versions)}; a commit "
+        f"that records its numerics version is that version); a comparison between different "
+        f"versions (or a dirty checkout) is marked {MIXED}, one resting on seeds without a "
+        "record says *code versions partly unrecorded* (not mixed: unknown)."
     )
+
+
+def _short(version: str) -> str:
+    """A version as the reports print it: ``numerics 1``, or a commit's first 10 hex digits."""
+    if version.startswith("numerics"):
+        return version
+    commit, plus, dirty = version.partition("+")
+    return commit[:10] + plus + dirty

@@ -429,18 +429,49 @@ def coverage_lines(columns: list[Column]) -> list[str]:
     return lines
 
 
-def write_matrix(path: str | Path, out: str | Path, command: str) -> Path:
+def mixed_cells(columns: list[Column]) -> list[str]:
+    """``"(claim) column: versions"`` for each cell whose verdict compares runs of different code.
+
+    A cell is mixed when a comparison it rests on has seeds trained by different code versions
+    (:func:`~dropsplit.experiments.claims.code_of`: numerics versions, else commits).
+    """
+    cells = []
+    for column in columns:
+        for verdict in column.verdicts:
+            if verdict.code == "mixed":
+                versions = sorted({v for d in verdict.decisive for v in d.versions})
+                cells.append(f"({verdict.claim}) {column.label}: {', '.join(versions)}")
+    return cells
+
+
+def write_matrix(
+    path: str | Path, out: str | Path, command: str, allow_mixed_code: bool = False
+) -> Path:
     """Write ``out/REPORT.md`` and the claim figures from the reports ``path`` lists.
 
     Args:
         path: The matrix TOML file.
         out: Report directory.
         command: The command printed as the way to regenerate the report.
+        allow_mixed_code: Write cells that compare runs trained by different code versions
+            (marked ‡) instead of refusing.
 
     Returns:
         Path of ``REPORT.md``.
+
+    Raises:
+        ValueError: If a cell compares runs of different code versions and ``allow_mixed_code``
+            is false: the cells and their versions, and the two ways on.
     """
     columns = load_columns(path)
+    mixed = mixed_cells(columns)
+    if mixed and not allow_mixed_code:
+        raise ValueError(
+            f"{len(mixed)} cell(s) compare runs trained by different code versions: "
+            + "; ".join(mixed)
+            + ". Retrain those runs with one version, or pass --allow-mixed-code to write them "
+            "marked ‡"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = plot_claims(columns, out)

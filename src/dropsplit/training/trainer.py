@@ -158,6 +158,13 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, SLURM, Docker) ended the run after a last checkpoint."""
 
 
+# The version of the training numerics, recorded in every summary beside the commit: bumped by
+# every change that can move a trained number (a method's or an estimator's gradient, a model's
+# forward or init, the optimizer, the data windows, the spike guard), and only by those, so runs
+# that record the same value compare as one code version even when their commits differ.
+NUMERICS = 1
+
+
 @functools.lru_cache(maxsize=1)
 def source_commit() -> dict[str, Any] | None:
     """``{"commit", "dirty"}`` of the git checkout this dropsplit runs from; ``None`` if none.
@@ -833,16 +840,17 @@ def is_run_entry(name: str) -> bool:
 
 
 def _source() -> dict[str, Any]:
-    """``{"commit", "dirty"}`` of :func:`source_commit` (both ``None`` outside a checkout)."""
-    return dict(source_commit() or {"commit": None, "dirty": None})
+    """:func:`source_commit` (``None`` values outside a checkout) and :data:`NUMERICS`."""
+    return dict(source_commit() or {"commit": None, "dirty": None}) | {"numerics": NUMERICS}
 
 
 def _provenance(progress: Progress) -> dict[str, Any]:
     """The summary's record of the source: the commit that started the run, and each resume's."""
     first = progress.sources[0] if progress.sources else {"step": -1, "commit": None}
-    started = first["step"] == 0 and first["commit"] is not None
+    started = first["step"] == 0 and (first["commit"] is not None or "numerics" in first)
+    keys = ("commit", "dirty", "numerics")
     return {
-        "git": {"commit": first["commit"], "dirty": first["dirty"]} if started else None,
+        "git": {k: first[k] for k in keys if k in first} if started else None,
         "resumed": [dict(s) for s in progress.sources if s["step"] > 0],
     }
 
