@@ -464,3 +464,26 @@ def test_practitioners_table_picks_the_best_strength_and_times_the_reach():
     assert "**no clear difference**" in table
     assert "R-Drop: rdrop-0.1: 6.30 (1 seed), rdrop-0.5: 5.53" in table
     assert practitioner_lines({k: v for k, v in groups.items() if "rdrop" not in k}) == []
+
+
+def test_runs_at_a_longer_budget_are_judged_again_by_themselves(tmp_path):
+    """Dropout_1 and R_approx + xi_approx at the suite's 10 epochs and again at 20 (`e20-*`):
+    the report's second table judges the 20-epoch runs against the 20-epoch Dropout_1 only."""
+    dirs = []
+    for seed, (one, analytic, one_20, analytic_20) in enumerate(
+        [(5.0, 4.6, 4.8, 4.85), (5.1, 4.7, 4.9, 4.9), (5.05, 4.65, 4.85, 4.9)]
+    ):
+        dirs.append(_write(tmp_path / "in", "dropout-1", seed, one, 10))
+        dirs.append(_write(tmp_path / "in", "analytic", seed, analytic, 5))
+        dirs.append(_write(tmp_path / "in", "e20-dropout-1", seed, one_20, 15, epochs=20))
+        dirs.append(_write(tmp_path / "in", "e20-analytic", seed, analytic_20, 15, epochs=20))
+    text = write_report(dirs, tmp_path / "report").read_text()
+    main, _, longer = text.partition("### At 20 epochs")
+    assert longer, "no table for the longer budget"
+    row = next(line for line in main.splitlines() if line.startswith("| (d) "))
+    assert "analytic - dropout-1† = -0.40" in row  # the suite's budget: Dropout_1 best at 10/10
+    assert "`dropout-1`" not in longer.split("\n\n")[1]  # the 20-epoch runs only
+    assert "with `e20-dropout-1` as Dropout_1" in longer
+    row = next(line for line in longer.splitlines() if line.startswith("| (d) "))
+    assert "e20-analytic - e20-dropout-1 = +0.03" in row
+    assert "e20" not in next(line for line in main.splitlines() if line.startswith("| (a) "))

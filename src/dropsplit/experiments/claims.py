@@ -1160,6 +1160,39 @@ def judge_claims(
     return out
 
 
+def longer_budgets(arms: Mapping[str, Arm]) -> list[tuple[int, Runs]]:
+    """The report's runs at each budget longer than Dropout_1's, judged as a suite of their own.
+
+    A longer budget counts when a Dropout_1 (``method.k = 1``, Dropout_1's setting) was trained
+    with more epochs and some other run was trained with those epochs too: the runs with those
+    epochs, with that Dropout_1 as the reference, so every claim compares runs of one budget: a
+    verdict that rests on runs still improving at the suite's budget is judged again where they
+    had longer.
+
+    Returns:
+        ``(epochs, runs)`` per longer budget, shortest first.
+    """
+    main = arms.get("dropout-1")
+    if main is None:
+        return []
+    epochs = config_value(main.config, "train.epochs")
+    out = []
+    references = [
+        a
+        for a in arms.values()
+        if DROPOUT.matches(a.config, main.config)
+        and config_value(a.config, "method.k") == 1
+        and same_setting(a.config, main.config)
+        and (config_value(a.config, "train.epochs") or 0) > (epochs or 0)
+    ]
+    for longer in sorted({config_value(a.config, "train.epochs") for a in references}):
+        at = {n: a for n, a in arms.items() if config_value(a.config, "train.epochs") == longer}
+        reference = min(n for n in at if n in {a.name for a in references})
+        if len(at) > 1:
+            out.append((longer, Runs(at, reference)))
+    return out
+
+
 def code_version_text(runs: Iterable[Any]) -> str:
     """The report's sentence on the commits its runs record (:func:`code_of`)."""
     codes = [code_of(r.summary) for r in runs]

@@ -29,6 +29,7 @@ from typing import Any
 from dropsplit.experiments.claims import (
     CLAIMS,
     LIMITED,
+    NOT_RUN,
     RULES,
     Runs,
     Stat,
@@ -36,6 +37,7 @@ from dropsplit.experiments.claims import (
     budget_limited,
     code_version_text,
     judge_claims,
+    longer_budgets,
     stat,
 )
 from dropsplit.experiments.practice import practitioner_lines
@@ -442,6 +444,24 @@ def _verdict_lines(groups: dict[str, list[Run]]) -> list[str]:
         lines.append(
             f"| ({v.claim}) {c.statement} | {c.paper} | {c.tests} | {v.effect} | **{v.shown}** |"
         )
+    for epochs, runs in longer_budgets(arms(groups)):
+        judged = [v for v in judge_claims(runs) if v.verdict != NOT_RUN]
+        names = ", ".join(f"`{n}`" for n in sorted(runs.arms))
+        lines += [
+            "",
+            f"### At {epochs} epochs",
+            "",
+            f"The runs trained for {epochs} epochs ({names}), judged by the same rules with "
+            f"`{runs.ref.name if runs.ref else '-'}` as Dropout_1; claims without runs at this "
+            "budget are left out.",
+            "",
+            "| claim | our effect | verdict |",
+            "|---|---|---|",
+            *(
+                f"| ({v.claim}) {claims[v.claim].statement} | {v.effect} | **{v.shown}** |"
+                for v in judged
+            ),
+        ]
     return lines
 
 
