@@ -245,4 +245,6 @@ def test_the_report_section_has_the_ratio_table_and_its_figure(tmp_path):
     assert "| run | | +0 % | +1 % | +2 % | +3 % | +4 % | +5 % |" in text
     assert "| sched (2) | 95 % | 1.76 [" in text
     assert "| | 97.5 % | " in text  # Bonferroni over the two analytic variants (sched, slow)
+    counts = sorted({len(groups[n]) for n in (*curves, "dropout-1")})
+    assert f"with {counts[0]} to {counts[-1]} seeds a side" in text
     assert f"![Ratio over targets]({RATIO_FIGURE})" in text

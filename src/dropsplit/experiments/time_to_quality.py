@@ -411,6 +411,8 @@ def ratio_lines(
         return []
     first = next(iter(curves.values()))[0]
     level, choices = first.corrected_level, first.choices
+    counts = sorted({len(groups[n]) for n in (*curves, "dropout-1") if n in groups})
+    seeds = " to ".join(str(c) for c in dict.fromkeys((counts[0], counts[-1])))
     head = " | ".join(f"+{percent(f)}" for f in TARGETS)
     lines = [
         "",
@@ -420,7 +422,7 @@ def ratio_lines(
         "over Dropout_1's (a Dropout_1 seed whose best lies above the target counts its time to "
         "its best), for targets from Dropout_1's mean best (+0 %) to 5 % above it. Brackets: "
         f"{percent(LEVEL)} percentile interval of a bootstrap over seeds on both sides "
-        f"({RESAMPLES:,} resamples each; with three seeds a side a coarse interval, and too "
+        f"({RESAMPLES:,} resamples each; with {seeds} seeds a side a coarse interval, and too "
         f"narrow rather than too wide); second line: the same at {percent(level)}, Bonferroni "
         f"for the choice among the {choices} variants here, the interval a headline chosen "
         "among them needs. "
