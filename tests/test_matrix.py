@@ -325,3 +325,19 @@ def test_the_matrix_refuses_cells_of_mixed_code_unless_told(two_columns, capsys)
     assert main(["matrix", str(two_columns), "--out", "out", "--allow-mixed-code"]) == 0
     text = Path("out/REPORT.md").read_text()
     assert "--allow-mixed-code" in text and "‡ mixed code versions: numerics 1, numerics 2" in text
+
+
+def test_a_longer_budget_is_costed_from_the_same_run_at_the_suites_budget(tmp_path, monkeypatch):
+    """`e<N>-analytic` planned, `analytic` finished: its CPU time times N over its epochs."""
+    monkeypatch.chdir(tmp_path)
+    for seed in (0, 1):
+        _run(Path("r"), "dropout-1", seed, 5.0, seconds=40.0)
+        _run(Path("r"), "analytic", seed, 4.8, seconds=90.0)
+    epochs = config_for("analytic")["train"]["epochs"]
+    _suite(Path("s.toml"), [("dropout-1", 2), ("analytic", 2), (f"e{3 * epochs}-analytic", 2)])
+    Path("m.toml").write_text('[[column]]\nreport = "r"\nsuite = "s.toml"\n')
+    columns = load_columns("m.toml")
+    assert missing_cost(columns, 0, f"e{3 * epochs}-analytic") == pytest.approx(270.0)
+    # another method at the longer budget has no run to scale from
+    _suite(Path("s.toml"), [("dropout-1", 2), ("e20-explicit", 2)])
+    assert missing_cost(load_columns("m.toml"), 0, "e20-explicit") is None

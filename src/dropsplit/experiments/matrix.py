@@ -381,15 +381,48 @@ def _seconds(runs: list[Run]) -> float:
     )
 
 
+def _flat(config: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as ``{"section.key": value}``."""
+    out: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _same_run_other_budget(column: Column, name: str) -> tuple[list[Run], float] | None:
+    """A finished run of the column planned like ``name`` but for its epochs, and their ratio.
+
+    Compares the saved configs with ``name``'s planned one on every key both have but
+    ``train.epochs`` and ``train.seed``; the ratio is planned epochs over the run's (an upper
+    bound of the cost ratio: early stopping may end the longer run sooner).
+    """
+    spec = next(s for s in column.suite.runs if s.name == name)
+    planned = _flat(to_dict(load_config(column.suite.base, list(spec.overrides))))
+    ignored = {"train.epochs", "train.seed"}
+    for runs in column.groups.values():
+        saved = _flat(runs[0].summary["config"])
+        keys = (set(planned) & set(saved)) - ignored  # configs saved by older code lack keys
+        if all(planned.get(k) == saved.get(k) for k in keys):
+            return runs, float(planned["train.epochs"]) / float(saved["train.epochs"])  # type: ignore[arg-type]
+    return None
+
+
 def missing_cost(columns: list[Column], index: int, name: str) -> float | None:
     """CPU seconds of one more seed of ``name`` in column ``index``.
 
-    From the column's own finished seeds; without one, from the first other column that has the
-    run, scaled by the two columns' Dropout_1 costs (``None``: no column has it).
+    From the column's own finished seeds; without one, from a finished run of the column planned
+    the same but for its epochs, scaled by the epochs; else from the first other column that has
+    the run, scaled by the two columns' Dropout_1 costs (``None``: none of these).
     """
     column = columns[index]
     if name in column.groups:
         return _seconds(column.groups[name])
+    found = _same_run_other_budget(column, name)
+    if found is not None:
+        return _seconds(found[0]) * found[1]
     for other in columns:
         if name in other.groups:
             scale = _seconds(column.groups["dropout-1"]) / _seconds(other.groups["dropout-1"])
