@@ -589,6 +589,11 @@ class Verdict:
         return tuple(dict.fromkeys(r for d in self.decisive for r in d.limited))
 
     @property
+    def versions(self) -> list[str]:
+        """The code versions of the comparisons it rests on, as the reports print them."""
+        return sorted({_short(v) for d in self.decisive for v in d.versions})
+
+    @property
     def code(self) -> str:
         """``"mixed"``, ``"partly unknown"``, ``"unknown"`` or ``"one"`` over its comparisons."""
         codes = {d.code for d in self.decisive}
@@ -616,8 +621,7 @@ class Verdict:
         if self.limited:
             text.append(f"{LIMITED} rests on budget-limited runs: {', '.join(self.limited)}")
         if self.code == "mixed":
-            versions = sorted({_short(v) for d in self.decisive for v in d.versions})
-            text.append(f"{MIXED} mixed code versions: {', '.join(versions)}")
+            text.append(f"{MIXED} mixed code versions: {', '.join(self.versions)}")
         elif self.code == "partly unknown":
             text.append("code versions partly unrecorded")
         return "; ".join(text)

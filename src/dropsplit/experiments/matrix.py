@@ -472,8 +472,7 @@ def mixed_cells(columns: list[Column]) -> list[str]:
     for column in columns:
         for verdict in column.verdicts:
             if verdict.code == "mixed":
-                versions = sorted({v for d in verdict.decisive for v in d.versions})
-                cells.append(f"({verdict.claim}) {column.label}: {', '.join(versions)}")
+                cells.append(f"({verdict.claim}) {column.label}: {', '.join(verdict.versions)}")
     return cells
 
 
