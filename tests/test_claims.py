@@ -191,6 +191,21 @@ def test_verdict_data_size_tests_the_change_of_the_relative_gap():
     assert _verdict(arms, "f").verdict == "inconclusive"
 
 
+def test_data_size_compares_an_extended_size_at_its_longest_budget_with_both_runs():
+    arms = _arms(0.3, dropout_1=100, dropout_4=106)
+    arms.update(_arms(0.3, **{"data_0.0025_dropout_1": 120, "data_0.0025_dropout_4": 132}))
+    arms.update(_arms(0.3, **{"data_0.02_dropout_1": 90, "data_0.02_dropout_4": 90.5}))
+    # only Dropout_1 trained longer: no pair at 500 epochs, the 10-epoch pair stays
+    arms.update(_arms(0.3, **{"data_0.02_e500_dropout_1": 85}))
+    v = _verdict(arms, "f")
+    assert "fraction 0.02: data-0.02-dropout-4 - data-0.02-dropout-1 = +" in v.effect
+    # both trained longer: the longer pair is the size's comparison
+    arms.update(_arms(0.3, **{"data_0.02_e500_dropout_4": 80}))
+    v = _verdict(arms, "f")
+    assert "fraction 0.02: data-0.02-e500-dropout-4 - data-0.02-e500-dropout-1 = -5." in v.effect
+    assert v.verdict == "reproduced"  # gap 10 % at 0.0025, -6 % at 0.02
+
+
 def test_fig4_is_judged_as_b_for_each_k():
     arms = _arms(0.3, dropout_1=100, dropout_4=106, dropout_4_analytic=100.5, dropout_8=110)
     v = _verdict(arms, "Fig. 4")

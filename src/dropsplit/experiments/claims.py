@@ -825,7 +825,9 @@ def dropout_sizes(runs: Runs) -> dict[float, dict[int, Arm]]:
     """Dropout_k runs of Dropout_1's model and corpus by training fraction, then by k.
 
     At each size and k, the run :meth:`Runs.by_k` puts first: at the main fraction the main
-    runs (Dropout_1's budget), elsewhere the run with most seeds.
+    runs (Dropout_1's budget); elsewhere the runs of the longest budget (epochs) at which
+    Dropout_1 and another k were both trained, so a size whose runs were extended is compared
+    at its extended budget, then the run with most seeds.
     """
     ref = runs.ref
     found = [a for a in runs.select(ANY_SIZE) if ref is None or _same_model(a.config, ref.config)]
@@ -835,10 +837,31 @@ def dropout_sizes(runs: Runs) -> dict[float, dict[int, Arm]]:
 
     sizes = {}
     for f in sorted({fraction(a) for a in found}):
-        here = Runs({a.name: a for a in found if fraction(a) == f}, reference="")
+        at_size = [a for a in found if fraction(a) == f]
         main = ref if ref is not None and fraction(ref) == f else None
+        if main is None:
+            at_size = _longest_paired_budget(at_size)
+        here = Runs({a.name: a for a in at_size}, reference="")
         sizes[f] = here.by_k(ANY_SIZE, main)
     return sizes
+
+
+def _longest_paired_budget(found: list[Arm]) -> list[Arm]:
+    """The runs of the most epochs at which a Dropout_1 and a Dropout_k > 1 were trained."""
+
+    def epochs(a: Arm) -> int:
+        return int(config_value(a.config, "train.epochs") or 0)
+
+    def k(a: Arm) -> int:
+        return int(config_value(a.config, "method.k"))
+
+    paired = [
+        e
+        for e in {epochs(a) for a in found}
+        if any(k(a) == 1 and epochs(a) == e for a in found)
+        and any(k(a) > 1 and epochs(a) == e for a in found)
+    ]
+    return [a for a in found if epochs(a) == max(paired)] if paired else found
 
 
 def fraction_pairs(runs: Runs) -> dict[float, tuple[Arm, Arm]]:
