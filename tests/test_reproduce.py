@@ -284,28 +284,14 @@ def test_bench_command_is_reachable_from_the_cli(capsys):
     assert "--memory-only" in capsys.readouterr().out
 
 
+PAPER_CONFIGS = Path(__file__).parents[1] / "configs" / "paper"
+
+
 @pytest.mark.parametrize(
-    "name",
-    [
-        "suite.toml",
-        "suite-char.toml",
-        "suite-char-qrnn.toml",
-        "suite-char-transformer.toml",
-        "suite-char-time.toml",
-        "suite-char-time-confirm.toml",
-        "suite-char-wt2.toml",
-        "suite-char-controls.toml",
-        "suite-char-gpt2.toml",
-        "suite-digits-relu.toml",
-        "suite-digits-gelu.toml",
-        "gpu/suite-ptb-lstm.toml",
-        "gpu/suite-wt2-lstm.toml",
-        "gpu/suite-wt103-qrnn.toml",
-        "gpu/suite-wt103-transformer.toml",
-    ],
+    "name", sorted(str(p.relative_to(PAPER_CONFIGS)) for p in PAPER_CONFIGS.rglob("suite*.toml"))
 )
 def test_shipped_suites_load_and_every_run_config_is_valid(name):
-    suite = load_suite(Path(__file__).parents[1] / "configs" / "paper" / name)
+    suite = load_suite(PAPER_CONFIGS / name)
     for spec in suite.runs:
         config = load_config(suite.base, list(spec.overrides))
         assert config.train.seed == 1111 + spec.seed
