@@ -1070,8 +1070,9 @@ CLAIMS: tuple[Claim, ...] = (
         "(no implicit effect with much data)",
         "Per seed, the gap (Dropout_k - Dropout_1) / Dropout_1 in % at each training size (k: "
         "the largest k run at every size; at a size other than the main one, the runs of the "
-        "longest budget with both Dropout_1 and Dropout_k). Reproduced: the gap at the smallest size clearly "
-        "above 0 and the gap at the largest size minus the gap at the smallest clearly below 0. "
+        "longest budget with both Dropout_1 and Dropout_k). Reproduced: the gap at the smallest "
+        "size clearly above 0 and the gap at the largest size minus the gap at the smallest "
+        "clearly below 0. "
         "Not reproduced: that change clearly above 0. Otherwise (no clear gap at the smallest "
         "size included) inconclusive.",
         _judge_f,
