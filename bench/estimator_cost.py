@@ -2,13 +2,13 @@
 
 For every model of ``BUILDERS`` and every configuration of ``CONFIGS`` (``Analytic("sampled",
 implicit=True)``, and the implicit term alone: the form of ``DropoutK(noise="analytic")``), one
-step per estimator (double backward, the one-sided difference, forward over reverse) is timed
-as a ratio to a ``DropoutK(1)`` step of the same round (interleaved rounds in one process,
-median ratio, as ``dropsplit bench``), and its gradient is compared with the double-backward
-gradient of the same draws (same seed): ``||g - g_db|| / ||g_db||``, on the model as built
-(float32) and on a float64 copy (there the error is the estimator's own; in float32 it adds
-rounding). A model is one more function in ``BUILDERS``: ``() -> (name, model, forward_fn,
-batch)``.
+step per estimator (double backward with two backwards or one batched backward to the gates,
+the one-sided difference, forward over reverse) is timed as a ratio to a ``DropoutK(1)`` step
+of the same round (interleaved rounds in one process, median ratio, as ``dropsplit bench``),
+and its gradient is compared with the double-backward gradient of the same draws (same seed):
+``||g - g_db|| / ||g_db||``, on the model as built (float32) and on a float64 copy (there the
+error is the estimator's own; in float32 it adds rounding). A model is one more function in
+``BUILDERS``: ``() -> (name, model, forward_fn, batch)``.
 
     OMP_NUM_THREADS=1 python bench/estimator_cost.py --repeats 5 > docs/results/estimator_cost.md
 """
@@ -29,7 +29,12 @@ from dropsplit.core.forward import trainable_parameters
 from dropsplit.experiments import benchmark
 from dropsplit.models.awd import lm_forward
 
-ESTIMATORS = ("double-backward", "hvp-difference", "jvp")
+ESTIMATORS = {  # row name -> gradient=
+    "double-backward": "double-backward",
+    "double-backward batched": ds.DoubleBackward(batched=True),
+    "hvp-difference": "hvp-difference",
+    "jvp": "jvp",
+}
 CONFIGS = {
     "sampled + implicit": lambda gradient: ds.Analytic("sampled", True, gradient=gradient, seed=0),
     "implicit only": lambda gradient: ds.Analytic(None, True, gradient=gradient, seed=0),
@@ -124,8 +129,8 @@ def errors(config, model, forward_fn, batch):
         ("float64", copy.deepcopy(model).double(), to_float64(batch)),
     ):
         exact = step(config("double-backward"), m, forward_fn, b)
-        for gradient in ESTIMATORS:
-            g = step(config(gradient), m, forward_fn, b)
+        for gradient, estimator in ESTIMATORS.items():
+            g = step(config(estimator), m, forward_fn, b)
             out[gradient, tag] = float((g - exact).norm() / exact.norm())
     return out
 
@@ -133,7 +138,7 @@ def errors(config, model, forward_fn, batch):
 def ratios(config, model, forward_fn, batch, repeats):
     """Median, min and max ratio of each estimator's step time to DropoutK(1)'s, same round."""
     methods = {"DropoutK(1)": ds.DropoutK(1, seed=0)}
-    methods.update({gradient: config(gradient) for gradient in ESTIMATORS})
+    methods.update({gradient: config(estimator) for gradient, estimator in ESTIMATORS.items()})
     times = {name: [] for name in methods}
     for method in methods.values():  # warm-up
         step(method, model, forward_fn, batch)

@@ -50,6 +50,23 @@ def test_dropout_k_object_and_name_give_the_same_gradient(gradient, estimator):
     assert torch.equal(by_name, by_object)
 
 
+@pytest.mark.parametrize("name", ["mlp-two-sites", "rnn-locked", "qrnn-lm", "transformer-lm"])
+@pytest.mark.parametrize("curvature", ["sampled", "identity"])
+def test_double_backward_batched_or_not_gives_the_same_gradient(name, curvature):
+    """Two backwards and one batched backward are the same exact gradient (same draws)."""
+    two = _gradient(ds.Analytic(curvature, True, gradient=ds.DoubleBackward(), seed=3), name)
+    one = _gradient(
+        ds.Analytic(curvature, True, gradient=ds.DoubleBackward(batched=True), seed=3), name
+    )
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-7)
+    assert two.abs().max() > 0
+
+
+def test_double_backward_batched_must_be_a_bool():
+    with pytest.raises(TypeError, match="batched must be a bool, got str"):
+        ds.DoubleBackward(batched="yes")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "keyword, value, gradient, estimator",
     [
@@ -158,7 +175,10 @@ def test_a_new_estimator_is_one_table_entry(monkeypatch):
             ['method.gradient="finite-difference"', "method.estimator.step=0.1"],
             "takes epsilon, per_example in \\[method.estimator\\], got step",
         ),
-        (["method.estimator.step=0.1"], "'double-backward' takes no options"),
+        (
+            ["method.estimator.step=0.1"],
+            r"gradient='double-backward' takes batched in \[method.estimator\], got step",
+        ),
         (
             ['method.gradient="hvp-difference"', "method.estimator.step=0.5"],
             r"step must be in \(0, 0.1\]",
@@ -169,7 +189,14 @@ def test_a_new_estimator_is_one_table_entry(monkeypatch):
         ),
         (["method.estimator=3"], "method.estimator must be a dict"),
     ],
-    ids=["hvp-unknown", "fd-unknown", "double-backward-none", "bad-step", "bad-bool", "no-table"],
+    ids=[
+        "hvp-unknown",
+        "fd-unknown",
+        "double-backward-unknown",
+        "bad-step",
+        "bad-bool",
+        "no-table",
+    ],
 )
 def test_bad_estimator_table_is_one_clear_error(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -1,9 +1,17 @@
 """Exact gradients of the analytic terms by double backward (Alg. 2 as the paper writes it).
 
 One gated forward; the gate gradients of the true-label loss and of the curvature probe come
-from one batched backward with ``create_graph=True``; the explicit term squares them and the
-implicit scalar signs them (:mod:`dropsplit.core.explicit`, :mod:`dropsplit.core.implicit`), and
-the step backpropagates through that graph again: exact, and the costliest path.
+from backwards with ``create_graph=True`` (two, or one batched backward); the explicit term
+squares them and the implicit scalar signs them (:mod:`dropsplit.core.explicit`,
+:mod:`dropsplit.core.implicit`), and the step backpropagates through that graph again: exact,
+and the costliest path.
+
+Its floor: per linear layer ``y = x W`` the dropout step does three matrix products (one
+forward, two backward). With both terms the exact step does nine: the forward, one
+``dx = dy W^T`` per gate gradient (two), and in the second backward the forward's two plus two
+per gate-gradient graph (the derivatives of ``dy W^T`` with respect to ``dy`` and ``W``). Where
+matrix products dominate, the exact step with R_approx and xi_approx therefore costs about
+three dropout steps whatever the implementation; one term alone costs about two.
 """
 
 from __future__ import annotations
@@ -30,11 +38,28 @@ __all__ = ["DoubleBackward"]
 
 @dataclass(frozen=True)
 class DoubleBackward(Estimator):
-    """``gradient="double-backward"``: the exact gradients (Alg. 2); no options."""
+    """``gradient="double-backward"``: the exact gradients (Alg. 2).
+
+    Attributes:
+        batched: When both the true-label and the probe gate gradients are needed (the
+            implicit term with ``"sampled"`` or ``"identity"`` curvature), take them in one
+            backward batched over the two cotangents (``is_grads_batched``) rather than in two
+            backwards. Same numbers either way; which is faster depends on the model: two
+            backwards where large matrix products dominate (transformers, the QRNN), the
+            batched one where the graph is thousands of small operations (the LSTM's time
+            loop). See ``BENCHMARKS.md``.
+    """
 
     name: ClassVar[str] = "double-backward"
     CURVATURES: ClassVar[tuple[str, ...]] = CURVATURES
     SEPARABLE: ClassVar[bool] = True
+    batched: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batched, bool):
+            raise TypeError(
+                f"DoubleBackward: batched must be a bool, got {type(self.batched).__name__}"
+            )
 
     def estimate(
         self,
@@ -67,11 +92,14 @@ class DoubleBackward(Estimator):
         needs_label = spec.implicit or spec.curvature == "label"
         with torch.profiler.record_function("dropsplit.double_backward.gate_gradients"):
             if needs_label and spec.curvature in ("sampled", "identity"):
-                # both gate gradients from one backward through the model
                 probe = curvature_probe(spec.curvature, out, loss, generator)
-                label_grads, probe_grads = joint_site_gradients(
-                    [summed, probe], out.logits, ctx.gates, create_graph=True
-                )
+                if self.batched:
+                    label_grads, probe_grads = joint_site_gradients(
+                        [summed, probe], out.logits, ctx.gates, create_graph=True
+                    )
+                else:
+                    label_grads = site_gradients(summed, ctx.gates, create_graph=True)
+                    probe_grads = site_gradients(probe, ctx.gates, create_graph=True)
             elif needs_label:
                 label_grads = site_gradients(summed, ctx.gates, create_graph=True)
         regularizers = explicit = implicit = terms = None
