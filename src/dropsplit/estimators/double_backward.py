@@ -1,8 +1,8 @@
 """Exact gradients of the analytic terms by double backward (Alg. 2 as the paper writes it).
 
 One gated forward; the gate gradients of the true-label loss and of the curvature probe come
-from backwards with ``create_graph=True`` (two, or one batched backward); the explicit term
-squares them and the implicit scalar signs them (:mod:`dropsplit.core.explicit`,
+from one backward batched over the two (or two backwards) with ``create_graph=True``; the
+explicit term squares them and the implicit scalar signs them (:mod:`dropsplit.core.explicit`,
 :mod:`dropsplit.core.implicit`), and the step backpropagates through that graph again: exact,
 and the costliest path.
 
@@ -43,17 +43,18 @@ class DoubleBackward(Estimator):
     Attributes:
         batched: When both the true-label and the probe gate gradients are needed (the
             implicit term with ``"sampled"`` or ``"identity"`` curvature), take them in one
-            backward batched over the two cotangents (``is_grads_batched``) rather than in two
-            backwards. Same numbers either way; which is faster depends on the model: two
-            backwards where large matrix products dominate (transformers, the QRNN), the
-            batched one where the graph is thousands of small operations (the LSTM's time
-            loop). See ``BENCHMARKS.md``.
+            backward batched over the two cotangents (``is_grads_batched``), or (``False``) in
+            two backwards. The same numbers to rounding; two backwards are up to 13 % faster
+            where large matrix products dominate (transformers, the QRNN), as fast on the
+            LSTM (``BENCHMARKS.md``). The default stays ``True``: switching it would move
+            trained runs by rounding, which takes a new numerics version
+            (:data:`dropsplit.training.trainer.NUMERICS`).
     """
 
     name: ClassVar[str] = "double-backward"
     CURVATURES: ClassVar[tuple[str, ...]] = CURVATURES
     SEPARABLE: ClassVar[bool] = True
-    batched: bool = False
+    batched: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.batched, bool):
