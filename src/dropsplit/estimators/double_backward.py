@@ -44,10 +44,10 @@ class DoubleBackward(Estimator):
         batched: When both the true-label and the probe gate gradients are needed (the
             implicit term with ``"sampled"`` or ``"identity"`` curvature), take them in one
             backward batched over the two cotangents (``is_grads_batched``), or (``False``) in
-            two backwards. The same numbers to rounding; two backwards are up to 13 % faster
-            where large matrix products dominate (transformers, the QRNN), as fast on the
-            LSTM (``BENCHMARKS.md``). The default stays ``True``: switching it would move
-            trained runs by rounding, which takes a new numerics version
+            two backwards. The same numbers to rounding; two backwards are usually faster where
+            large matrix products dominate, whose double backward under ``vmap`` is slower
+            (``BENCHMARKS.md`` measures both). The default stays ``True``: switching it would
+            move trained runs by rounding, which takes a new numerics version
             (:data:`dropsplit.training.trainer.NUMERICS`).
     """
 
