@@ -260,7 +260,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.quick:
         print(
             "dropsplit reproduce --quick: a REDUCED suite (few runs, one seed, few epochs) that "
-            "shows the headline effect in minutes; the full suite is `dropsplit reproduce`.",
+            "runs the headline comparison in minutes (one seed: no test); the full suite is "
+            "`dropsplit reproduce`.",
             flush=True,
         )
     only = set(args.only) if args.only else None
