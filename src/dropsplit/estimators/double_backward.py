@@ -9,9 +9,13 @@ and the costliest path.
 Its floor: per linear layer ``y = x W`` the dropout step does three matrix products (one
 forward, two backward). With both terms the exact step does nine: the forward, one
 ``dx = dy W^T`` per gate gradient (two), and in the second backward the forward's two plus two
-per gate-gradient graph (the derivatives of ``dy W^T`` with respect to ``dy`` and ``W``). Where
-matrix products dominate, the exact step with R_approx and xi_approx therefore costs about
-three dropout steps whatever the implementation; one term alone costs about two.
+per gate-gradient graph (the derivatives of ``dy W^T`` with respect to ``dy`` and ``W``). A product
+whose two operands both depend on the sites (attention's ``q k^T``, a DropConnect weight
+``(W * m) h``) needs both operand gradients in each gate-gradient backward and costs fifteen
+against three. Where matrix products dominate, the exact step with R_approx and xi_approx
+therefore costs at least about three dropout steps whatever the implementation, more with
+attention or DropConnect; one term alone costs about two (``bench/exact_step_flops.py`` counts
+them per model).
 """
 
 from __future__ import annotations
