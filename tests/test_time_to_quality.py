@@ -163,6 +163,32 @@ def groups_for_report():
     }
 
 
+def test_a_key_newer_code_records_is_no_difference_of_setting_but_a_changed_value_is():
+    """Summaries saved before a config key existed lack it; a run trained later records its
+    default. Only keys both hold (and the defaults of the missing ones) decide."""
+    old = run("dropout-1", 0, [7.0, 6.0], DROPOUT)
+    old.summary["config"]["model"] = {"hidden_size": 256, "p_input": 0.4}
+    old.summary["config"]["data"]["bptt"] = 70
+
+    def newer(run_name, **model):
+        r = run(run_name, 0, [6.5, 5.5], analytic())
+        r.summary["config"]["model"] = {
+            "name": "lstm", "hidden_size": 256, "p_input": 0.4, "heads": 4, **model
+        }  # fmt: skip
+        r.summary["config"]["data"].update(bptt=70, path="/elsewhere", download=True)
+        return r
+
+    groups = {
+        "dropout-1": [old],
+        "analytic": [newer("analytic")],
+        "wider": [newer("wider", hidden_size=512)],
+        "lower-q": [newer("lower-q", p_input=0.2)],
+        "qrnn": [newer("qrnn", name="qrnn")],
+    }
+    assert sorted(comparable(groups)) == ["analytic", "dropout-1"]
+    assert "## Time to quality" in "\n".join(time_to_quality_lines(groups, COSTS))
+
+
 def test_the_section_times_each_run_and_states_the_ratio_with_its_spread():
     groups = groups_for_report()
     assert "data-size" not in comparable(groups)

@@ -25,10 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from dropsplit.experiments.claims import LIMITED, Stat, arm, budget_limited, compare, stat
+from dropsplit.experiments.claims import (
+    LIMITED,
+    Stat,
+    arm,
+    budget_limited,
+    compare,
+    same_setting,
+    stat,
+)
 from dropsplit.experiments.practice import first_reaching
 from dropsplit.optional import require
 from dropsplit.training.checkpoint import atomic_write
+from dropsplit.training.config import RESUMABLE
 
 MIN_CPU_SHARE = 0.95  # CPU time / wall time of a one-thread run that had its core to itself
 FIGURE = "fig11_time_to_quality.png"
@@ -481,17 +490,28 @@ def plot_ratio_curve(
 
 
 def comparable(groups: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    """The runs on Dropout_1's data and model (a data-size run answers another question)."""
+    """The runs on Dropout_1's data and model (a data-size run answers another question).
+
+    Every data and model key both saved configs hold must agree (but where the data are read
+    from), and the keys a summary saved before they existed defaults to (:func:`same_setting`):
+    a key that newer code records is no difference.
+    """
     if "dropout-1" not in groups:
         return {}
-    setting = _setting(groups["dropout-1"])
-    return {n: rs for n, rs in groups.items() if _setting(rs) == setting}
+    reference = groups["dropout-1"][0].summary["config"]
+    return {n: rs for n, rs in groups.items() if _same_data_and_model(rs, reference)}
 
 
-def _setting(runs: list[Any]) -> dict[str, Any]:
+def _same_data_and_model(runs: list[Any], reference: dict[str, Any]) -> bool:
     config = runs[0].summary["config"]
-    data = {k: v for k, v in config["data"].items() if k != "path"}
-    return {"data": data, "model": config["model"]}
+    if not same_setting(config, reference):
+        return False
+    return all(
+        config[section][key] == reference[section][key]
+        for section in ("data", "model")
+        for key in config[section].keys() & reference[section].keys()
+        if f"{section}.{key}" not in RESUMABLE
+    )
 
 
 def plot_time_to_quality(
